@@ -1,0 +1,226 @@
+"""Frozen configuration built once, at the edge, from a checkpoint's own JSON files.
+
+`ModelConfig.from_dict` accepts both spellings that transformers 5.23 reads (spec §2.2 post-init rules):
+the released checkpoint's `global_head_dim` / `num_global_key_value_heads` keys, and the
+`per_layer_config` dict that `save_pretrained` writes instead. Field names follow the JSON keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+MODEL_TYPE = "diffusion_gemma"
+TEXT_MODEL_TYPE = "diffusion_gemma_text"
+
+
+class ConfigError(ValueError):
+    """A config.json that dgemma cannot use; the message says which field and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The text model's shape (spec §2.2). Per-layer attention geometry via `head_dim_of` / `num_kv_heads_of`."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # dense MLP and self-conditioning MLP width
+    moe_intermediate_size: int  # per expert
+    num_experts: int
+    top_k_experts: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int  # sliding layers
+    head_dim: int  # sliding layers
+    global_head_dim: int  # full layers
+    num_global_key_value_heads: int  # full layers
+    layer_types: tuple[str, ...]
+    sliding_window: int
+    canvas_length: int = 256
+    rope_theta_sliding: float = 10000.0
+    rope_theta_full: float = 1000000.0
+    partial_rotary_factor: float = 0.25  # full layers ("proportional" RoPE)
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float | None = 30.0
+    max_position_embeddings: int = 131072
+    pad_token_id: int = 0
+    bos_token_id: int = 2
+    eos_token_id: tuple[int, ...] = (1,)
+    tie_word_embeddings: bool = True
+    hidden_activation: str = "gelu_pytorch_tanh"
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_experts",
+                    "top_k_experts", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "head_dim", "global_head_dim", "num_global_key_value_heads", "sliding_window", "canvas_length")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"config field `{name}` must be a positive integer, got {value!r}")
+        if self.top_k_experts > self.num_experts:
+            raise ConfigError(f"`top_k_experts` ({self.top_k_experts}) exceeds `num_experts` ({self.num_experts})")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(f"`layer_types` has {len(self.layer_types)} entries but `num_hidden_layers` is "
+                              f"{self.num_hidden_layers}; give one type per layer")
+        bad = sorted({t for t in self.layer_types if t not in (SLIDING, FULL)})
+        if bad:
+            raise ConfigError(f"unknown layer type(s) {bad} in `layer_types`; expected '{SLIDING}' or '{FULL}'")
+        for heads, name in ((self.num_key_value_heads, "num_key_value_heads"),
+                            (self.num_global_key_value_heads, "num_global_key_value_heads")):
+            if self.num_attention_heads % heads:
+                raise ConfigError(f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of "
+                                  f"`{name}` ({heads}) for grouped-query attention")
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ConfigError(f"`hidden_activation` {self.hidden_activation!r} is not supported; DiffusionGemma "
+                              "uses 'gelu_pytorch_tanh'")
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ConfigError(f"`partial_rotary_factor` must be in (0, 1], got {self.partial_rotary_factor}")
+        rotated = self.global_head_dim * self.partial_rotary_factor
+        if rotated != int(rotated) or int(rotated) % 2:
+            raise ConfigError(f"global_head_dim * partial_rotary_factor = {rotated} must be an even integer")
+        if self.head_dim % 2 or self.global_head_dim % 2:
+            raise ConfigError("head dims must be even for rotary embeddings")
+
+    # --- per-layer geometry -------------------------------------------------------------------------
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    def head_dim_of(self, layer: int) -> int:
+        return self.head_dim if self.is_sliding(layer) else self.global_head_dim
+
+    def num_kv_heads_of(self, layer: int) -> int:
+        return self.num_key_value_heads if self.is_sliding(layer) else self.num_global_key_value_heads
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.hidden_size)
+
+    # --- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, source: str = "config") -> "ModelConfig":
+        """Build from a HF `config.json` dict (top-level `diffusion_gemma` or a bare text config)."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        model_type = raw.get("model_type")
+        if model_type == MODEL_TYPE:
+            text = raw.get("text_config")
+            if text is None:
+                text = {}
+            if not isinstance(text, dict):
+                raise ConfigError(f"{source}: `text_config` must be an object")
+            canvas_length = raw.get("canvas_length", 256)
+            tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+            eos = raw.get("eos_token_id", text.get("eos_token_id", 1))
+        elif model_type == TEXT_MODEL_TYPE:
+            text, canvas_length = raw, raw.get("canvas_length", 256)
+            tie, eos = raw.get("tie_word_embeddings", True), raw.get("eos_token_id", 1)
+        else:
+            raise ConfigError(f"{source}: unknown model_type {model_type!r}; dgemma runs DiffusionGemma checkpoints "
+                              f"(model_type '{MODEL_TYPE}'). Point --model at a DiffusionGemma directory.")
+        if tie is False:
+            raise ConfigError(f"{source}: tie_word_embeddings=false (untied encoder/decoder/head) is not supported; "
+                              "the released checkpoint ties them")
+
+        def get(key, default=None, required=False):
+            if key in text and text[key] is not None:
+                return text[key]
+            if required:
+                raise ConfigError(f"{source}: text_config is missing required field `{key}`")
+            return default
+
+        num_layers = get("num_hidden_layers", 30)
+        layer_types = get("layer_types")
+        if layer_types is None:  # spec §2.2 rule 2: every 6th layer is full attention
+            layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(num_layers)]
+        layer_types = list(layer_types)
+        if layer_types and layer_types[-1] != FULL:  # rule 2: the last layer is forced to full attention
+            layer_types[-1] = FULL
+
+        head_dim = get("head_dim", 256)
+        kv_heads = get("num_key_value_heads", 4)
+        global_head_dim = get("global_head_dim")
+        global_kv = get("num_global_key_value_heads")
+        per_layer = get("per_layer_config")
+        if per_layer:  # the spelling save_pretrained writes: {"05": {"head_dim": 512, ...}, ...}
+            overrides = {int(k): v for k, v in per_layer.items() if str(k).isdigit()}
+            for i, over in overrides.items():
+                if i >= len(layer_types):
+                    raise ConfigError(f"{source}: per_layer_config names layer {i} but there are {len(layer_types)}")
+                if layer_types[i] != FULL:
+                    raise ConfigError(f"{source}: per_layer_config overrides sliding layer {i}; only full-attention "
+                                      "layers may differ in shape")
+            full_over = [overrides.get(i, {}) for i, t in enumerate(layer_types) if t == FULL]
+            for key, current in (("head_dim", global_head_dim), ("num_key_value_heads", global_kv)):
+                values = {o.get(key) for o in full_over}
+                if len(values) > 1:
+                    raise ConfigError(f"{source}: full-attention layers disagree on `{key}` ({sorted(map(str, values))});"
+                                      " dgemma supports one shape per layer kind")
+            # a full layer without an override keeps the global value (per_layer_config only lists changes)
+            first = full_over[0] if full_over else {}
+            global_head_dim = global_head_dim or first.get("head_dim") or head_dim
+            global_kv = global_kv or first.get("num_key_value_heads") or kv_heads
+        if global_head_dim is None:
+            global_head_dim = 512  # class default (spec §2.2)
+        if global_kv is None:
+            global_kv = kv_heads  # spec §2.2 rule 3 gotcha: omitted -> full layers use the sliding count
+
+        rope = get("rope_parameters", {}) or {}
+        sliding_rope = rope.get(SLIDING, {}) or {}
+        full_rope = rope.get(FULL, {}) or {}
+        if sliding_rope.get("rope_type", "default") != "default":
+            raise ConfigError(f"{source}: sliding rope_type {sliding_rope.get('rope_type')!r} is not supported")
+        if full_rope.get("rope_type", "proportional") != "proportional":
+            raise ConfigError(f"{source}: full-attention rope_type {full_rope.get('rope_type')!r} is not supported")
+        if get("use_bidirectional_attention") == "all":
+            raise ConfigError(f"{source}: use_bidirectional_attention='all' (non-causal encoder) is not supported")
+        if isinstance(eos, int):
+            eos = [eos]
+        return cls(
+            vocab_size=get("vocab_size", 262144),
+            hidden_size=get("hidden_size", 2304),
+            intermediate_size=get("intermediate_size", 9216),
+            moe_intermediate_size=get("moe_intermediate_size", required=True),
+            num_experts=get("num_experts", required=True),
+            top_k_experts=get("top_k_experts", required=True),
+            num_hidden_layers=num_layers,
+            num_attention_heads=get("num_attention_heads", 8),
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            global_head_dim=global_head_dim,
+            num_global_key_value_heads=global_kv,
+            layer_types=tuple(layer_types),
+            sliding_window=get("sliding_window", 512),
+            canvas_length=canvas_length,
+            rope_theta_sliding=float(sliding_rope.get("rope_theta", 10000.0)),
+            rope_theta_full=float(full_rope.get("rope_theta", 1000000.0)),
+            partial_rotary_factor=float(full_rope.get("partial_rotary_factor", 0.25)),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+            final_logit_softcapping=get("final_logit_softcapping", 30.0),
+            max_position_embeddings=get("max_position_embeddings", 131072),
+            pad_token_id=get("pad_token_id", 0),
+            bos_token_id=get("bos_token_id", 2),
+            eos_token_id=tuple(eos),
+            tie_word_embeddings=True,
+            hidden_activation=get("hidden_activation", "gelu_pytorch_tanh"),
+            extra={"raw": raw},
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise ConfigError(f"{path}: no such file; a model directory must contain config.json")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e}); re-download or fix the file") from None
+        return cls.from_dict(raw, source=str(path))

@@ -1,0 +1,1 @@
+"""Owns lifetimes: the KV cache, the generation loop, requests."""

@@ -1,0 +1,120 @@
+"""The layer and the whole text stack: the one set of weights both passes use.
+
+Layer (spec §4.5), a "sandwich" layer with the dense MLP and the MoE in parallel:
+    h   = x + post_attention_norm(Attn(input_norm(x)))
+    d   = post_ffw_norm_1(MLP(pre_ffw_norm(h)))
+    m   = post_ffw_norm_2(MoE(h))            # router reads raw h, experts read pre_ffw_norm_2(h)
+    out = (h + post_ffw_norm(d + m)) * layer_scalar      # the scalar multiplies the whole stream
+
+Each layer keeps two scalars, one per pass: the checkpoint stores `layer_scalar` for the decoder and
+`model.encoder.language_model.layers.{i}.layer_scalar` for the encoder; the reference keeps both
+(spec §3.3), so we do too instead of assuming they are equal.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import Attention
+from .decoder import denoise, soft_embedding
+from .encoder import encode
+from .layers import GatedMLP, RMSNorm, rms_norm, rope_frequencies, rope_tables, softcap
+from .moe import Experts, Router
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        D, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.is_sliding = cfg.is_sliding(index)
+        self.self_attn = Attention(D, cfg.num_attention_heads, cfg.num_kv_heads_of(index), cfg.head_dim_of(index),
+                                   has_v_proj=self.is_sliding, eps=eps)
+        self.mlp = GatedMLP(D, cfg.intermediate_size)
+        self.router = Router(D, cfg.num_experts, cfg.top_k_experts, eps)
+        self.experts = Experts(cfg.num_experts, D, cfg.moe_intermediate_size)
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
+                     "pre_feedforward_layernorm_2"):
+            setattr(self, name, RMSNorm(D, eps))
+        self.register_buffer("layer_scalar", torch.ones(1))  # decoder pass
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))  # encoder pass
+        self.use_reference_moe = False  # tests flip this to run the slow per-token MoE loop
+
+    def forward(self, x, cos, sin, context, mask, is_encoder: bool):
+        """x [B,T,D] -> (out [B,T,D], (k, v) of the new tokens [B,Hk,T,Dh])."""
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, context, mask)
+        h = x + self.post_attention_layernorm(attn)
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        flat = h.reshape(-1, h.shape[-1])
+        weights, experts = self.router(flat)
+        run = self.experts.forward_reference if self.use_reference_moe else self.experts
+        moe = run(self.pre_feedforward_layernorm_2(flat), weights, experts).reshape(h.shape)
+        moe = self.post_feedforward_layernorm_2(moe)
+        out = h + self.post_feedforward_layernorm(dense + moe)
+        scalar = self.encoder_layer_scalar if is_encoder else self.layer_scalar
+        return out * scalar, kv
+
+
+class SelfConditioning(GatedMLP):
+    """Gated MLP over the previous step's expected embedding, added to the canvas embedding (spec §5).
+
+    Same gate/up/down weights as the dense MLP (width `intermediate_size`), plus a weighted pre-norm and a
+    scale-free post-norm; the checkpoint keys sit directly under `self_conditioning.`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.hidden_size, cfg.intermediate_size)
+        self.eps = cfg.rms_norm_eps
+        self.pre_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, embeds: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        """embeds, soft [B,L,D] -> scale-free rms(embeds + MLP(pre_norm(soft))).
+
+        soft=None (first step of a canvas) skips the MLP: with zero input and no biases it outputs exactly 0."""
+        if soft is not None:
+            embeds = embeds + super().forward(self.pre_norm(soft))
+        return rms_norm(embeds, None, self.eps)
+
+
+class DiffusionGemma(nn.Module):
+    """The shared text stack. Attribute names follow the checkpoint keys under `model.decoder.`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(cfg)
+
+    # --- pieces both passes use -------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B,T] -> E[tokens] * sqrt(D), the scale cast to the weight dtype first (53.0 in bf16)."""
+        w = self.embed_tokens.weight
+        return self.embed_tokens(tokens) * torch.tensor(self.config.embed_scale, dtype=w.dtype, device=w.device)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """positions [B or 1, T] -> {is_sliding: (cos, sin)} for the two layer kinds."""
+        cfg = self.config
+        tables = {}
+        for sliding in set(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)):
+            if sliding:
+                freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta_sliding)
+            else:
+                freqs = rope_frequencies(cfg.global_head_dim, cfg.rope_theta_full, cfg.partial_rotary_factor)
+            tables[sliding] = rope_tables(positions, freqs, dtype)
+        return tables
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm, tied head, fp32 soft-cap (spec §4.6). hidden [B,L,D] -> logits [B,L,V] fp32."""
+        return softcap(self.norm(hidden) @ self.embed_tokens.weight.t(), self.config.final_logit_softcapping)
+
+    # --- the two passes (implemented in encoder.py / decoder.py) -----------------------------------
+    def encode(self, tokens, cache, valid=None, return_hidden=False):
+        return encode(self, tokens, cache, valid=valid, return_hidden=return_hidden)
+
+    def denoise(self, tokens, cache, soft=None):
+        return denoise(self, tokens, cache, soft=soft)
+
+    def soft_embedding(self, sc_logits, sc_mask=None):
+        return soft_embedding(self, sc_logits, sc_mask)

@@ -1,0 +1,93 @@
+"""Hugging Face checkpoint -> DiffusionGemma module: the ONE key-mapping table, meta build, mmap + assign.
+
+What is physically in a checkpoint (spec §3.3): every text weight under `model.decoder.`, the encoder's 30
+`layer_scalar` buffers, the vision tower (skipped until image input exists), nothing for `lm_head` (tied
+to the embedding). Anything else that a tool may have written (untied encoder copies, an explicit
+`lm_head.weight`) must equal its decoder twin, which we check instead of assuming.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from .blocks import DiffusionGemma
+from .checkpoint import CheckpointError, MappedFiles, list_tensors
+
+# (checkpoint key pattern, action, our parameter name). Actions: "load" into the module, "same" = must
+# equal the named (already loaded) tensor, "skip" = ignored (vision). First match wins.
+KEY_MAP: list[tuple[str, str, str | None]] = [
+    (r"model\.decoder\.(layers\.\d+\.layer_scalar)", "load", r"\1"),
+    (r"model\.decoder\.(.+)", "load", r"\1"),
+    (r"model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar", "load", r"layers.\1.encoder_layer_scalar"),
+    (r"model\.encoder\.language_model\.(.+)", "same", r"\1"),
+    (r"lm_head\.weight", "same", "embed_tokens.weight"),
+    (r"model\.encoder\.(vision_tower|embed_vision)\..+", "skip", None),
+]
+
+
+def map_key(key: str) -> tuple[str, str | None]:
+    """Checkpoint key -> (action, our name). Unknown keys give ("unexpected", None)."""
+    for pattern, action, target in KEY_MAP:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return action, (m.expand(target) if target else None)
+    return "unexpected", None
+
+
+def load_module(directory: str | Path, *, dtype: torch.dtype | None = None, device=None,
+                quiet: bool = False) -> DiffusionGemma:
+    """Build the module on the meta device, then assign memory-mapped checkpoint tensors into it.
+
+    dtype None keeps the stored dtype; device None means CPU. Tensors are converted and moved one at a
+    time, so peak host memory stays about one tensor above what the target device holds."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory; pass a model directory with config.json and "
+                              "model.safetensors (or shards)")
+    config = ModelConfig.from_file(directory)
+    infos, _ = list_tensors(directory)
+    with torch.device("meta"):
+        module = DiffusionGemma(config)
+    expected = dict(module.state_dict(keep_vars=True))
+    files = MappedFiles()
+    loaded, deferred, skipped = {}, [], 0
+    for key, info in infos.items():
+        action, name = map_key(key)
+        if action == "skip":
+            skipped += 1
+            continue
+        if action == "unexpected" or name not in expected:
+            raise CheckpointError(f"{info.file}: unexpected tensor '{key}'; it is not part of a DiffusionGemma "
+                                  "text model with this config.json (wrong model, or config and weights disagree)")
+        want = tuple(expected[name].shape)
+        if info.shape != want:
+            raise CheckpointError(f"{info.file}: tensor '{key}' has shape {list(info.shape)} but config.json implies "
+                                  f"{list(want)}; the config does not fit the weights")
+        if action == "same":
+            deferred.append((key, info, name))
+            continue
+        if name in loaded:
+            raise CheckpointError(f"{info.file}: tensor '{key}' maps to '{name}', which was already loaded")
+        tensor = files.tensor(info)
+        target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        loaded[name] = tensor.to(device=device or "cpu", dtype=target_dtype)
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{directory}: missing tensor(s) {shown} (checkpoint names under 'model.decoder.' / "
+                              "'model.encoder.language_model.'); the checkpoint is incomplete or for another model")
+    for key, info, name in deferred:  # duplicated twins must be bit-equal to what we loaded
+        twin = files.tensor(info).to(loaded[name].device, loaded[name].dtype)
+        if not torch.equal(twin, loaded[name]):
+            raise CheckpointError(f"{info.file}: tensor '{key}' should be tied to '{name}' but differs from it; "
+                                  "dgemma uses one shared stack for encoder and decoder")
+    module.load_state_dict(loaded, assign=True, strict=True)
+    module.eval().requires_grad_(False)
+    if skipped and not quiet:
+        print(f"dgemma: skipped {skipped} vision tensors (image input is not supported yet)", file=sys.stderr)
+    return module
