@@ -218,7 +218,9 @@ class ModelConfig:
         if path.is_dir():
             path = path / "config.json"
         if not path.exists():
-            raise ConfigError(f"{path}: no such file; a model directory must contain config.json")
+            hint = "" if path.parent.exists() else " (the directory does not exist either)"
+            raise ConfigError(f"{path}: no such file{hint}; pass a model directory containing config.json, "
+                              "or a config.json file")
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:

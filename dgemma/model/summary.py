@@ -1,0 +1,67 @@
+"""Architecture summary and parameter census, computed on the meta device (no weights allocated).
+
+Counting convention (matches the published 25,250,986,782 for 26B-A4B, spec §2.5): every parameter of the
+shared text stack once (the embedding is tied to the head) plus the decoder's per-layer `layer_scalar`;
+the encoder's copies of `layer_scalar` are listed separately. "Active per token" counts top_k of the
+num_experts experts per layer, everything else in full.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from .blocks import DiffusionGemma
+from .checkpoint import DTYPE_NAMES, list_tensors
+
+
+def census(cfg: ModelConfig) -> dict:
+    with torch.device("meta"):
+        module = DiffusionGemma(cfg)
+    groups = Counter()
+    for name, p in module.named_parameters():
+        if name.startswith("embed_tokens"):
+            groups["embedding (tied head)"] += p.numel()
+        elif ".experts." in name:
+            groups["experts"] += p.numel()
+        elif ".self_attn." in name:
+            groups["attention"] += p.numel()
+        elif ".mlp." in name:
+            groups["dense MLP"] += p.numel()
+        elif ".router." in name:
+            groups["router"] += p.numel()
+        elif name.startswith("self_conditioning"):
+            groups["self-conditioning"] += p.numel()
+        else:
+            groups["norms"] += p.numel()
+    groups["layer scalars"] = cfg.num_hidden_layers
+    total = sum(groups.values())
+    active = total - groups["experts"] + groups["experts"] * cfg.top_k_experts // cfg.num_experts
+    return {"total": total, "active_per_token": active, "by_component": dict(groups),
+            "encoder_layer_scalars": cfg.num_hidden_layers}
+
+
+def stored_bytes(directory: Path) -> dict[str, int]:
+    """Bytes per stored dtype, from safetensors headers only (nothing is read beyond them)."""
+    infos, _ = list_tensors(directory)
+    out = Counter()
+    for info in infos.values():
+        out[DTYPE_NAMES[info.dtype]] += info.end - info.begin
+    return dict(out)
+
+
+def describe(cfg: ModelConfig) -> list[str]:
+    n_full = sum(not cfg.is_sliding(i) for i in range(cfg.num_hidden_layers))
+    full_at = [i for i in range(cfg.num_hidden_layers) if not cfg.is_sliding(i)]
+    return [
+        f"layers            {cfg.num_hidden_layers} ({cfg.num_hidden_layers - n_full} sliding, {n_full} full at {full_at})",
+        f"hidden            {cfg.hidden_size}; dense MLP / self-cond width {cfg.intermediate_size}",
+        f"experts           {cfg.num_experts} x width {cfg.moe_intermediate_size}, top-{cfg.top_k_experts} per token",
+        f"attention         {cfg.num_attention_heads} query heads; sliding {cfg.num_key_value_heads} KV x "
+        f"{cfg.head_dim} (window {cfg.sliding_window}); full {cfg.num_global_key_value_heads} KV x "
+        f"{cfg.global_head_dim} (K=V, {cfg.partial_rotary_factor:g} RoPE)",
+        f"vocabulary        {cfg.vocab_size}; canvas {cfg.canvas_length}; soft-cap {cfg.final_logit_softcapping}",
+    ]
