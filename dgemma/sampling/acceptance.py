@@ -44,12 +44,14 @@ def confidence_threshold_accept(confidence: Tensor, threshold: float) -> Tensor:
 def quota_accept(confidence: Tensor, num_accept: Tensor | int) -> Tensor:
     """confidence [B,L], num_accept int or int [B] -> bool [B,L]: each row's `num_accept` most confident positions.
 
-    num_accept is clamped to [1, L]. Ties are broken by position (stable sort: the lower index wins), so the result is
-    deterministic on every device. Choosing the quota: nothing is carried between steps here (non-accepted positions
-    are renoised from scratch, §6.3), so a quota is how many proposal tokens survive into the NEXT decoder input, not an
-    increment. To reach a fully accepted canvas by the last of N steps, pass the cumulative target ceil(n * L / N) at
-    step n (what `linear_quota(N)` does; it matches diffusers' BlockRefinement quota, spec §9.1). A fixed ceil(L / N)
-    per step (LLaDA's increment) only makes sense when the caller itself accumulates the accepted set.
+    num_accept is clamped to [1, L]. Ties are broken by position (stable sort: the lower index wins), so the result
+    is deterministic on every device.
+
+    Choosing the quota: nothing is carried between steps here (non-accepted positions are renoised from scratch,
+    §6.3), so a quota is how many proposal tokens survive into the NEXT decoder input, not an increment. To reach a
+    fully accepted canvas by the last of N steps, pass the cumulative target ceil(n * L / N) at step n (what
+    `linear_quota(N)` does; it matches diffusers' BlockRefinement quota, spec §9.1). A fixed ceil(L / N) per step
+    (LLaDA's increment) only makes sense when the caller itself accumulates the accepted set.
     """
     num_rows, length = confidence.shape
     k = torch.as_tensor(num_accept, device=confidence.device).clamp(1, length).expand(num_rows)

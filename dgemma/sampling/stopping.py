@@ -51,7 +51,7 @@ def token_stable(num_steps: int) -> StopRule:
 
 
 def mean_entropy_below(threshold: float) -> StopRule:
-    """Confident: mean over the canvas of the per-position entropy (nats, of softmax ℓ̃) is STRICTLY below threshold."""
+    """Confident: the canvas mean of the per-position entropy (nats, of softmax ℓ̃) is STRICTLY below threshold."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
         raise ValueError(f"confidence_threshold must be a number > 0, got {threshold!r}")
     return StopRule(lambda a, h, hist: h.mean(dim=-1) < threshold, 0, f"mean_entropy_below({threshold})")

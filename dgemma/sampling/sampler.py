@@ -1,0 +1,157 @@
+"""One denoising step of the block-diffusion sampler (spec §6.3, §6.5) for a batch of rows, maybe at different steps.
+
+    ℓ̃ = ℓ / T(n) -> p = softmax_f32(ℓ̃) -> proposal y ~ p -> argmax, entropy, confidence -> accept mask
+      -> next canvas x = y where accepted, else a FRESH uniform id over the whole vocabulary -> stop rule
+Rows already done keep tokens, argmax and self-conditioning logits (torch.where; no loop over rows, habit 14).
+
+Bit parity with HF (transformers 5.23 `_denoising_step`) under the same seed needs the same random calls in the same
+order, on the same shapes, for EVERY row, frozen ones included (their draws are made and then discarded):
+  canvas init:  torch.randint(0, V, (B, L))
+  each step:    torch.multinomial(p.view(B*L, V), 1)   then   torch.randint(0, V, (B, L))
+The proposal primitive is `StepConfig.sample`, swappable for a faster exact one; the renoise draw stays here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .acceptance import AcceptRule, entropy_bound as entropy_bound_rule
+from .schedules import linear_temperature
+from .stopping import StopRule, all_of, mean_entropy_below, token_stable
+
+SampleFn = Callable[[Tensor, "torch.Generator | None"], Tensor]  # probs [B,L,V] fp32, generator -> ids [B,L] int64
+
+
+def init_canvas(batch: int, length: int, vocab_size: int, generator: torch.Generator | None = None,
+                device: torch.device | str | None = None) -> Tensor:
+    """Uniform random canvas [B,L] int64 over the WHOLE vocabulary (special tokens included), HF's exact draw."""
+    return torch.randint(0, vocab_size, (batch, length), generator=generator, device=device)
+
+
+def sample_reference(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """probs [B,L,V] fp32 -> one categorical draw per position [B,L] int64; the reference's exact RNG stream.
+
+    torch.multinomial only takes 2-D input, so HF flattens to [B*L, V]; doing the same keeps the stream identical.
+    """
+    num_rows, length, vocab = probs.shape
+    return torch.multinomial(probs.reshape(-1, vocab), 1, generator=generator).view(num_rows, length)
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """logits [B,L,V] fp32 -> entropy [B,L] in nats, with torch Categorical(logits=...).entropy()'s op sequence.
+
+    Same ops, same bits: normalise by logsumexp, softmax THAT, clamp log-probs to the dtype minimum (so 0·(-inf)
+    cannot produce NaN), sum. Thresholds (entropy bound, confidence threshold) then see the reference's exact values.
+    """
+    log_p = logits - logits.logsumexp(dim=-1, keepdim=True)
+    p = torch.softmax(log_p, dim=-1)
+    return -(log_p.clamp_(min=torch.finfo(log_p.dtype).min) * p).sum(dim=-1)  # in place: p is already computed
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Sampler settings for one canvas. Defaults are HF's generation defaults (spec §6.1)."""
+
+    num_steps: int = 48  # max_denoising_steps N
+    t_min: float | None = 0.4  # None (either one) disables the temperature schedule: T = 1 (§9.4)
+    t_max: float | None = 0.8
+    accept: AcceptRule = entropy_bound_rule(0.1)
+    stop: StopRule | None = all_of(token_stable(1), mean_entropy_below(0.005))  # None: run all N steps
+    sample: SampleFn = sample_reference
+
+    def __post_init__(self):
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be an int >= 1, got {self.num_steps!r}")
+        for name in ("t_min", "t_max"):
+            t = getattr(self, name)
+            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0):
+                raise ValueError(f"{name} must be a number >= 0 or None, got {t!r}")
+        if self.t_min is not None and self.t_max is not None and not self.t_max > self.t_min:
+            raise ValueError(f"need t_max > t_min, got t_min={self.t_min!r}, t_max={self.t_max!r}")
+        if not callable(self.accept) or not callable(self.sample):
+            raise ValueError(f"accept and sample must be callables, got {self.accept!r}, {self.sample!r}")
+        has_history = isinstance(getattr(self.stop, "num_history", None), int)
+        if self.stop is not None and not (callable(self.stop) and has_history):
+            raise ValueError(f"stop must be None or a StopRule (callable with int num_history), got {self.stop!r}")
+
+    @classmethod
+    def from_generation_config(cls, max_denoising_steps: int = 48, t_min: float | None = 0.4,
+                               t_max: float | None = 0.8, entropy_bound: float = 0.1,
+                               stability_threshold: int | None = 1, confidence_threshold: float | None = 0.005,
+                               sample: SampleFn = sample_reference) -> "StepConfig":
+        """HF's sampler from generation_config.json keys; either stop threshold None disables early stopping (§9.4)."""
+        stop = None
+        if stability_threshold is not None and confidence_threshold is not None:
+            stop = all_of(token_stable(stability_threshold), mean_entropy_below(confidence_threshold))
+        return cls(max_denoising_steps, t_min, t_max, entropy_bound_rule(entropy_bound), stop, sample)
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: tensor fields have no truth value to compare
+class DenoiseState:
+    """Per-canvas sampler state; every field is a tensor with a leading batch dim B (history: [H,B,L])."""
+
+    tokens: Tensor  # [B,L] int64   canvas the decoder reads next
+    argmax: Tensor  # [B,L] int64   argmax of the last step's ℓ̃: the commit candidate (§6.3 "commit a, not x")
+    sc_logits: Tensor | None  # [B,L,V] fp32 last ℓ̃ for self-conditioning (§5); None = no signal yet
+    history: Tensor  # [H,B,L] int64 previous argmax canvases, oldest first, -1 = none yet (stop rules)
+    stopped: Tensor  # [B] bool     the stop rule fired (HF's `finished_denoising`)
+    done: Tensor  # [B] bool        stopped or all num_steps spent; done rows are frozen
+    num_steps_taken: Tensor  # [B] int64 decoder steps this row has used (frozen rows stop counting)
+    entropy: Tensor  # [B,L] fp32  last step's per-position entropy of softmax ℓ̃ (nats), for streamers / rules
+    confidence: Tensor  # [B,L] fp32 last step's max probability per position
+    accepted: Tensor  # [B,L] bool   last step's acceptance mask
+
+
+def init_state(tokens: Tensor, cfg: StepConfig, sc_logits: Tensor | None = None) -> DenoiseState:
+    """State before a canvas's first step. tokens [B,L] (init_canvas or a caller's canvas); argmax starts = tokens."""
+    num_rows, length = tokens.shape
+    num_history = cfg.stop.num_history if cfg.stop is not None else 0
+    dev = tokens.device
+    no = torch.zeros(num_rows, dtype=torch.bool, device=dev)
+    zeros = torch.zeros(num_rows, length, dtype=torch.float32, device=dev)
+    history = torch.full((num_history, num_rows, length), -1, dtype=tokens.dtype, device=dev)
+    return DenoiseState(tokens=tokens, argmax=tokens, sc_logits=sc_logits, history=history, stopped=no, done=no,
+                        num_steps_taken=torch.zeros(num_rows, dtype=torch.long, device=dev), entropy=zeros,
+                        confidence=zeros, accepted=torch.zeros(num_rows, length, dtype=torch.bool, device=dev))
+
+
+def step(logits: Tensor, state: DenoiseState, cfg: StepConfig,
+         generator: torch.Generator | None = None) -> DenoiseState:
+    """logits [B,L,V] fp32 from the decoder on state.tokens -> the next DenoiseState. generator None = global RNG."""
+    num_rows, length, vocab = logits.shape
+    if logits.dtype != torch.float32 or state.tokens.shape != (num_rows, length):
+        raise ValueError(f"logits must be fp32 [B,L,V] matching tokens {tuple(state.tokens.shape)}, "
+                         f"got {logits.dtype} {tuple(logits.shape)}")
+    frozen = state.done
+    # Countdown n = N - steps taken (N on a row's first step). Clamped at 1 so a frozen, exhausted row never divides by
+    # T = t_min = 0: it still goes through multinomial (RNG parity) and NaN probabilities would make that raise.
+    n_remaining = (cfg.num_steps - state.num_steps_taken).clamp(min=1)
+    processed = logits / linear_temperature(n_remaining, cfg.num_steps, cfg.t_min, cfg.t_max)[:, None, None]
+    probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+    proposal = cfg.sample(probs, generator)  # RNG draw 1 (all rows)
+    argmax = processed.argmax(dim=-1)
+    entropy = token_entropy(processed)
+    confidence = probs.amax(dim=-1)
+    accepted = cfg.accept(entropy, confidence, state.num_steps_taken + 1)
+    noise = torch.randint(0, vocab, (num_rows, length), generator=generator, device=logits.device)  # RNG draw 2
+    tokens = torch.where(accepted, proposal, noise)  # the previous canvas is NOT carried over (§6.3)
+
+    keep = frozen[:, None]
+    tokens, argmax = torch.where(keep, state.tokens, tokens), torch.where(keep, state.argmax, argmax)
+    entropy, confidence = torch.where(keep, state.entropy, entropy), torch.where(keep, state.confidence, confidence)
+    accepted = torch.where(keep, state.accepted, accepted)
+    # With no previous signal (first step) there is nothing to keep, so even a row that starts done takes ℓ̃.
+    sc_logits = processed if state.sc_logits is None else torch.where(keep[..., None], state.sc_logits, processed)
+
+    stopped = state.stopped
+    if cfg.stop is not None:  # HF evaluates the rule on every row (frozen ones see their frozen argmax) and ORs it in
+        stopped = stopped | cfg.stop(argmax, entropy, state.history)
+    history = torch.cat([state.history[1:], argmax[None]]) if state.history.shape[0] else state.history
+    num_steps_taken = state.num_steps_taken + (~frozen).long()
+    done = stopped | (num_steps_taken >= cfg.num_steps)
+    return DenoiseState(tokens=tokens, argmax=argmax, sc_logits=sc_logits, history=history, stopped=stopped, done=done,
+                        num_steps_taken=num_steps_taken, entropy=entropy, confidence=confidence, accepted=accepted)
