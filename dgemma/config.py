@@ -226,3 +226,84 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e}); re-download or fix the file") from None
         return cls.from_dict(raw, source=str(path))
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Generation knobs with the reference's names and defaults (spec §2.3, §9.4).
+
+    Built from `generation_config.json`, where `null` means "unset" (transformers writes nulls for unset
+    fields): unset fields take the global defaults below. `eos_token_id` / `pad_token_id` stay None unless
+    the file sets them, exactly like the reference (the released checkpoint sets [1, 106, 50] and 0).
+    At call time a knob passed explicitly as None disables what the reference disables."""
+
+    max_new_tokens: int = 256
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float | None = 0.4
+    t_max: float | None = 0.8
+    stability_threshold: int | None = 1
+    confidence_threshold: float | None = 0.005
+    eos_token_id: tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not is_int(self.max_denoising_steps) or self.max_denoising_steps < 1:
+            raise ConfigError(f"max_denoising_steps must be an integer >= 1, got {self.max_denoising_steps!r}")
+        if isinstance(self.entropy_bound, bool) or not isinstance(self.entropy_bound, (int, float)) \
+                or not self.entropy_bound > 0:
+            raise ConfigError(f"entropy_bound must be a number > 0, got {self.entropy_bound!r}")
+        for name in ("t_min", "t_max"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
+                raise ConfigError(f"{name} must be a number >= 0 or None, got {v!r}")
+        if self.t_min is not None and self.t_max is not None and not self.t_max > self.t_min:
+            raise ConfigError(f"t_max must be greater than t_min, got t_min={self.t_min}, t_max={self.t_max}")
+        if self.stability_threshold is not None and (not is_int(self.stability_threshold)
+                                                     or self.stability_threshold < 0):
+            raise ConfigError(f"stability_threshold must be an integer >= 0 or None, got {self.stability_threshold!r}")
+        if self.confidence_threshold is not None and (isinstance(self.confidence_threshold, bool) or not isinstance(
+                self.confidence_threshold, (int, float)) or not self.confidence_threshold > 0):
+            raise ConfigError(f"confidence_threshold must be a number > 0 or None, got {self.confidence_threshold!r}")
+        if self.eos_token_id is not None and not all(is_int(i) and i >= 0 for i in self.eos_token_id):
+            raise ConfigError(f"eos_token_id must be token ids, got {self.eos_token_id!r}")
+        if self.pad_token_id is not None and (not is_int(self.pad_token_id) or self.pad_token_id < 0):
+            raise ConfigError(f"pad_token_id must be a token id or None, got {self.pad_token_id!r}")
+
+    @classmethod
+    def from_dict(cls, raw: dict, *, source: str = "generation_config") -> "GenerationConfig":
+        kwargs = {}
+        for key in ("max_new_tokens", "max_denoising_steps", "t_min", "t_max", "stability_threshold",
+                    "confidence_threshold", "pad_token_id"):
+            if raw.get(key) is not None:
+                kwargs[key] = raw[key]
+        sampler = raw.get("sampler_config")
+        if sampler is not None:
+            if not isinstance(sampler, dict) or sampler.get("_cls_name", "EntropyBoundSamplerConfig") \
+                    != "EntropyBoundSamplerConfig":
+                raise ConfigError(f"{source}: unsupported sampler_config {sampler!r}; dgemma reads "
+                                  "EntropyBoundSamplerConfig")
+            if sampler.get("entropy_bound") is not None:
+                kwargs["entropy_bound"] = sampler["entropy_bound"]
+        eos = raw.get("eos_token_id")
+        if eos is not None:
+            kwargs["eos_token_id"] = (eos,) if isinstance(eos, int) else tuple(eos)
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> "GenerationConfig":
+        path = Path(directory) / "generation_config.json"
+        if not path.exists():
+            return cls()
+        try:
+            return cls.from_dict(json.loads(path.read_text()), source=str(path))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e}); fix or delete the file") from None

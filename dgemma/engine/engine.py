@@ -6,16 +6,21 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import GenerationConfig, ModelConfig
 from ..model import DiffusionGemma, load_module
 from .cache import KVCache
+from .generate import GenerateOutput, generate, step_config
+
+_UNSET = object()
 
 
 class Engine:
-    def __init__(self, module: DiffusionGemma, directory: Path | None = None):
+    def __init__(self, module: DiffusionGemma, directory: Path | None = None,
+                 generation_config: GenerationConfig | None = None):
         self.module = module
         self.config: ModelConfig = module.config
         self.directory = directory
+        self.generation_config = generation_config or GenerationConfig()
 
     @property
     def device(self) -> torch.device:
@@ -40,10 +45,58 @@ class Engine:
         return self.module.denoise(tokens, cache, soft=soft)
 
 
+    def generation_settings(self, **knobs) -> GenerationConfig:
+        """The checkpoint's generation defaults updated by explicit knobs (None is a value: it disables)."""
+        values = {k: getattr(self.generation_config, k) for k in GenerationConfig.__dataclass_fields__}
+        for key, value in knobs.items():
+            if value is _UNSET:
+                continue
+            if key not in values:
+                raise TypeError(f"unknown generation option {key!r}; known: {sorted(values)}")
+            values[key] = (value,) if key == "eos_token_id" and isinstance(value, int) else \
+                (tuple(value) if key == "eos_token_id" and value is not None else value)
+        return GenerationConfig(**values)
+
+    def generate(self, input_ids: torch.Tensor, *, attention_mask=None, max_new_tokens=_UNSET,
+                 max_denoising_steps=_UNSET, entropy_bound=_UNSET, t_min=_UNSET, t_max=_UNSET,
+                 stability_threshold=_UNSET, confidence_threshold=_UNSET, eos_token_id=_UNSET, pad_token_id=_UNSET,
+                 generator: torch.Generator | None = None, accept=None, return_dict: bool = False):
+        """Reference-compatible generate (spec §9.4): ids [B,T] -> ids [B, T + k*L] including the prompt.
+
+        Knobs default to the checkpoint's generation_config.json, then the reference's global defaults;
+        passing t_min/t_max None disables the temperature schedule, either stop threshold None disables
+        early stopping. `max_new_tokens` is rounded UP to whole canvases, as in the reference (the text
+        API trims exactly). `accept` swaps the acceptance rule (see dgemma.sampling). With
+        generator=None the global torch RNG is used, so after torch.manual_seed(s) the tokens equal
+        the reference's on CPU in fp32."""
+        gen = self.generation_settings(
+            max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound,
+            t_min=t_min, t_max=t_max, stability_threshold=stability_threshold,
+            confidence_threshold=confidence_threshold, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        input_ids = self._check_ids(input_ids, attention_mask)
+        out: GenerateOutput = generate(self.module, input_ids, gen, step_config(gen, accept), generator=generator,
+                                       attention_mask=attention_mask)
+        return out if return_dict else out.sequences
+
+    def _check_ids(self, input_ids, attention_mask):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
+                torch.int64, torch.int32):
+            raise ValueError("input_ids must be an integer tensor of shape [batch, prompt_length], got "
+                             f"{getattr(input_ids, 'shape', type(input_ids))}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: give at least one prompt token (e.g. <bos>)")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"input_ids contain ids outside [0, {self.config.vocab_size}) for this model's vocabulary")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        return input_ids.to(torch.int64).to(self.device)
+
+
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device=None, quiet: bool = False) -> Engine:
     """Load a DiffusionGemma model directory (Hugging Face layout) into an Engine."""
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     module = load_module(path, dtype=dtype, device=device, quiet=quiet)
-    return Engine(module, Path(path))
+    return Engine(module, Path(path), GenerationConfig.from_dir(path))

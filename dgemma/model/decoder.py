@@ -22,7 +22,8 @@ def soft_embedding(model, sc_logits: torch.Tensor, sc_mask: torch.Tensor | None 
     sqrt(D) (cast to the weight dtype). sc_mask [B] bool zeroes the signal per row (training dropout).
     Cost: one [L,V]x[V,D] product, about the size of the LM head."""
     w = model.embed_tokens.weight
-    probs = torch.softmax(sc_logits, dim=-1, dtype=torch.float32).to(w.dtype)
+    # the reference casts ℓ̃ to the embedding dtype before the fp32 softmax; do the same (bf16 rounding included)
+    probs = torch.softmax(sc_logits.to(w.dtype), dim=-1, dtype=torch.float32).to(w.dtype)
     soft = (probs @ w) * torch.tensor(model.config.embed_scale, dtype=w.dtype, device=w.device)
     if sc_mask is not None:
         soft = soft * sc_mask.to(soft.dtype)[:, None, None]
