@@ -41,6 +41,165 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _accept_rule(text: str):
+    """--accept entropy:0.1 | confidence:0.9 | quota:8 | linear-quota"""
+    from . import sampling
+
+    name, _, arg = text.partition(":")
+    try:
+        if name == "entropy":
+            return sampling.entropy_bound(float(arg or 0.1))
+        if name == "confidence":
+            return sampling.confidence_threshold(float(arg or 0.9))
+        if name == "quota":
+            return sampling.quota(int(arg or 8))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if name == "linear-quota":
+        return "linear-quota"  # needs the step count; resolved in _engine_options
+    raise argparse.ArgumentTypeError(f"unknown acceptance rule {text!r}; use entropy:B, confidence:T, quota:K "
+                                     "or linear-quota")
+
+
+def _load_engine(args):
+    from .bundled import default_model_path
+    from .engine.engine import load
+
+    path = Path(args.model) if args.model else default_model_path()
+    if not path.exists():
+        raise FileNotFoundError(f"model directory {path} does not exist; pass --model DIR (a DiffusionGemma "
+                                "checkpoint in Hugging Face layout)")
+    return load(path, dtype=args.dtype, device=args.device, quiet=True)
+
+
+def _engine_options(args, engine) -> dict:
+    from . import sampling
+
+    options = {"max_tokens": args.max_tokens, "seed": args.seed, "stop": args.stop or None}
+    if args.steps is not None:
+        options["max_denoising_steps"] = args.steps
+    for name in ("entropy_bound", "t_min", "t_max"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.accept == "linear-quota":
+        steps = args.steps or engine.generation_config.max_denoising_steps
+        options["accept"] = sampling.linear_quota(steps)
+    elif args.accept is not None:
+        options["accept"] = args.accept
+    return options
+
+
+def _run_stream(events, args, tokenizer, out=sys.stdout) -> "object":
+    """Print Text events as they arrive (or hand them to the live draft view); return the Done event."""
+    from .engine.stream import Done, Draft, Text
+
+    view = None
+    if args.show_drafts and not args.json:
+        from .view import DraftView
+        view = DraftView(tokenizer)
+    done = None
+    try:
+        for event in events:
+            if isinstance(event, Draft):
+                if view is not None:
+                    view.update(event)
+            elif isinstance(event, Text):
+                if view is not None:
+                    view.commit(event)
+                elif not args.json and (event.kind == "answer" or args.show_thinking):
+                    out.write(event.text if event.kind == "answer" else f"\x1b[2m{event.text}\x1b[0m")
+                    out.flush()
+            elif isinstance(event, Done):
+                done = event
+    finally:
+        if view is not None:
+            view.close()
+    return done
+
+
+def cmd_generate(args) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise ValueError("empty prompt: pass PROMPT or pipe text on stdin")
+    engine = _load_engine(args)
+    options = _engine_options(args, engine)
+    if args.raw:
+        events = engine.stream(prompt, drafts=args.show_drafts, **options)
+    else:
+        events = engine.stream(messages=[{"role": "user", "content": prompt}], enable_thinking=args.think,
+                               drafts=args.show_drafts, **options)
+    done = _run_stream(events, args, engine.tokenizer)
+    if args.json:
+        print(json.dumps({"text": done.output.answer, "thinking": done.output.thinking,
+                          "tool_calls": done.output.tool_calls, "finish_reason": done.finish_reason,
+                          "usage": done.usage(), "stats": done.stats()}))
+    else:
+        print()
+        if args.stats:
+            print(f"[{done.completion_tokens} tokens, {done.canvases} canvases, steps {done.steps_per_canvas}, "
+                  f"{done.tokens_per_s:.1f} tok/s, finish={done.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .engine.chat import ChatSession
+
+    engine = _load_engine(args)
+    session = ChatSession(engine, system=args.system, enable_thinking=args.think)
+    options = _engine_options(args, engine)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        done = _run_stream(session.send(line.rstrip("\n"), drafts=args.show_drafts, **options), args,
+                           engine.tokenizer)
+        print()
+        if args.stats:
+            print(f"[{done.completion_tokens} tokens, reused {session.reused_tokens} cached prompt tokens, "
+                  f"{done.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+
+
+def _add_model_flags(p) -> None:
+    p.add_argument("--model", help="model directory (Hugging Face layout); default: the bundled model")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: as stored)")
+
+
+def _add_sampling_flags(p) -> None:
+    p.add_argument("--max-tokens", type=_positive_int, default=None,
+                   help="exact cap on new tokens (default: the model's generation_config)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="max denoising steps per canvas")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible output")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--entropy-bound", type=float, default=None, help="EntropyBound budget in nats (default 0.1)")
+    p.add_argument("--t-min", type=float, default=None, help="final temperature of the schedule")
+    p.add_argument("--t-max", type=float, default=None, help="first temperature of the schedule")
+    p.add_argument("--accept", type=_accept_rule, default=None,
+                   help="acceptance rule: entropy:B (default), confidence:T, quota:K or linear-quota")
+    p.add_argument("--think", action="store_true", help="enable thinking mode in the chat template")
+    p.add_argument("--show-thinking", action="store_true", help="print thinking text (dimmed)")
+    p.add_argument("--show-drafts", action="store_true", help="show each canvas converging live")
+    p.add_argument("--stats", action="store_true", help="print speed and step statistics to stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma: load, inspect and generate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="model directory or config.json")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("generate", help="generate text for one prompt, streamed as canvases commit")
+    p.add_argument("prompt", nargs="?", help="the prompt (read from stdin if omitted)")
+    _add_model_flags(p)
+    _add_sampling_flags(p)
+    p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text, usage and stats")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="multi-turn chat on stdin; reuses the cached prefix across turns")
+    _add_model_flags(p)
+    _add_sampling_flags(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat, json=False)
     return parser
 
 
@@ -58,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"dgemma {args.command}: error: {e}", file=sys.stderr)
         return 2
 

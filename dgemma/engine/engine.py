@@ -8,6 +8,7 @@ import torch
 
 from ..config import GenerationConfig, ModelConfig
 from ..model import DiffusionGemma, load_module
+from ..text import Tokenizer
 from .cache import KVCache
 from .generate import GenerateOutput, generate, step_config
 
@@ -16,11 +17,48 @@ _UNSET = object()
 
 class Engine:
     def __init__(self, module: DiffusionGemma, directory: Path | None = None,
-                 generation_config: GenerationConfig | None = None):
+                 generation_config: GenerationConfig | None = None, tokenizer=None):
         self.module = module
         self.config: ModelConfig = module.config
         self.directory = directory
         self.generation_config = generation_config or GenerationConfig()
+        self.tokenizer = tokenizer
+
+    def require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"{self.directory}: this model directory has no tokenizer.json, so text input/output "
+                             "is unavailable; pass token ids to generate() or add the tokenizer files")
+        return self.tokenizer
+
+    def check_context(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Refuse requests the model cannot position: prompt + whole canvases must fit max_position_embeddings."""
+        L = self.config.canvas_length
+        needed = prompt_len + -(-max_new_tokens // L) * L
+        if needed > self.config.max_position_embeddings:
+            raise ValueError(f"prompt of {prompt_len} tokens plus {max_new_tokens} new tokens (rounded up to whole "
+                             f"{L}-token canvases: {needed} positions) exceeds this model's context of "
+                             f"{self.config.max_position_embeddings}; shorten the prompt or lower max_tokens")
+
+    def prompt_ids(self, prompt: str | None = None, messages=None, *, enable_thinking: bool = False) -> list[int]:
+        """Token ids for a raw prompt or chat messages (rendered with the model's chat template)."""
+        tok = self.require_tokenizer()
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt (a string) or messages (a list of chat messages)")
+        if messages is not None:
+            return tok.encode_chat(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        return tok.encode(prompt, add_bos=True)
+
+    def stream(self, prompt: str | None = None, *, messages=None, enable_thinking: bool = False, **options):
+        """Stream Draft / Text / Done events for one prompt or chat (see engine/stream.py for options)."""
+        from .stream import stream_ids
+        return stream_ids(self, self.prompt_ids(prompt, messages, enable_thinking=enable_thinking), **options)
+
+    def complete(self, prompt: str | None = None, *, messages=None, enable_thinking: bool = False, **options):
+        """Non-streaming: run to the end and return the Done event (.output.answer, .output.thinking, stats)."""
+        *_, done = self.stream(prompt, messages=messages, enable_thinking=enable_thinking, drafts=False, **options)
+        return done
 
     @property
     def device(self) -> torch.device:
@@ -99,4 +137,5 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device=Non
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     module = load_module(path, dtype=dtype, device=device, quiet=quiet)
-    return Engine(module, Path(path), GenerationConfig.from_dir(path))
+    tokenizer = Tokenizer.from_dir(path) if (Path(path) / "tokenizer.json").exists() else None
+    return Engine(module, Path(path), GenerationConfig.from_dir(path), tokenizer)

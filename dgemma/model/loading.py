@@ -16,7 +16,7 @@ import torch
 
 from ..config import ModelConfig
 from .blocks import DiffusionGemma
-from .checkpoint import CheckpointError, MappedFiles, list_tensors
+from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, MappedFiles, list_tensors
 
 # (checkpoint key pattern, action, our parameter name). Actions: "load" into the module, "same" = must
 # equal the named (already loaded) tensor, "skip" = ignored (vision). First match wins.
@@ -37,6 +37,14 @@ def map_key(key: str) -> tuple[str, str | None]:
         if m:
             return action, (m.expand(target) if target else None)
     return "unexpected", None
+
+
+def checkpoint_key(name: str) -> str:
+    """Our parameter/buffer name -> the key it is saved under (the inverse of KEY_MAP's "load" rows)."""
+    m = re.fullmatch(r"layers\.(\d+)\.encoder_layer_scalar", name)
+    if m:
+        return f"model.encoder.language_model.layers.{m.group(1)}.layer_scalar"
+    return f"model.decoder.{name}"
 
 
 def load_module(directory: str | Path, *, dtype: torch.dtype | None = None, device=None,
@@ -76,11 +84,12 @@ def load_module(directory: str | Path, *, dtype: torch.dtype | None = None, devi
         tensor = files.tensor(info)
         target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
         loaded[name] = tensor.to(device=device or "cpu", dtype=target_dtype)
-    missing = sorted(set(expected) - set(loaded))
+    missing = sorted(checkpoint_key(name) for name in set(expected) - set(loaded))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"{directory}: missing tensor(s) {shown} (checkpoint names under 'model.decoder.' / "
-                              "'model.encoder.language_model.'); the checkpoint is incomplete or for another model")
+        source = directory / (INDEX_FILE if (directory / INDEX_FILE).exists() else SINGLE_FILE)
+        raise CheckpointError(f"{source}: missing tensor(s) {shown}; the checkpoint is incomplete or for another "
+                              "model")
     for key, info, name in deferred:  # duplicated twins must be bit-equal to what we loaded
         twin = files.tensor(info).to(loaded[name].device, loaded[name].dtype)
         if not torch.equal(twin, loaded[name]):

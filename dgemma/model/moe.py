@@ -50,15 +50,16 @@ class Experts(nn.Module):
         """Grouped dispatch. x [N,D]; weights [N,K] fp32; experts [N,K] -> [N,D] in x's dtype.
 
         The N*K (token, slot) pairs are sorted by expert so each active expert runs ONE matmul over all
-        of its tokens (bytes read per step = active experts only). Accumulation is in x's dtype, expert by
-        expert in ascending id, like the reference."""
+        of its tokens (bytes read per step = active experts only). The weighted expert outputs are summed in
+        (at least) fp32 and rounded to x's dtype once, as the reference's default ("grouped_mm") experts
+        path does; rounding each of the K contributions to bf16 first leaves bf16 runs ulps off it."""
         N, K = experts.shape
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token_of = order // K  # which token each sorted pair belongs to
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
         sorted_weights = weights.reshape(-1)[order]
-        out = torch.zeros_like(x)
+        out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
@@ -67,13 +68,13 @@ class Experts(nn.Module):
             y = self.expert(e, x[rows]) * sorted_weights[start:start + n, None]
             out.index_add_(0, rows, y.to(out.dtype))
             start += n
-        return out
+        return out.to(x.dtype)
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Slow per-token loop: out[n] = sum_k w[n,k] * expert_{e[n,k]}(x[n]). The oracle for `forward`."""
-        out = torch.zeros_like(x)
+        out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         for n in range(x.shape[0]):
             for k in range(experts.shape[1]):
                 e = int(experts[n, k])
                 out[n] += (self.expert(e, x[n:n + 1])[0] * weights[n, k]).to(out.dtype)
-        return out
+        return out.to(x.dtype)
