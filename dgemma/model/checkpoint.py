@@ -57,10 +57,19 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e}); re-download the file") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object); "
+                              "re-download the file")
     metadata = header.pop("__metadata__", None) or {}
     base = 8 + n
     infos = {}
     for key, entry in header.items():
+        if not (isinstance(entry, dict) and {"dtype", "shape", "data_offsets"} <= entry.keys()
+                and isinstance(entry["shape"], list) and all(isinstance(s, int) and s >= 0 for s in entry["shape"])
+                and isinstance(entry["data_offsets"], list) and len(entry["data_offsets"]) == 2
+                and all(isinstance(o, int) and o >= 0 for o in entry["data_offsets"])):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{key}' ({entry!r}); it needs "
+                                  "'dtype', 'shape' and two 'data_offsets'. Re-download the file.")
         dtype = DTYPES.get(entry.get("dtype"))
         if dtype is None:
             raise CheckpointError(f"{path}: tensor '{key}' has unsupported dtype {entry.get('dtype')!r}")

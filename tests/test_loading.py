@@ -1,0 +1,359 @@
+"""Loading checkpoints: what save_pretrained writes loads (single file and shards, fp32 and bf16, without copies),
+and every broken checkpoint fails with a message that names the file and the key (or field)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dgemma
+from conftest import F, S
+from dgemma import CheckpointError, ConfigError
+
+KEY = "model.decoder.layers.1.mlp.up_proj.weight"
+
+
+@pytest.fixture
+def checkpoint(reference_checkpoint, tmp_path):
+    """A private, writable copy of the tiny single-file checkpoint: (ref_model, dir, model.safetensors path)."""
+    ref, path = reference_checkpoint()
+    copy = tmp_path / "model"
+    shutil.copytree(path, copy)
+    return ref, copy, copy / "model.safetensors"
+
+
+@pytest.fixture
+def sharded(reference_checkpoint, tmp_path):
+    ref, path = reference_checkpoint(sharded=True)
+    copy = tmp_path / "model"
+    shutil.copytree(path, copy)
+    return ref, copy
+
+
+def rewrite(file: Path, change) -> None:
+    """Load a safetensors file, let `change(tensors)` edit the dict, save it back (the format's own writer)."""
+    tensors = load_file(file)
+    change(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def read_header(file: Path) -> tuple[dict, bytes]:
+    data = file.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def write_header(file: Path, header: dict, body: bytes) -> None:
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    file.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+
+
+def load_error(path, error=CheckpointError) -> str:
+    with pytest.raises(error) as info:
+        dgemma.load(path, quiet=True)
+    return str(info.value)
+
+
+def reference_tensor(ref, name: str) -> torch.Tensor:
+    """The reference model's tensor for one of our state-dict names."""
+    state = ref.state_dict()
+    if name.endswith("encoder_layer_scalar"):
+        return state["model.encoder.language_model." + name.replace("encoder_layer_scalar", "layer_scalar")]
+    return state["model.decoder." + name]
+
+
+# --- what loads ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shards", [False, True], ids=["single-file", "sharded"])
+def test_loads_every_tensor_from_the_checkpoint(reference_checkpoint, shards):
+    ref, path = reference_checkpoint(sharded=shards)
+    if shards:
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1
+    engine = dgemma.load(path, quiet=True)
+    state = engine.module.state_dict()
+    assert len(state) > 0
+    for name, tensor in state.items():
+        assert torch.equal(tensor, reference_tensor(ref, name)), name
+    # the two scalar sets are different in this checkpoint, so each must have come from its own key
+    layer = engine.module.layers[0]
+    assert not torch.equal(layer.layer_scalar, layer.encoder_layer_scalar)
+    assert engine.module.embed_tokens.weight.dtype == torch.float32
+
+
+def test_vision_notice_printed_once_to_stderr_and_quiet_silences_it(reference_checkpoint, capsys):
+    _, path = reference_checkpoint()
+    dgemma.load(path)
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if "vision" in line]
+    assert len(lines) == 1, err
+    assert out == ""
+    dgemma.load(path, quiet=True)
+    out, err = capsys.readouterr()
+    assert "vision" not in err and out == ""
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16"])
+def test_bfloat16_loads_and_runs(reference_checkpoint, dtype):
+    _, path = reference_checkpoint()
+    engine = dgemma.load(path, dtype=dtype, quiet=True)
+    cfg = engine.config
+    assert engine.dtype == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for t in engine.module.state_dict().values())
+    cache = engine.new_cache(1)
+    engine.encode(torch.randint(0, cfg.vocab_size, (1, 11)), cache)
+    assert cache.keys[0].dtype == torch.bfloat16
+    logits = engine.denoise(torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length)), cache)
+    assert logits.dtype == torch.float32 and logits.shape == (1, cfg.canvas_length, cfg.vocab_size)
+    assert torch.isfinite(logits).all() and logits.abs().max() <= cfg.final_logit_softcapping
+
+
+def mapped_ranges(file: Path) -> list[tuple[int, int]]:
+    """Address ranges at which this process has `file` memory-mapped (Linux /proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] == str(file.resolve()):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc/self/maps")
+def test_matching_dtype_is_not_copied(reference_checkpoint):
+    """With the stored dtype, every parameter is a view into the file's memory map (no second copy in RAM);
+    converting to bf16 necessarily copies, which shows the check can tell the two apart."""
+    _, path = reference_checkpoint()
+    file = path / "model.safetensors"
+
+    def in_map(engine):
+        ranges = mapped_ranges(file)
+        assert ranges, "checkpoint file is not memory-mapped"
+        ptrs = [t.untyped_storage().data_ptr() for t in engine.module.state_dict().values()]
+        return [any(lo <= p < hi for lo, hi in ranges) for p in ptrs]
+
+    same = dgemma.load(path, quiet=True)
+    assert all(in_map(same))
+    converted = dgemma.load(path, dtype=torch.bfloat16, quiet=True)
+    assert not any(in_map(converted))
+
+
+def test_untied_duplicate_equal_to_its_twin_loads(checkpoint):
+    ref, path, file = checkpoint
+
+    def add_twins(t):
+        t["model.encoder.language_model.layers.0.mlp.up_proj.weight"] = \
+            t["model.decoder.layers.0.mlp.up_proj.weight"].clone()
+        t["lm_head.weight"] = t["model.decoder.embed_tokens.weight"].clone()
+
+    rewrite(file, add_twins)
+    engine = dgemma.load(path, quiet=True)
+    assert torch.equal(engine.module.layers[0].mlp.up_proj.weight, reference_tensor(ref, "layers.0.mlp.up_proj.weight"))
+
+
+@pytest.mark.parametrize("key,twin", [
+    ("model.encoder.language_model.layers.0.mlp.up_proj.weight", "model.decoder.layers.0.mlp.up_proj.weight"),
+    ("lm_head.weight", "model.decoder.embed_tokens.weight"),
+])
+def test_untied_duplicate_that_differs_is_an_error(checkpoint, key, twin):
+    _, path, file = checkpoint
+
+    def add_twin(t):
+        t[key] = t[twin].clone()
+        t[key][0, 0] += 1.0
+
+    rewrite(file, add_twin)
+    msg = load_error(path)
+    assert str(file) in msg and key in msg
+
+
+# --- what fails, and how it says so -----------------------------------------------------------------------
+
+
+def test_missing_tensor(checkpoint):
+    _, path, file = checkpoint
+    rewrite(file, lambda t: t.pop(KEY))
+    msg = load_error(path)
+    assert KEY in msg and str(file) in msg
+
+
+def test_missing_encoder_layer_scalar(checkpoint):
+    _, path, file = checkpoint
+    key = "model.encoder.language_model.layers.2.layer_scalar"
+    rewrite(file, lambda t: t.pop(key))
+    msg = load_error(path)
+    assert key in msg and str(file) in msg
+
+
+def test_unexpected_tensor(checkpoint):
+    _, path, file = checkpoint
+    key = "model.decoder.layers.0.mlp.extra_proj.weight"
+    rewrite(file, lambda t: t.__setitem__(key, torch.zeros(4, 4)))
+    msg = load_error(path)
+    assert key in msg and str(file) in msg
+
+
+def test_wrongly_shaped_tensor(checkpoint):
+    _, path, file = checkpoint
+    rewrite(file, lambda t: t.__setitem__(KEY, t[KEY][:-1].clone()))
+    msg = load_error(path)
+    assert KEY in msg and str(file) in msg and "shape" in msg
+
+
+def test_truncated_file_names_a_cut_tensor(checkpoint):
+    _, path, file = checkpoint
+    header, body = read_header(file)
+    size = file.stat().st_size
+    cut = size - 1000
+    data_start = size - len(body)
+    cut_keys = [k for k, v in header.items() if k != "__metadata__" and data_start + v["data_offsets"][1] > cut]
+    assert cut_keys
+    with open(file, "r+b") as f:
+        f.truncate(cut)
+    msg = load_error(path)
+    assert str(file) in msg and "truncated" in msg
+    assert any(f"'{k}'" in msg for k in cut_keys), msg
+
+
+@pytest.mark.parametrize("keep", [5, 200], ids=["inside-length-prefix", "inside-header"])
+def test_truncated_header(checkpoint, keep):
+    _, path, file = checkpoint
+    with open(file, "r+b") as f:
+        f.truncate(keep)
+    msg = load_error(path)
+    assert str(file) in msg and "truncated" in msg
+
+
+def test_corrupt_header(checkpoint):
+    _, path, file = checkpoint
+    data = bytearray(file.read_bytes())
+    data[8:24] = b"\xff\xfe garbage!!!!!!"[:16]
+    file.write_bytes(bytes(data))
+    msg = load_error(path)
+    assert str(file) in msg and "header" in msg
+
+
+def test_header_with_unsupported_dtype(checkpoint):
+    _, path, file = checkpoint
+    header, body = read_header(file)
+    header[KEY]["dtype"] = "Q4_K"
+    write_header(file, header, body)
+    msg = load_error(path)
+    assert str(file) in msg and KEY in msg and "Q4_K" in msg
+
+
+def test_header_whose_byte_range_disagrees_with_the_shape(checkpoint):
+    _, path, file = checkpoint
+    header, body = read_header(file)
+    header[KEY]["shape"] = [header[KEY]["shape"][0] + 1, header[KEY]["shape"][1]]
+    write_header(file, header, body)
+    msg = load_error(path)
+    assert str(file) in msg and KEY in msg
+
+
+def test_unknown_model_type(checkpoint):
+    _, path, _ = checkpoint
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = "gemma4"
+    (path / "config.json").write_text(json.dumps(config))
+    msg = load_error(path, ConfigError)
+    assert str(path / "config.json") in msg and "model_type" in msg and "gemma4" in msg
+
+
+def test_missing_config_json(checkpoint):
+    _, path, _ = checkpoint
+    (path / "config.json").unlink()
+    msg = load_error(path, ConfigError)
+    assert str(path / "config.json") in msg
+
+
+GLOBAL = {"per_layer_config": None, "global_head_dim": 32, "num_global_key_value_heads": 1}
+
+
+@pytest.mark.parametrize("change,key_fragment", [
+    ({"hidden_size": 48}, "model.decoder."),  # every tensor's shape is off; one is named
+    ({"num_experts": 3}, "model.decoder.layers.0."),
+    ({"intermediate_size": 80}, "model.decoder.layers.0.mlp."),
+    ({"num_global_key_value_heads": 2}, "model.decoder.layers.1.self_attn.k_proj.weight"),
+    ({**GLOBAL, "num_hidden_layers": 2, "layer_types": [S, F]}, "model.decoder.layers.2."),  # layers 2-3 unexpected
+    ({**GLOBAL, "num_hidden_layers": 5, "layer_types": [S, F, S, F, F]}, "model.decoder.layers.4."),  # 4 missing
+], ids=["hidden_size", "num_experts", "intermediate_size", "global_kv_heads", "fewer-layers", "more-layers"])
+def test_config_that_does_not_fit_the_weights(checkpoint, change, key_fragment):
+    _, path, file = checkpoint
+    config = json.loads((path / "config.json").read_text())
+    for k, v in change.items():
+        if v is None:
+            config["text_config"].pop(k)
+        else:
+            config["text_config"][k] = v
+    (path / "config.json").write_text(json.dumps(config))
+    msg = load_error(path)
+    assert key_fragment in msg and str(file) in msg, msg
+
+
+def test_shard_index_naming_a_missing_shard(sharded):
+    _, path = sharded
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"][KEY] = "model-00099-of-00099.safetensors"
+    index_file.write_text(json.dumps(index))
+    msg = load_error(path)
+    assert str(index_file) in msg and "model-00099-of-00099.safetensors" in msg
+
+
+def test_shard_index_pointing_at_the_wrong_shard(sharded):
+    _, path = sharded
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    files = sorted(set(index["weight_map"].values()))
+    other = next(f for f in files if f != index["weight_map"][KEY])
+    index["weight_map"][KEY] = other
+    index_file.write_text(json.dumps(index))
+    msg = load_error(path)
+    assert str(index_file) in msg and KEY in msg and other in msg
+
+
+def test_missing_tensor_in_a_sharded_checkpoint(sharded):
+    _, path = sharded
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = path / index["weight_map"].pop(KEY)
+    index_file.write_text(json.dumps(index))
+    rewrite(shard, lambda t: t.pop(KEY))
+    msg = load_error(path)
+    assert KEY in msg and str(index_file) in msg
+
+
+def test_not_a_directory_and_no_weights(tmp_path, checkpoint):
+    _, path, file = checkpoint
+    msg = load_error(tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in msg
+    file.unlink()
+    msg = load_error(path)
+    assert str(path) in msg and "model.safetensors" in msg
+
+
+def test_header_that_is_json_but_not_an_object(checkpoint):
+    _, path, file = checkpoint
+    _, body = read_header(file)
+    write_header(file, [1, 2, 3], body)
+    msg = load_error(path)
+    assert str(file) in msg and "header" in msg
+
+
+@pytest.mark.parametrize("field", ["data_offsets", "shape", "dtype"])
+def test_header_entry_missing_a_field(checkpoint, field):
+    _, path, file = checkpoint
+    header, body = read_header(file)
+    del header[KEY][field]
+    write_header(file, header, body)
+    msg = load_error(path)
+    assert str(file) in msg and KEY in msg
