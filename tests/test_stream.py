@@ -1,0 +1,144 @@
+"""Text streaming, chat sessions and the CLI on a small random model with a real tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import dgemma
+from dgemma.bundled import build_random_model
+from dgemma.cli import main
+from dgemma.engine.chat import ChatSession
+from dgemma.engine.stream import Done, Draft, Text
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_random_model(tmp_path_factory.mktemp("m") / "random")
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return dgemma.load(model_dir, quiet=True)
+
+
+def run(engine, prompt="Hello there", **options):
+    return list(engine.stream(prompt, **options))
+
+
+def test_event_order_and_draft_count(engine):
+    events = run(engine, seed=0, max_tokens=100, eos_token_id=[])
+    assert isinstance(events[-1], Done) and not any(isinstance(e, Done) for e in events[:-1])
+    done = events[-1]
+    L = engine.config.canvas_length
+    assert done.canvases == 2  # 100 tokens need two 64-token canvases
+    # per canvas: its drafts (one per denoising step), then its committed text
+    drafts_per_canvas = [sum(isinstance(e, Draft) and e.canvas_index == c for e in events) for c in range(2)]
+    assert drafts_per_canvas == done.steps_per_canvas
+    first_text = next(i for i, e in enumerate(events) if isinstance(e, Text))
+    assert all(isinstance(e, Draft) and e.canvas_index == 0 for e in events[:first_text])
+    for e in events:
+        if isinstance(e, Draft):
+            assert len(e.token_ids) == L and len(e.confidence) == L
+            assert all(0.0 <= c <= 1.0 for c in e.confidence)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 5, 63, 64, 65, 130])
+def test_exact_max_tokens(engine, max_tokens):
+    done = run(engine, seed=1, max_tokens=max_tokens, eos_token_id=[], drafts=False)[-1]
+    assert done.completion_tokens == max_tokens == len(done.completion_ids)
+    assert done.finish_reason == "length"
+    assert done.canvases == -(-max_tokens // engine.config.canvas_length)
+
+
+def test_text_events_concatenate_to_the_answer(engine):
+    events = run(engine, seed=2, max_tokens=90, eos_token_id=[], drafts=False)
+    done = events[-1]
+    answer = "".join(e.text for e in events if isinstance(e, Text) and e.kind == "answer")
+    assert answer == done.output.answer
+    from dgemma.text import parse_output
+    assert parse_output(engine.tokenizer.decode(done.completion_ids, skip_special=False)).answer == answer
+
+
+def test_stop_id_ends_the_stream_and_is_kept(engine):
+    stops = list(range(200, engine.config.vocab_size))  # most of the vocabulary: a stop lands early
+    done = run(engine, seed=3, max_tokens=200, eos_token_id=stops, drafts=False)[-1]
+    assert done.finish_reason == "stop"
+    assert done.completion_ids[-1] in stops
+    assert not any(t in stops for t in done.completion_ids[:-1])
+
+
+def test_stop_string_cuts_the_answer_exactly(engine):
+    full = run(engine, seed=4, max_tokens=120, eos_token_id=[], drafts=False)[-1].output.answer
+    assert len(full) > 20
+    stop = full[10:14]
+    first = full.find(stop)
+    events = run(engine, seed=4, max_tokens=120, eos_token_id=[], drafts=False, stop=[stop])
+    streamed = "".join(e.text for e in events if isinstance(e, Text) and e.kind == "answer")
+    assert streamed == full[:first]
+    assert events[-1].finish_reason == "stop"
+    assert events[-1].completion_tokens <= 120
+
+
+def test_seed_reproducibility(engine):
+    a = run(engine, seed=7, max_tokens=40, drafts=False)[-1].completion_ids
+    b = run(engine, seed=7, max_tokens=40, drafts=False)[-1].completion_ids
+    c = run(engine, seed=8, max_tokens=40, drafts=False)[-1].completion_ids
+    assert a == b and a != c
+
+
+def test_done_stats(engine):
+    done = run(engine, seed=5, max_tokens=70, eos_token_id=[], drafts=False)[-1]
+    stats = done.stats()
+    assert stats["canvases"] == 2 and sum(stats["steps_per_canvas"]) > 0
+    assert stats["tokens_per_s"] > 0 and 0 < stats["time_to_first_text_s"] <= stats["wall_s"]
+    assert done.usage()["total_tokens"] == done.prompt_tokens + 70
+
+
+def test_chat_reuses_the_cache_and_it_matches_a_fresh_encode(engine):
+    session = ChatSession(engine, system="Be brief.")
+    list(session.send("First question", seed=0, max_tokens=100, eos_token_id=[]))
+    assert session.reused_tokens == 0
+    list(session.send("Second question", seed=1, max_tokens=30))
+    assert session.reused_tokens > 0
+    cached = session.cached_ids
+    assert cached == session.ids[: len(cached)]
+    fresh = engine.new_cache(1)
+    engine.encode(torch.tensor([cached]), fresh)
+    for i in range(engine.config.num_hidden_layers):
+        torch.testing.assert_close(session.cache.keys[i], fresh.keys[i], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(session.cache.values[i], fresh.values[i], atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_longer_than_context_is_refused(engine):
+    with pytest.raises(ValueError, match="exceeds this model's context"):
+        run(engine, "word " * 9000, max_tokens=10)
+
+
+def test_cli_generate_json(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "--json", "--max-tokens", "7", "--seed", "1", "Hi"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["usage"]["completion_tokens"] <= 7
+    assert out["finish_reason"] in ("stop", "length") and out["stats"]["canvases"] == 1
+
+
+def test_cli_errors(model_dir, tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "Hi"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(model_dir), "--max-tokens", "0", "Hi"])
+    assert e.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--t-min", "0.9", "--t-max", "0.5", "Hi"]) == 2
+    assert "t_max must be greater than t_min" in capsys.readouterr().err
+
+
+def test_cli_inspect_26b(capsys):
+    path = Path(__file__).parent.parent / "bench" / "configs" / "26b-a4b.json"  # the released text config
+    assert main(["inspect", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total_parameters"] == 25_250_986_782
+    assert round(out["active_parameters_per_token"] / 1e9, 2) == 3.84
