@@ -35,7 +35,9 @@ def denoise(model, tokens: torch.Tensor, cache, soft: torch.Tensor | None = None
     B, L = tokens.shape
     assert tokens.dtype == torch.int64, f"tokens must be int64, got {tokens.dtype}"
     x = model.self_conditioning(model.embed(tokens), soft)
-    positions = (cache.length + torch.arange(L, device=tokens.device))[None]
+    # cache.length is an int, or a [B] / [B,1] tensor when rows' canvases start at different positions (training)
+    start = torch.as_tensor(cache.length, device=tokens.device).reshape(-1, 1)
+    positions = start + torch.arange(L, device=tokens.device)
     rope = model.rope(positions, x.dtype)
     for i, layer in enumerate(model.layers):
         context = cache.context(i)
