@@ -14,6 +14,8 @@ ALLOWED = {
     "model": {"config"},
     "engine": {"config", "model", "sampling", "text"},
     "bundled": {"config", "model", "text"},
+    "train": {"config", "model", "sampling", "text"},
+    "sudoku": {"config", "model", "sampling", "text", "engine", "train"},
     "view": set(),
     "cli": {"config", "model", "sampling", "engine", "text", "bundled", "view"},
     "__main__": {"cli"},

@@ -116,6 +116,13 @@ class Engine:
                                        attention_mask=attention_mask)
         return out if return_dict else out.sequences
 
+    def generate_autoregressive(self, input_ids, *, attention_mask=None, eos_token_id=_UNSET, **options):
+        """Left-to-right decoding through the encoder's causal head (the same weights' AR baseline)."""
+        from .autoregressive import generate_autoregressive
+        eos = self.generation_config.eos_token_id if eos_token_id is _UNSET else eos_token_id
+        return generate_autoregressive(self.module, self._check_ids(input_ids, attention_mask),
+                                       attention_mask=attention_mask, eos_token_id=eos, **options)
+
     def _check_ids(self, input_ids, attention_mask):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
                 torch.int64, torch.int32):
