@@ -101,13 +101,14 @@ def make_config(overrides: dict | None = None) -> dict:
     return raw
 
 
-def randomise(ref: torch.nn.Module, seed: int) -> None:
+def randomise(ref: torch.nn.Module, seed: int, low: float = 0.25, span: float = 1.5) -> None:
     """Give every text weight a value at a scale where a wrong norm, scale or scalar changes the output.
 
     Matrices ~ N(0, 1/fan_in) (so each projection keeps O(1) activations and routing is decisive rather than
     near-uniform), the embedding ~ N(0, 0.3^2) (logits of a few units, below the soft-cap), every norm weight,
     `router.scale` and `per_expert_scale` ~ U(0.25, 1.75), and the encoder and decoder `layer_scalar` buffers
-    to DIFFERENT values in U(0.25, 1.75), so a pass that uses the wrong set is caught."""
+    to DIFFERENT values in U(low, low+span) (default U(0.25, 1.75)), so a pass that uses the wrong set is
+    caught. Works on the reference and on our own module (same name endings)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in ref.named_parameters():  # tied parameters are listed once, so twins stay equal
@@ -116,12 +117,12 @@ def randomise(ref: torch.nn.Module, seed: int) -> None:
             if name.endswith("embed_tokens.weight"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
             elif p.ndim == 1:
-                p.copy_(torch.rand(p.shape, generator=g) * 1.5 + 0.25)
+                p.copy_(torch.rand(p.shape, generator=g) * span + low)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
         for name, b in ref.named_buffers():
             if name.endswith("layer_scalar"):
-                b.copy_(torch.rand(b.shape, generator=g) * 1.5 + 0.25)
+                b.copy_(torch.rand(b.shape, generator=g) * span + low)
 
 
 def _build_reference(raw: dict, seed: int):

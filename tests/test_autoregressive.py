@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import randomise
+
 from dgemma.config import ModelConfig
 from dgemma.engine.autoregressive import filter_logits, generate_autoregressive, pick_next
 from dgemma.engine.cache import KVCache
@@ -22,17 +24,7 @@ def tiny_model(seed: int = 0) -> DiffusionGemma:
                       global_head_dim=32, num_global_key_value_heads=1, layer_types=(S, F, S, F), sliding_window=8,
                       canvas_length=16, max_position_embeddings=1024, eos_token_id=(1,))
     model = DiffusionGemma(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name == "embed_tokens.weight":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif p.dim() == 1:
-                p.copy_(torch.rand(p.shape, generator=g) * 1.5 + 0.25)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-        for _, b in model.named_buffers():
-            b.copy_(torch.rand(b.shape, generator=g) * 1.5 + 0.25)
+    randomise(model, seed)
     return model
 
 

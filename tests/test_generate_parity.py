@@ -30,6 +30,8 @@ import dgemma
 from dgemma.text import Tokenizer
 from dgemma.text.build import save_tokenizer_files, train_tokenizer
 
+from conftest import TINY_CONFIG, randomise  # noqa: E402  (tests/ is on sys.path under pytest)
+
 transformers = pytest.importorskip("transformers")
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion  # noqa: E402
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig  # noqa: E402
@@ -39,68 +41,7 @@ S, F = "sliding_attention", "full_attention"
 # --------------------------------------------------------------------------------------------------------------
 # configs (spec §11 tiny config + variations)
 # --------------------------------------------------------------------------------------------------------------
-BASE: dict = {
-    "architectures": ["DiffusionGemmaForBlockDiffusion"],
-    "model_type": "diffusion_gemma",
-    "canvas_length": 16,
-    "tie_word_embeddings": True,
-    "initializer_range": 0.02,
-    "boi_token_id": 509,
-    "eoi_token_id": 510,
-    "image_token_id": 511,
-    "eos_token_id": [1, 106],
-    "pad_token_id": 0,
-    "bos_token_id": 2,
-    "text_config": {
-        "model_type": "diffusion_gemma_text",
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "moe_intermediate_size": 32,
-        "num_experts": 4,
-        "top_k_experts": 2,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "global_head_dim": 32,
-        "num_global_key_value_heads": 1,
-        "layer_types": [S, F, S, F],
-        "sliding_window": 8,
-        "max_position_embeddings": 1024,
-        "rope_parameters": {
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
-        },
-        "hidden_activation": "gelu_pytorch_tanh",
-        "rms_norm_eps": 1e-06,
-        "final_logit_softcapping": 30.0,
-        "use_bidirectional_attention": "vision",
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": True,
-        "pad_token_id": 0,
-        "eos_token_id": 1,
-        "bos_token_id": 2,
-        "initializer_range": 0.02,
-    },
-    "vision_config": {
-        "model_type": "gemma4_vision",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "patch_size": 4,
-        "pooling_kernel_size": 2,
-        "position_embedding_size": 64,
-        "rms_norm_eps": 1e-06,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "standardize": False,
-        "use_clipped_linears": False,
-    },
-}
+BASE = TINY_CONFIG  # spec §11, shared with the model parity tests
 
 
 def make_config(top: dict | None = None, text: dict | None = None) -> dict:
@@ -147,24 +88,6 @@ CORPUS = [
 TEXT_PROMPT = "The quick brown fox denoises a canvas of tokens, step by step, until it is confident."
 TEXT_PROMPT_2 = "Why does water boil sooner at altitude? Please explain in one short sentence."
 CHAT = [{"role": "user", "content": "Why is the sky blue? Answer briefly."}]
-
-
-def randomise(ref: torch.nn.Module, seed: int) -> None:
-    """Weights at a scale where a wrong norm / scale / scalar changes the output (the reference sets many to 1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if ".vision_tower." in name or ".embed_vision." in name:
-                continue
-            if name.endswith("embed_tokens.weight"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif p.ndim == 1:
-                p.copy_(torch.rand(p.shape, generator=g) * 1.5 + 0.25)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-        for name, b in ref.named_buffers():
-            if name.endswith("layer_scalar"):  # encoder and decoder get DIFFERENT values
-                b.copy_(torch.rand(b.shape, generator=g) * 1.5 + 0.25)
 
 
 def make_confident(ref: torch.nn.Module, alpha: float = 0.3) -> None:

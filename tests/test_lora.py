@@ -16,6 +16,8 @@ from dgemma.model.saving import save_checkpoint
 from dgemma.train.lora import (apply_lora, load_adapter, load_lora_state_dict, lora_config, lora_state_dict,
                                merge_lora, save_adapter)
 
+from conftest import randomise
+
 S, F = "sliding_attention", "full_attention"
 ALL = ("attention", "mlp", "self_conditioning", "experts")
 
@@ -28,17 +30,7 @@ def tiny_model(seed: int = 0) -> DiffusionGemma:
                       global_head_dim=16, num_global_key_value_heads=1, layer_types=(S, F), sliding_window=8,
                       canvas_length=8, max_position_embeddings=256)
     model = DiffusionGemma(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name == "embed_tokens.weight":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif p.dim() == 1:
-                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-        for _, b in model.named_buffers():
-            b.copy_(torch.rand(b.shape, generator=g) * 0.5 + 0.5)
+    randomise(model, seed, low=0.5, span=0.5)
     return model
 
 
