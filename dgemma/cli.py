@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .argtypes import positive_int
+
 
 def _fmt_count(n: int) -> str:
     return f"{n:,} ({n / 1e9:.2f}B)" if n >= 1e8 else f"{n:,} ({n / 1e6:.2f}M)"
@@ -39,16 +41,6 @@ def cmd_inspect(args) -> int:
         for label, size in (("bf16", 2), ("fp32", 4)):
             print(f"  weights in {label:<6} {counts['total'] * size / 2**30:10.3f} GiB")
     return 0
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _accept_rule(text: str):
@@ -184,9 +176,9 @@ def _add_model_flags(p) -> None:
 
 
 def _add_sampling_flags(p) -> None:
-    p.add_argument("--max-tokens", type=_positive_int, default=None,
+    p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="exact cap on new tokens (default: the model's generation_config)")
-    p.add_argument("--steps", type=_positive_int, default=None, help="max denoising steps per canvas")
+    p.add_argument("--steps", type=positive_int, default=None, help="max denoising steps per canvas")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible output")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--entropy-bound", type=float, default=None, help="EntropyBound budget in nats (default 0.1)")
@@ -221,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat, json=False)
+
+    from .sudoku.commands import add_sudoku_parser
+    add_sudoku_parser(sub)
     return parser
 
 

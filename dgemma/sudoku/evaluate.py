@@ -1,0 +1,184 @@
+"""Solve Sudoku puzzles with a model and score it: diffusion sampler (default) or an autoregressive baseline.
+
+The diffusion path is the ordinary `Engine.generate` (one canvas per puzzle, batched; the puzzle's prompt is
+always 83 tokens, so batches need no padding). Steps are read from `steps_per_canvas`. The baseline runs the
+same weights left to right through the causal encoder (`dgemma.engine.autoregressive`), greedy, one forward
+per token, and reports its forwards where the diffusion path reports steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .format import ANSWER_TOKENS, answer_cells, check_tokenizer, prompt_ids, puzzle_from_prompt
+from .puzzles import Grid, SudokuError, band_of, is_valid_solution, num_givens, parse_grid, solve_unique
+
+BASELINES = ("ar",)
+
+
+def read_puzzles(path: str | Path) -> list[tuple[Grid, Grid]]:
+    """(puzzle, solution) pairs from JSONL: {"puzzle", "solution"?} lines, or trainer lines {"prompt", "completion"}.
+
+    A missing solution is computed (the puzzle must then have exactly one). Errors name FILE:LINE."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"puzzle file {path} does not exist; make one with "
+                                "`dgemma sudoku generate --count 200 --seed 1 --out FILE.jsonl`")
+    pairs = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SudokuError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise SudokuError(f"{where}: expected a JSON object with a \"puzzle\" field")
+            if "puzzle" in record:
+                puzzle = parse_grid(_text(record["puzzle"], where), what=f"{where}: puzzle")
+                solution = record.get("solution")
+            elif "prompt" in record:
+                puzzle = puzzle_from_prompt(_text(record["prompt"], where))
+                solution = record.get("completion")
+                solution = None if solution is None else _text(solution, where).split("<")[0]
+            else:
+                raise SudokuError(f"{where}: expected a \"puzzle\" field (81 chars) and optionally \"solution\"")
+            if solution is None:
+                solution = solve_unique(puzzle, what=f"{where}: puzzle")
+            else:
+                solution = parse_grid(_text(solution, where), what=f"{where}: solution")
+                if not is_valid_solution(solution, puzzle):
+                    raise SudokuError(f"{where}: the solution is not a valid completion of the puzzle")
+            pairs.append((puzzle, solution))
+    if not pairs:
+        raise SudokuError(f"{path}: no puzzles in the file")
+    return pairs
+
+
+def _text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise SudokuError(f"{where}: expected a string, got {type(value).__name__}")
+    return value
+
+
+# --- prediction --------------------------------------------------------------------------------------
+def predict(engine, puzzles: Sequence[Sequence[int]], *, steps: int | None = None, batch_size: int = 64,
+            seed: int = 0, baseline: str | None = None) -> list[tuple[Grid, float]]:
+    """(cells, steps) per puzzle: the model's 81 answer cells by position (0 = not a digit) and the denoising
+    steps per canvas it took (baseline 'ar': decoder forwards, i.e. tokens generated)."""
+    if baseline not in (None, *BASELINES):
+        raise SudokuError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
+    tokenizer = engine.require_tokenizer()
+    table = check_tokenizer(tokenizer)
+    results: list[tuple[Grid, float]] = []
+    generator = torch.Generator(device=engine.device).manual_seed(seed)
+    for start in range(0, len(puzzles), batch_size):
+        batch = puzzles[start:start + batch_size]
+        ids = torch.tensor([prompt_ids(tokenizer, p) for p in batch], dtype=torch.long, device=engine.device)
+        if baseline == "ar":
+            new, used = _autoregressive(engine, ids, tokenizer.stop_ids)
+        else:
+            new, used = _diffusion(engine, ids, steps, generator)
+        results += [(answer_cells(row, table), s) for row, s in zip(new.tolist(), used)]
+    return results
+
+
+def _diffusion(engine, ids: torch.Tensor, steps: int | None, generator) -> tuple[torch.Tensor, list[float]]:
+    knobs = {} if steps is None else {"max_denoising_steps": steps}
+    out = engine.generate(ids, max_new_tokens=ANSWER_TOKENS, return_dict=True, generator=generator, **knobs)
+    new = out.sequences[:, ids.shape[1]:]
+    # the canvases that hold the 81 cells (one when canvas_length >= 81)
+    used = max(1, min(len(out.steps_per_canvas), math.ceil(81 / engine.config.canvas_length)))
+    per_row = torch.stack([s.float() for s in out.steps_per_canvas[:used]]).mean(0)
+    return new, per_row.tolist()
+
+
+def _autoregressive(engine, ids: torch.Tensor, stop_ids) -> tuple[torch.Tensor, list[float]]:
+    try:
+        from ..engine.autoregressive import generate_autoregressive
+    except ImportError as e:
+        raise SudokuError("the autoregressive baseline needs dgemma.engine.autoregressive.generate_autoregressive, "
+                          f"which this install does not have ({e})") from None
+    with torch.inference_mode():
+        out = generate_autoregressive(engine.module, ids, max_new_tokens=ANSWER_TOKENS, temperature=0,
+                                      eos_token_id=list(stop_ids))
+    new = out[:, ids.shape[1]:]  # ids [B, T+n] include the prompt; n < ANSWER_TOKENS if every row stopped early
+    forwards = []
+    for row in new.tolist():  # one forward per token up to and including the first stop id
+        stop = next((k for k, t in enumerate(row) if t in stop_ids), len(row) - 1)
+        forwards.append(float(stop + 1))
+    return new, forwards
+
+
+def solve(engine, puzzles: Sequence[Sequence[int]], *, steps: int | None = None, batch_size: int = 64,
+          seed: int = 0, baseline: str | None = None) -> list[tuple[Grid | None, float]]:
+    """(grid or None, steps per canvas) per puzzle; None when the answer is not 81 digits 1-9."""
+    return [(cells if all(cells) else None, used)
+            for cells, used in predict(engine, puzzles, steps=steps, batch_size=batch_size, seed=seed,
+                                       baseline=baseline)]
+
+
+# --- scoring -----------------------------------------------------------------------------------------
+def score(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], predictions: Sequence[tuple[Grid, float]]) -> dict:
+    """Metrics over (puzzle, solution) pairs and predict()'s output; also per difficulty band (by givens)."""
+    def metrics(indices: list[int]) -> dict:
+        solved = valid = parsed = correct = blanks = 0
+        total_steps = 0.0
+        for k in indices:
+            (puzzle, solution), (cells, used) = pairs[k], predictions[k]
+            parsed += all(cells)
+            solved += tuple(cells) == tuple(solution)
+            valid += is_valid_solution(cells, puzzle)
+            for p, c, s in zip(puzzle, cells, solution):
+                if not p:
+                    blanks += 1
+                    correct += c == s
+            total_steps += used
+        n = len(indices)
+        givens = [num_givens(pairs[k][0]) for k in indices]
+        return {"num_puzzles": n, "solved_rate": solved / n, "valid_rate": valid / n, "parse_rate": parsed / n,
+                "cell_accuracy": correct / max(blanks, 1), "mean_steps_per_canvas": total_steps / n,
+                "givens": [min(givens), max(givens)]}
+
+    result = metrics(list(range(len(pairs))))
+    groups: dict[str, list[int]] = {}
+    for k, (puzzle, _) in enumerate(pairs):
+        groups.setdefault(band_of(num_givens(puzzle)), []).append(k)
+    order = ("easy", "medium", "hard", "expert")
+    result["bands"] = {name: metrics(groups[name]) for name in order if name in groups}
+    return result
+
+
+def evaluate(engine, puzzle_file: str | Path | Sequence[tuple[Sequence[int], Sequence[int]]], *,
+             steps: int | None = None, batch_size: int = 64, seed: int = 0, baseline: str | None = None,
+             limit: int | None = None) -> dict:
+    """Score the model on a puzzle file (or a list of (puzzle, solution) pairs).
+
+    Keys: num_puzzles, solved_rate (exact grid = the solution), valid_rate (a valid completion of the puzzle;
+    equals solved_rate for unique puzzles), parse_rate (81 digits produced), cell_accuracy (over blank cells),
+    mean_steps_per_canvas, bands (the same per difficulty level), mode, max_denoising_steps, seconds."""
+    pairs = read_puzzles(puzzle_file) if isinstance(puzzle_file, (str, Path)) else list(puzzle_file)
+    if limit is not None:
+        pairs = pairs[:limit]
+    if not pairs:
+        raise SudokuError("no puzzles to evaluate")
+    start = time.perf_counter()
+    predictions = predict(engine, [p for p, _ in pairs], steps=steps, batch_size=batch_size, seed=seed,
+                          baseline=baseline)
+    seconds = time.perf_counter() - start
+    result = score(pairs, predictions)
+    result.update({
+        "mode": "autoregressive" if baseline == "ar" else "diffusion",
+        "max_denoising_steps": None if baseline else (steps or engine.generation_config.max_denoising_steps),
+        "seed": seed, "batch_size": batch_size, "seconds": round(seconds, 3),
+        "puzzles_per_s": round(len(pairs) / seconds, 3) if seconds > 0 else None,
+    })
+    return result
