@@ -215,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat, json=False)
 
     from .sudoku.commands import add_sudoku_parser
+    from .train.commands import add_train_parser
     add_sudoku_parser(sub)
+    add_train_parser(sub)
     return parser
 
 

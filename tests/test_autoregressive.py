@@ -42,7 +42,7 @@ def no_cache_greedy(model, ids, n):
     """Oracle: re-encode the whole sequence from scratch each step, argmax at the last position."""
     for _ in range(n):
         hidden = model.encode(ids, KVCache(model.config, ids.shape[0]), return_hidden=True)
-        ids = torch.cat([ids, model.logits(hidden[:, -1]).argmax(-1)[:, None]], dim=1)
+        ids = torch.cat([ids, model.head(hidden[:, -1]).argmax(-1)[:, None]], dim=1)
     return ids
 
 
@@ -57,10 +57,10 @@ def test_cached_logits_match_full_recompute(model):
     """Beyond argmax: every incremental step's logits equal the full causal pass's logits at that position."""
     ids = prompts(1, 14, seed=3)
     with torch.no_grad():
-        full = model.logits(model.encode(ids, KVCache(model.config, 1), return_hidden=True))
+        full = model.head(model.encode(ids, KVCache(model.config, 1), return_hidden=True))
         cache = KVCache(model.config, 1)
-        steps = [model.logits(model.encode(ids[:, :4], cache, return_hidden=True))]
-        steps += [model.logits(model.encode(ids[:, t:t + 1], cache, return_hidden=True)) for t in range(4, 14)]
+        steps = [model.head(model.encode(ids[:, :4], cache, return_hidden=True))]
+        steps += [model.head(model.encode(ids[:, t:t + 1], cache, return_hidden=True)) for t in range(4, 14)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-4)
 
 
@@ -133,9 +133,9 @@ def test_left_padded_batch_equals_unpadded_rows(model):
         assert torch.equal(batched[i, T:], alone[0, len(r):]), f"row {i}"
     # and the prefill logits agree within float tolerance (pad slots shift positions; RoPE is relative)
     with torch.no_grad():
-        padded = model.logits(model.encode(ids, KVCache(model.config, 3), valid=mask.bool(), return_hidden=True))
+        padded = model.head(model.encode(ids, KVCache(model.config, 3), valid=mask.bool(), return_hidden=True))
         for i, r in enumerate(rows):
-            alone = model.logits(model.encode(r[None], KVCache(model.config, 1), return_hidden=True))
+            alone = model.head(model.encode(r[None], KVCache(model.config, 1), return_hidden=True))
             torch.testing.assert_close(padded[i, T - len(r):], alone[0], rtol=0, atol=1e-4)
 
 
@@ -149,3 +149,30 @@ def test_bad_arguments(model):
             generate_autoregressive(model, ids, **kwargs)
     with pytest.raises(ValueError):
         generate_autoregressive(model, torch.zeros(1, 0, dtype=torch.int64), max_new_tokens=2)
+
+
+def test_autoregressive_head_matches_the_reference_encoder_head(reference_checkpoint):
+    """Oracle: the reference's AR head is lm_head(encoder_last_hidden_state) soft-capped; ours must equal it
+    (one final norm, not two), and greedy decoding must pick its argmax."""
+    import dgemma
+    from dgemma.engine.autoregressive import generate_autoregressive
+
+    ref, path = reference_checkpoint()
+    engine = dgemma.load(path, quiet=True)
+    prompt = torch.randint(3, 500, (4, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        hidden = ref(input_ids=prompt, decoder_input_ids=prompt[:, :4]).encoder_last_hidden_state
+        expected = torch.tanh(ref.lm_head(hidden).float() / 30.0) * 30.0
+    ours = engine.module.head(engine.encode(prompt, engine.new_cache(4), return_hidden=True))
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+    # sampled decoding (temperature 1) depends on the whole distribution, not just the argmax: replay it
+    # step by step with the reference's head and the same generator
+    from dgemma.engine.autoregressive import pick_next
+    out = generate_autoregressive(engine.module, prompt, max_new_tokens=8, temperature=1.0,
+                                  generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for t in range(prompt.shape[1], out.shape[1]):
+            h = ref(input_ids=out[:, :t], decoder_input_ids=prompt[:, :4]).encoder_last_hidden_state[:, -1]
+            logits = torch.tanh(ref.lm_head(h).float() / 30.0) * 30.0
+            assert torch.equal(out[:, t], pick_next(logits, 1.0, None, None, g)), f"token {t}"

@@ -191,7 +191,7 @@ def test_format_round_trip_one_token_per_digit(tokenizer):
 
 def test_trainer_sees_the_format(tokenizer, tmp_path):
     """The trainer's raw records become exactly prompt_ids + (answer_text ids + <eos> fill to one canvas)."""
-    data = pytest.importorskip("dgemma.train.data")
+    from dgemma.train import data
     puzzle, solution = parse_grid(WIKIPEDIA[0]), parse_grid(WIKIPEDIA[1])
     path = tmp_path / "train.jsonl"
     path.write_text(to_jsonl_examples([puzzle], [solution])[0] + "\n")

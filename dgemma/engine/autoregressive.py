@@ -3,7 +3,7 @@ training recipe puts an AR loss on exactly these logits), so the same weights de
 
     hidden <- encode(prompt, cache, valid, return_hidden)       # prefill, writes K/V
     repeat max_new_tokens times (or until every row hit a stop id):
-        next   <- pick(logits(hidden[:, -1:]))                  # greedy, or temperature / top-k / top-p sampling
+        next   <- pick(head(hidden[:, -1:]))                     # greedy, or temperature / top-k / top-p sampling
         hidden <- encode(next, cache, return_hidden)            # one position, reads + writes the cache
 
 This is the encoder's mask and the encoder's layer scalars, not the denoiser's: a baseline to compare the
@@ -94,7 +94,7 @@ def stream_autoregressive(module, input_ids: torch.Tensor, *, max_new_tokens: in
         return
     hidden = module.encode(input_ids.to(torch.int64), cache, valid=valid, return_hidden=True)
     for i in range(max_new_tokens):
-        next_ids = pick_next(module.logits(hidden[:, -1]), temperature, top_k, top_p, generator)
+        next_ids = pick_next(module.head(hidden[:, -1]), temperature, top_k, top_p, generator)  # already normed
         next_ids = torch.where(finished, pad, next_ids)
         finished = finished | torch.isin(next_ids, stop_ids)
         yield next_ids, finished

@@ -107,7 +107,11 @@ class DiffusionGemma(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm, tied head, fp32 soft-cap (spec §4.6). hidden [B,L,D] -> logits [B,L,V] fp32."""
-        return softcap(self.norm(hidden) @ self.embed_tokens.weight.t(), self.config.final_logit_softcapping)
+        return self.head(self.norm(hidden))
+
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """Tied head + fp32 soft-cap on ALREADY final-normed states (what `encode(return_hidden=True)` returns)."""
+        return softcap(normed @ self.embed_tokens.weight.t(), self.config.final_logit_softcapping)
 
     # --- the two passes (implemented in encoder.py / decoder.py) -----------------------------------
     def encode(self, tokens, cache, valid=None, return_hidden=False):

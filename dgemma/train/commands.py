@@ -1,0 +1,117 @@
+"""`dgemma train` flags -> TrainConfig -> train(). `add_train_parser` registers the subcommand on the main CLI;
+`python -m dgemma.train.commands ...` runs the same command directly (what torchrun launches for data parallel:
+`torchrun --nproc_per_node 2 -m dgemma.train.commands --data ... --out ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..argtypes import positive_int
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train", help="train or fine-tune with the block-diffusion objective (spec §7)",
+                              description="Train a DiffusionGemma model on JSONL data (chat 'messages' or "
+                                          "'prompt'/'completion' records). Writes checkpoints, log.jsonl, loss.png "
+                                          "and the final model (Hugging Face layout) under --out.")
+    g = p.add_argument_group("model")
+    g.add_argument("--config", help="config.json (or a directory with one): train from scratch")
+    g.add_argument("--model", help="model directory to fine-tune")
+    g.add_argument("--mode", choices=["scratch", "full", "lora"], default=None,
+                   help="default: scratch with --config, full with --model")
+    g.add_argument("--tokenizer", help="tokenizer directory (default: --model; required from scratch)")
+    g.add_argument("--freeze-router", action=argparse.BooleanOptionalAction, default=None,
+                   help="freeze the MoE routers (default: frozen when fine-tuning, trained from scratch)")
+    g.add_argument("--lora-rank", type=positive_int, default=8)
+    g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--lora-targets", default="attention,mlp",
+                   help="comma-separated: attention, mlp, self_conditioning, experts")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", action="append", help="training JSONL file (repeatable)")
+    g.add_argument("--eval-data", action="append", default=[], help="held-out JSONL file (repeatable)")
+    g.add_argument("--eval-holdout", type=int, default=0, help="hold out N training examples for evaluation")
+    g.add_argument("--raw", action="store_true", help="prompt/completion records are plain text (no chat template)")
+    g.add_argument("--max-seq-len", type=positive_int, default=None, help="prompt + padded response limit")
+    g.add_argument("--on-too-long", choices=["truncate", "drop", "error"], default="truncate")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=positive_int, default=1000)
+    g.add_argument("--batch-size", type=positive_int, default=8, help="examples per step, over all ranks")
+    g.add_argument("--grad-accum", type=positive_int, default=1)
+    g.add_argument("--lr", type=float, default=1.5e-4)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1)
+    g.add_argument("--warmup", type=int, default=0, help="warm-up steps")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--betas", type=float, nargs=2, default=(0.95, 0.99), metavar=("BETA1", "BETA2"))
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--ar-weight", type=float, default=1.0, help="weight of the encoder's next-token loss (0: off)")
+    g.add_argument("--self-cond-prob", type=float, default=0.5)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--eval-every", type=int, default=0)
+    g.add_argument("--save-every", type=int, default=0)
+    g.add_argument("--keep-checkpoints", type=positive_int, default=2)
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out; alone, "
+                                                         "reuses --out's train_config.json")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def config_from_args(args):
+    from .loss import LossConfig
+    from .train import TrainConfig
+
+    if args.resume and not args.data:  # `--out DIR --resume`: the saved run, as it was configured
+        saved = Path(args.out) / "train_config.json"
+        if not saved.is_file():
+            raise ValueError(f"{saved} not found: pass --data and the model flags to start a run")
+        raw = {**json.loads(saved.read_text()), "resume": True, "progress": not args.no_progress}
+        return TrainConfig.from_json(raw)
+    if not args.data:
+        raise ValueError("no training data: pass --data FILE.jsonl")
+    mode = args.mode or ("scratch" if args.config else "full")
+    return TrainConfig(
+        data=tuple(args.data), out=args.out, init=mode, model=args.model, config=args.config,
+        tokenizer=args.tokenizer, eval_data=tuple(args.eval_data), eval_holdout=args.eval_holdout, raw=args.raw,
+        max_seq_len=args.max_seq_len, on_too_long=args.on_too_long, steps=args.steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup,
+        weight_decay=args.weight_decay, betas=tuple(args.betas), grad_clip=args.grad_clip,
+        freeze_router=args.freeze_router,
+        loss=LossConfig(ar_weight=args.ar_weight, self_cond_prob=args.self_cond_prob),
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        eval_every=args.eval_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
+        seed=args.seed, dtype=args.dtype, device=args.device, resume=args.resume, progress=not args.no_progress)
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    result = train(config_from_args(args))
+    if result.eval_metrics is not None and args.no_progress is False:
+        print(f"eval loss {result.eval_metrics['loss']:.4f}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..config import ConfigError
+    from ..model.checkpoint import CheckpointError
+
+    parser = argparse.ArgumentParser(prog="dgemma")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"dgemma train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""`dgemma train`: ONE readable training loop (nanoGPT's shape) for the diffusion objective of spec §7.
+
+    TrainConfig -> model (scratch | full | lora) + tokenizer -> examples -> for each step:
+        micro-batches -> loss.backward (DDP all-reduces) -> clip -> AdamW -> log / eval / checkpoint
+    -> the final model in the released checkpoint's layout
+
+Output directory (`out`):
+    log.jsonl               one JSON object per step ({"kind": "train", ...}) and per evaluation ("eval")
+    loss.png                the loss curve (plot.py)
+    checkpoints/step-N/     resumable: HF model files (lora: adapter files) + trainer_state.pt
+    model/                  final model (LoRA merged) + tokenizer files + generation_config.json; `dgemma.load` and
+                            transformers 5.23 both read it
+
+Reproducibility. The data order (data.Order), the noise of every example (seeded by its slot in the stream of
+examples, data.mix) and the learning rate (`learning_rate`) are pure functions of (seed, step). A checkpoint
+therefore only needs the weights, the optimizer moments and the step; a run interrupted at step k and resumed
+gives bit-identical weights at step n. For the same reason the noise does not depend on how a global batch is
+split into micro-batches or across data-parallel ranks (torchrun --nproc_per_node N).
+
+`batch_size` is the GLOBAL batch: examples per optimizer step over all ranks and micro-steps. Each loss is
+normalised by the global step's target counts, so ranks x micro-steps x micro-batch only change the arithmetic
+order, not the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import ModelConfig
+from ..model import DiffusionGemma, load_module
+from ..model.saving import init_weights, save_checkpoint
+from ..text import Tokenizer
+from .data import Order, ar_targets, collate, load_examples, mix, split_heldout
+from .loss import METRICS, LossConfig, diffusion_loss, summarize
+from .plot import Log, progress_bar
+
+MODES = ("scratch", "full", "lora")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+EVAL_SALT = 0x5EED_E7A1  # eval noise seeds differ from every training seed, and stay fixed across evaluations
+# what a resumed run must share with the original for the resume to be exact (the rest may change, e.g. steps)
+SAME_ON_RESUME = ("init", "model", "config", "data", "eval_holdout", "batch_size", "grad_accum", "lr", "min_lr_ratio",
+                  "warmup_steps", "weight_decay", "betas", "seed", "loss", "lora_rank", "lora_alpha", "lora_targets")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: tuple[str, ...]  # JSONL file(s), see data.py
+    out: str  # output directory
+    init: str = "scratch"  # scratch (random init from `config`) | full (fine-tune `model`) | lora (adapters on it)
+    model: str | None = None  # model directory for full / lora
+    config: str | None = None  # config.json (or a directory holding one) for scratch
+    tokenizer: str | None = None  # tokenizer directory; default: `model` (required for scratch)
+    eval_data: tuple[str, ...] = ()
+    eval_holdout: int = 0  # examples of `data` held out for evaluation (seeded)
+    raw: bool = False  # prompt/completion records without a "raw" key are plain text
+    max_seq_len: int | None = None  # prompt + padded response; default the model's max_position_embeddings
+    on_too_long: str = "truncate"  # truncate | drop | error
+    steps: int = 1000
+    batch_size: int = 8  # global examples per optimizer step
+    grad_accum: int = 1
+    lr: float = 1.5e-4  # NeMo's SFT recipe (spec §7); from scratch, tiny models like ~1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 1e-4  # matrices only, not norms/scales
+    betas: tuple[float, float] = (0.95, 0.99)
+    grad_clip: float = 1.0
+    freeze_router: bool | None = None  # None: frozen for full/lora fine-tunes (as NeMo), trained from scratch
+    loss: LossConfig = field(default_factory=LossConfig)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("attention", "mlp")
+    eval_every: int = 0  # steps between evaluations (0: only at the end)
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+    seed: int = 0
+    dtype: str = "float32"  # bfloat16 = autocast with fp32 master weights
+    device: str | None = None  # default cuda when available
+    resume: bool = False  # continue from the latest checkpoint in `out` (start fresh if there is none)
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("data", "eval_data", "lora_targets", "betas"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        if self.init not in MODES:
+            raise ValueError(f"init must be one of {MODES}, got {self.init!r}")
+        if self.init == "scratch" and (self.config is None or self.tokenizer is None):
+            raise ValueError("training from scratch needs config (a config.json) and tokenizer (a directory with "
+                             "tokenizer.json)")
+        if self.init != "scratch" and self.model is None:
+            raise ValueError(f"init={self.init!r} fine-tunes a model: pass model (a model directory)")
+        if not self.data:
+            raise ValueError("no training data: pass at least one JSONL file")
+        for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "lora_rank"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("eval_every", "save_every", "warmup_steps", "eval_holdout"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0 or not self.grad_clip > 0:
+            raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1, weight_decay >= 0, grad_clip > 0; got "
+                             f"lr={self.lr}, min_lr_ratio={self.min_lr_ratio}, weight_decay={self.weight_decay}, "
+                             f"grad_clip={self.grad_clip}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def router_frozen(self) -> bool:
+        return self.init != "scratch" if self.freeze_router is None else self.freeze_router
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in raw.items() if k in known}, "loss": LossConfig(**raw.get("loss", {}))})
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    model_dir: Path  # the final model (HF layout)
+    step: int
+    metrics: dict  # last step's train metrics
+    eval_metrics: dict | None
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay from lr to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+class Objective(nn.Module):
+    """The loss as a module's forward, so DistributedDataParallel can hook it; the model stays a plain stack."""
+
+    def __init__(self, model: DiffusionGemma, cfg: LossConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, batch):
+        return diffusion_loss(self.model, batch, None, self.cfg)
+
+
+# --- setup ---------------------------------------------------------------------------------------------------
+def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when launched by torchrun with WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _lora():
+    try:
+        from . import lora
+    except ImportError as e:
+        raise RuntimeError(f"init='lora' needs dgemma/train/lora.py (apply_lora, merge_lora), which failed to import "
+                           f"({e}); use init='full' meanwhile") from e
+    return lora
+
+
+def _build_model(cfg: TrainConfig, device, checkpoint: Path | None):
+    """The model to train (fp32 master weights, train mode, trainable flags set), resuming from `checkpoint`."""
+    if cfg.init == "scratch" and checkpoint is None:
+        model = DiffusionGemma(ModelConfig.from_file(cfg.config))
+        init_weights(model, torch.Generator().manual_seed(cfg.seed))
+        model = model.to(device)
+    else:
+        source = checkpoint if checkpoint is not None and cfg.init != "lora" else cfg.model
+        model = load_module(source, dtype=torch.float32, device=device, quiet=True)
+    model.train().requires_grad_(True)
+    if cfg.init == "lora":
+        lora = _lora()
+        lora.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+        if checkpoint is not None:
+            from safetensors.torch import load_file
+            lora.load_lora_state_dict(model, load_file(checkpoint / lora.ADAPTER_FILE))
+    if cfg.router_frozen:
+        for layer in model.layers:
+            layer.router.requires_grad_(False)
+    return model
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def _generation_config(cfg: TrainConfig, model_config: ModelConfig, tokenizer: Tokenizer) -> dict:
+    source = Path(cfg.model) / "generation_config.json" if cfg.model else None
+    if source is not None and source.is_file():
+        return json.loads(source.read_text())
+    stops = list(dict.fromkeys(tokenizer.stop_ids)) or list(model_config.eos_token_id)
+    return {"max_new_tokens": model_config.canvas_length, "max_denoising_steps": 48, "eos_token_id": stops,
+            "pad_token_id": model_config.pad_token_id, "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1,
+            "confidence_threshold": 0.005,
+            "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1}}
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+def _checkpoints(out: Path) -> list[Path]:
+    found = [p for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _export(model, directory: Path, cfg: TrainConfig, generation: dict, metadata: dict) -> None:
+    save_checkpoint(model, directory, generation_config=generation, metadata={k: str(v) for k, v in metadata.items()})
+    for name in TOKENIZER_FILES:
+        src = Path(cfg.tokenizer or cfg.model) / name
+        if src.is_file():
+            shutil.copyfile(src, directory / name)
+
+
+def _save(model, optimizer, step: int, cfg: TrainConfig, generation: dict, out: Path) -> Path:
+    """checkpoints/step-N/: model files (lora: adapter only) + trainer_state.pt, written then renamed."""
+    final = out / "checkpoints" / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.init == "lora":
+        _lora().save_adapter(model, tmp, base_model=cfg.model)
+    else:
+        _export(model, tmp, cfg, generation, {"dgemma_step": step})
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, "config": cfg.to_json()},
+               tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in _checkpoints(out)[:-cfg.keep_checkpoints]:
+        shutil.rmtree(old)
+    return final
+
+
+def _check_resume(saved: dict, cfg: TrainConfig, where: Path) -> None:
+    now = cfg.to_json()
+    changed = [k for k in SAME_ON_RESUME if json.dumps(saved.get(k)) != json.dumps(now.get(k))]
+    if changed:
+        warnings.warn(f"{where}: resuming with changed settings {changed}; the run will not equal an uninterrupted one",
+                      stacklevel=3)
+
+
+# --- the loop ------------------------------------------------------------------------------------------------
+def _reduce(sums: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(sums)
+    return sums
+
+
+@torch.no_grad()
+def evaluate(objective: nn.Module, examples, micro: int, cfg: TrainConfig, rank: int, world: int, device, pad: int,
+             canvas_length: int, autocast) -> dict:
+    """Loss over every held-out example with fixed noise (seeded by the example index), split across ranks."""
+    sums = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
+    mine = list(range(rank, len(examples), world))
+    for i in range(0, len(mine), micro):
+        idx = mine[i:i + micro]
+        batch = collate([examples[j] for j in idx], pad, canvas_length, [mix(cfg.seed, EVAL_SALT, j) for j in idx])
+        with autocast():
+            _, metrics = objective(batch.to(device))  # not the DDP wrapper: no gradient hooks in eval
+        sums += torch.stack([metrics[k] for k in METRICS])
+    return summarize(dict(zip(METRICS, _reduce(sums, world).tolist())), cfg.loss.ar_weight)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) training as configured; returns where the final model is. Under torchrun every rank calls
+    this; only rank 0 writes files."""
+    rank, world, device = _distributed(cfg)
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    checkpoint = _checkpoints(out)[-1] if cfg.resume and _checkpoints(out) else None
+    if not cfg.resume and _checkpoints(out):
+        raise ValueError(f"{out} already holds checkpoints; pass resume to continue it, or choose another out")
+    state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True) if checkpoint else None
+    if state is not None:
+        _check_resume(state["config"], cfg, checkpoint)
+
+    tokenizer = Tokenizer.from_dir(cfg.tokenizer or cfg.model)
+    model = _build_model(cfg, device, checkpoint)
+    mc: ModelConfig = model.config
+    if tokenizer.vocab_size > mc.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {mc.vocab_size}; "
+                         "use a bigger vocab_size in the config or a smaller tokenizer")
+    L, max_len = mc.canvas_length, cfg.max_seq_len or mc.max_position_embeddings
+    load = dict(canvas_length=L, max_len=max_len, raw=cfg.raw, on_too_long=cfg.on_too_long)
+    examples = load_examples(cfg.data, tokenizer, **load)
+    examples, heldout = split_heldout(examples, cfg.eval_holdout, cfg.seed)
+    if cfg.eval_data:
+        heldout = heldout + load_examples(cfg.eval_data, tokenizer, **load)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must split evenly over {world} rank(s) x grad_accum "
+                         f"{cfg.grad_accum}")
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    pad = mc.pad_token_id
+
+    optimizer = _optimizer(model, cfg)
+    start = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        start = state["step"]
+    objective = Objective(model, cfg.loss)
+    runner = objective
+    if world > 1:
+        runner = nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False,
+                                                     device_ids=[device] if device.type == "cuda" else None)
+    generation = _generation_config(cfg, mc, tokenizer)
+    lead = rank == 0
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    log = Log(out, start, lead)
+    dtype = DTYPES[cfg.dtype]
+
+    def autocast():
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    order, G = Order(len(examples), cfg.seed), cfg.batch_size
+    params = [p for p in model.parameters() if p.requires_grad]
+    progress = progress_bar(lead and cfg.progress, cfg.steps, start)
+    metrics, eval_metrics = {}, None
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            slots = [step * G + j for j in range(G)]  # positions in the example stream = noise seeds
+            chosen = [examples[order[s]] for s in slots]
+            ar_total = float(sum(ar_targets(e) for e in chosen))
+            sums = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
+            for m in range(cfg.grad_accum):
+                first = (m * world + rank) * micro
+                mine = range(first, first + micro)
+                batch = collate([chosen[j] for j in mine], pad, L, [mix(cfg.seed, slots[j]) for j in mine],
+                                diffusion_denominator=float(G * L), ar_denominator=ar_total).to(device)
+                sync = world == 1 or m == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if sync else runner.no_sync()), autocast():
+                    loss, batch_metrics = runner(batch)
+                # DDP averages gradients over ranks; the loss is already a share of the global mean, so undo that
+                (loss * world).backward()
+                sums += torch.stack([batch_metrics[k] for k in METRICS])
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            metrics = summarize(dict(zip(METRICS, _reduce(sums, world).tolist())), cfg.loss.ar_weight)
+            seconds = time.perf_counter() - t0
+            log.write({"kind": "train", "step": step + 1, **metrics, "lr": lr, "grad_norm": float(grad_norm),
+                       "tokens_per_s": metrics["tokens"] / seconds, "seconds": seconds})
+            if progress is not None:
+                progress.update(progress.task_ids[0], completed=step + 1, loss=metrics["loss"],
+                                tps=metrics["tokens"] / seconds)
+            done = step + 1 == cfg.steps
+            if heldout and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                model.eval()
+                eval_metrics = evaluate(objective, heldout, micro, cfg, rank, world, device, pad, L, autocast)
+                model.train()
+                log.write({"kind": "eval", "step": step + 1, **eval_metrics})
+            if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                if lead:
+                    _save(model, optimizer, step + 1, cfg, generation, out)
+                    log.plot()
+                if world > 1:
+                    dist.barrier()
+    finally:
+        if progress is not None:
+            progress.stop()
+    final = out / "model"
+    if lead:
+        if cfg.init == "lora":
+            lora = _lora()
+            lora.save_adapter(model, out / "adapter", base_model=cfg.model)
+            lora.merge_lora(model)
+        shutil.rmtree(final, ignore_errors=True)
+        _export(model, final, cfg, generation, {"dgemma_step": cfg.steps, "dgemma_init": cfg.init})
+        log.plot()
+        if cfg.progress:
+            print(f"dgemma train: model written to {final}", file=sys.stderr)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return TrainResult(out, final, cfg.steps, metrics, eval_metrics)
