@@ -101,3 +101,26 @@ def build_stdlib_corpus(out_dir: str | Path, *, seed: int = 0, max_chars: int = 
                 (heldout if held else train).write(json.dumps(ex) + "\n")
                 counts["heldout" if held else "train"] += 1
     return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m dgemma.train.corpus OUT_DIR [--vocab-size N]: corpus files plus a tokenizer in OUT_DIR/tokenizer."""
+    import argparse
+
+    from ..text import save_tokenizer_files, train_tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m dgemma.train.corpus", description=main.__doc__)
+    parser.add_argument("out")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    args = parser.parse_args(argv)
+    counts = build_stdlib_corpus(args.out)
+    text = (Path(args.out) / "tokenizer_text.txt").read_text()
+    chunks = [text[i:i + 100_000] for i in range(0, len(text), 100_000)]
+    tokenizer = train_tokenizer(chunks, vocab_size=args.vocab_size)
+    save_tokenizer_files(tokenizer, Path(args.out) / "tokenizer")
+    print(json.dumps({**counts, "vocab_size": tokenizer.get_vocab_size()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
