@@ -142,3 +142,22 @@ def test_cli_inspect_26b(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["total_parameters"] == 25_250_986_782
     assert round(out["active_parameters_per_token"] / 1e9, 2) == 3.84
+
+
+def test_cli_chat_two_turns_reuses_the_cache(model_dir, capsys, monkeypatch):
+    import io
+    monkeypatch.setattr("sys.stdin", io.StringIO("first question\nsecond question\n/quit\n"))
+    assert main(["chat", "--model", str(model_dir), "--max-tokens", "70", "--seed", "0", "--stats"]) == 0
+    err = capsys.readouterr().err
+    reused = [int(line.split("reused ")[1].split()[0]) for line in err.splitlines() if "reused" in line]
+    assert len(reused) == 2 and reused[0] == 0 and reused[1] > 0, err
+
+
+def test_cli_generate_reads_stdin(model_dir, capsys, monkeypatch):
+    import io
+    monkeypatch.setattr("sys.stdin", io.StringIO("a prompt from stdin"))
+    assert main(["generate", "--model", str(model_dir), "--json", "--max-tokens", "3", "--seed", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["usage"]["completion_tokens"] <= 3
+    monkeypatch.setattr("sys.stdin", io.StringIO("   "))
+    assert main(["generate", "--model", str(model_dir)]) == 2
+    assert "empty prompt" in capsys.readouterr().err
