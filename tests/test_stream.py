@@ -161,3 +161,8 @@ def test_cli_generate_reads_stdin(model_dir, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("   "))
     assert main(["generate", "--model", str(model_dir)]) == 2
     assert "empty prompt" in capsys.readouterr().err
+
+
+def test_the_callers_code_between_events_does_not_run_in_inference_mode(engine):
+    modes = [torch.is_inference_mode_enabled() for _ in engine.stream("Hi", seed=0, max_tokens=5)]
+    assert modes and not any(modes)

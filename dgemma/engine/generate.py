@@ -67,14 +67,20 @@ def canvas_loop(module, input_ids: torch.Tensor, gen: GenerationConfig, cfg: Ste
     valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.to(torch.bool)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     to_encode = input_ids
+    # inference mode is entered per computation, never across a `yield`: the caller's code between events
+    # must not run inside it
     for canvas_index in range(math.ceil(gen.max_new_tokens / L)):
-        module.encode(to_encode, cache, valid=valid)
-        state = init_state(init_canvas(B, L, V, generator, device), cfg)
+        with torch.inference_mode():
+            module.encode(to_encode, cache, valid=valid)
+            state = init_state(init_canvas(B, L, V, generator, device), cfg)
         while not bool(state.done.all()):  # one host sync per step, outside the model
-            soft = None if state.sc_logits is None else module.soft_embedding(state.sc_logits)
-            state = step(module.denoise(state.tokens, cache, soft=soft), state, cfg, generator)
+            with torch.inference_mode():
+                soft = None if state.sc_logits is None else module.soft_embedding(state.sc_logits)
+                state = step(module.denoise(state.tokens, cache, soft=soft), state, cfg, generator)
             yield Step(canvas_index, state)
-        tokens, finished = truncate_at_stop_ids(state.argmax, gen.eos_token_id or (), gen.pad_token_id, finished)
+        with torch.inference_mode():
+            tokens, finished = truncate_at_stop_ids(state.argmax, gen.eos_token_id or (), gen.pad_token_id,
+                                                    finished)
         yield Commit(canvas_index, tokens, finished, state.num_steps_taken)
         if bool(finished.all()):
             break

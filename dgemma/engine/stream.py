@@ -105,41 +105,40 @@ def stream_ids(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = No
                 else:
                     pieces.append(Text(text, delta.kind))
 
-    with torch.inference_mode():
-        for event in canvas_loop(engine.module, suffix, gen, step_config(gen, accept), generator=generator,
-                                 cache=cache):
-            if not isinstance(event, Commit):
-                step_index += 1
-                if drafts:
-                    ids = event.state.argmax[0].tolist()
-                    yield Draft(event.canvas_index, step_index, tok.decode(ids, skip_special=False), ids,
-                                event.state.confidence[0].tolist())
-                continue
-            step_index = 0
-            steps.append(int(event.num_steps[0]))
-            for token in event.tokens[0].tolist():
-                if len(completion) >= limit:
-                    break
-                completion.append(token)
-                route(splitter.feed(decoder.push([token])))
-                if stopper.stopped or token in stop_ids:
-                    reason = "stop"
-                    break
-            if reason is None and len(completion) >= limit:
-                reason = "length"
-            if reason is not None and not stopper.stopped:  # release what the decoders held back
-                route(splitter.feed(decoder.flush()))
-                route(splitter.finish())
-                held = stopper.flush()  # a partial stop string that never completed is ordinary text
-                if held:
-                    pieces.append(Text(held, "answer"))
-            for piece in pieces:
-                if first_text is None:
-                    first_text = time.perf_counter() - started
-                yield piece
-            pieces.clear()
-            if reason is not None:
+    for event in canvas_loop(engine.module, suffix, gen, step_config(gen, accept), generator=generator,
+                             cache=cache):
+        if not isinstance(event, Commit):
+            step_index += 1
+            if drafts:
+                ids = event.state.argmax[0].tolist()
+                yield Draft(event.canvas_index, step_index, tok.decode(ids, skip_special=False), ids,
+                            event.state.confidence[0].tolist())
+            continue
+        step_index = 0
+        steps.append(int(event.num_steps[0]))
+        for token in event.tokens[0].tolist():
+            if len(completion) >= limit:
                 break
+            completion.append(token)
+            route(splitter.feed(decoder.push([token])))
+            if stopper.stopped or token in stop_ids:
+                reason = "stop"
+                break
+        if reason is None and len(completion) >= limit:
+            reason = "length"
+        if reason is not None and not stopper.stopped:  # release what the decoders held back
+            route(splitter.feed(decoder.flush()))
+            route(splitter.finish())
+            held = stopper.flush()  # a partial stop string that never completed is ordinary text
+            if held:
+                pieces.append(Text(held, "answer"))
+        for piece in pieces:
+            if first_text is None:
+                first_text = time.perf_counter() - started
+            yield piece
+        pieces.clear()
+        if reason is not None:
+            break
     output = splitter.result()
     if reason == "stop" and output.tool_calls and completion and completion[-1] == tok.special.tool_response_start:
         reason = "tool_calls"
