@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .format import ANSWER_TOKENS, answer_cells, check_tokenizer, prompt_ids, puzzle_from_prompt
+from ..train.data import read_jsonl
 from .puzzles import Grid, SudokuError, band_of, is_valid_solution, num_givens, parse_grid, solve_unique
 
 BASELINES = ("ar",)
@@ -31,33 +32,23 @@ def read_puzzles(path: str | Path) -> list[tuple[Grid, Grid]]:
         raise FileNotFoundError(f"puzzle file {path} does not exist; make one with "
                                 "`dgemma sudoku generate --count 200 --seed 1 --out FILE.jsonl`")
     pairs = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SudokuError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise SudokuError(f"{where}: expected a JSON object with a \"puzzle\" field")
-            if "puzzle" in record:
-                puzzle = parse_grid(_text(record["puzzle"], where), what=f"{where}: puzzle")
-                solution = record.get("solution")
-            elif "prompt" in record:
-                puzzle = puzzle_from_prompt(_text(record["prompt"], where))
-                solution = record.get("completion")
-                solution = None if solution is None else _text(solution, where).split("<")[0]
-            else:
-                raise SudokuError(f"{where}: expected a \"puzzle\" field (81 chars) and optionally \"solution\"")
-            if solution is None:
-                solution = solve_unique(puzzle, what=f"{where}: puzzle")
-            else:
-                solution = parse_grid(_text(solution, where), what=f"{where}: solution")
-                if not is_valid_solution(solution, puzzle):
-                    raise SudokuError(f"{where}: the solution is not a valid completion of the puzzle")
-            pairs.append((puzzle, solution))
+    for where, record in read_jsonl(path):  # "file:line" + a JSON object, or a DataError naming the line
+        if "puzzle" in record:
+            puzzle = parse_grid(_text(record["puzzle"], where), what=f"{where}: puzzle")
+            solution = record.get("solution")
+        elif "prompt" in record:
+            puzzle = puzzle_from_prompt(_text(record["prompt"], where))
+            solution = record.get("completion")
+            solution = None if solution is None else _text(solution, where).split("<")[0]
+        else:
+            raise SudokuError(f"{where}: expected a \"puzzle\" field (81 chars) and optionally \"solution\"")
+        if solution is None:
+            solution = solve_unique(puzzle, what=f"{where}: puzzle")
+        else:
+            solution = parse_grid(_text(solution, where), what=f"{where}: solution")
+            if not is_valid_solution(solution, puzzle):
+                raise SudokuError(f"{where}: the solution is not a valid completion of the puzzle")
+        pairs.append((puzzle, solution))
     if not pairs:
         raise SudokuError(f"{path}: no puzzles in the file")
     return pairs
