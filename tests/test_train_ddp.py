@@ -50,7 +50,7 @@ def test_two_processes_match_one(tmp_path):
              "--device", "cpu", "--out", str(tmp_path / "ddp")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "dgemma.train.commands", *flags]
+           "--master_port", str(free_port()), "-m", "dgemma", "train", *flags]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp_log, ddp_weights = results(tmp_path / "ddp")

@@ -8,7 +8,6 @@ per token, and reports its forwards where the diffusion path reports steps.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence

@@ -1,6 +1,5 @@
-"""`dgemma train` flags -> TrainConfig -> train(). `add_train_parser` registers the subcommand on the main CLI;
-`python -m dgemma.train.commands ...` runs the same command directly (what torchrun launches for data parallel:
-`torchrun --nproc_per_node 2 -m dgemma.train.commands --data ... --out ...`)."""
+"""`dgemma train` flags -> TrainConfig -> train(). `add_train_parser` registers the subcommand on the main CLI.
+Data parallel is the same command under torchrun: `torchrun --nproc_per_node 2 -m dgemma train --data ... --out ...`."""
 
 from __future__ import annotations
 
@@ -97,21 +96,3 @@ def cmd_train(args) -> int:
     if result.eval_metrics is not None and args.no_progress is False:
         print(f"eval loss {result.eval_metrics['loss']:.4f}", file=sys.stderr)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ..config import ConfigError
-    from ..model.checkpoint import CheckpointError
-
-    parser = argparse.ArgumentParser(prog="dgemma")
-    add_train_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"dgemma train: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

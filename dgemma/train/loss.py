@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from ..model.decoder import denoise
 from ..model.encoder import encode
-from ..model.layers import softcap
 
 METRICS = ("diffusion_sum", "diffusion_count", "ar_sum", "ar_count", "correct", "corrupted", "tokens")
 
