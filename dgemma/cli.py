@@ -77,7 +77,8 @@ def _load_engine(args):
 def _engine_options(args, engine) -> dict:
     from . import sampling
 
-    options = {"max_tokens": args.max_tokens, "seed": args.seed, "stop": args.stop or None}
+    options = {"max_tokens": args.max_tokens, "seed": args.seed, "stop": args.stop or None,
+               "sampling": args.sampling}
     if args.steps is not None:
         options["max_denoising_steps"] = args.steps
     for name in ("entropy_bound", "t_min", "t_max"):
@@ -186,6 +187,9 @@ def _add_sampling_flags(p) -> None:
     p.add_argument("--t-max", type=float, default=None, help="first temperature of the schedule")
     p.add_argument("--accept", type=_accept_rule, default=None,
                    help="acceptance rule: entropy:B (default), confidence:T, quota:K or linear-quota")
+    p.add_argument("--sampling", choices=["fast", "reference"], default="fast",
+                   help="fast: one random number per position (default); reference: the reference's random "
+                        "stream, token for token")
     p.add_argument("--think", action="store_true", help="enable thinking mode in the chat template")
     p.add_argument("--show-thinking", action="store_true", help="print thinking text (dimmed)")
     p.add_argument("--show-drafts", action="store_true", help="show each canvas converging live")

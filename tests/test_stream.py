@@ -166,3 +166,17 @@ def test_cli_generate_reads_stdin(model_dir, capsys, monkeypatch):
 def test_the_callers_code_between_events_does_not_run_in_inference_mode(engine):
     modes = [torch.is_inference_mode_enabled() for _ in engine.stream("Hi", seed=0, max_tokens=5)]
     assert modes and not any(modes)
+
+
+def test_fast_and_reference_sampling_modes(engine):
+    """The text API defaults to the fast sampler; 'reference' reproduces Engine.generate's reference stream."""
+    ids = engine.prompt_ids("Hello there")
+    torch.manual_seed(11)
+    ref = engine.generate(torch.tensor([ids]), max_new_tokens=64, eos_token_id=[], pad_token_id=None)
+    torch.manual_seed(11)
+    streamed = run(engine, max_tokens=64, eos_token_id=[], sampling="reference", drafts=False)[-1]
+    assert streamed.completion_ids == ref[0, len(ids):].tolist()
+    fast = [run(engine, seed=s, max_tokens=64, eos_token_id=[], drafts=False)[-1].completion_ids for s in (1, 1, 2)]
+    assert fast[0] == fast[1] and fast[0] != fast[2]
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        run(engine, sampling="exact")

@@ -23,7 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GenerationConfig
-from ..sampling import DenoiseState, StepConfig, init_canvas, init_state, step, truncate_at_stop_ids
+from ..sampling import (DenoiseState, StepConfig, init_canvas, init_state, sample_inverse_cdf, sample_reference, step,
+                        truncate_at_stop_ids)
+
+# "reference": the reference's exact random stream (same seed -> same tokens); "fast": the same distributions
+# from one uniform number per position (the default of the text API, the CLI and the server)
+SAMPLERS = {"reference": sample_reference, "fast": sample_inverse_cdf}
 from .cache import KVCache
 
 
@@ -45,9 +50,12 @@ class Commit:
     num_steps: torch.Tensor  # [B] decoder steps each row used on this canvas
 
 
-def step_config(gen: GenerationConfig, accept=None, sample=None) -> StepConfig:
-    """GenerationConfig (reference knob names) -> the sampler's StepConfig; `accept`/`sample` override the rule."""
-    kwargs = {} if sample is None else {"sample": sample}
+def step_config(gen: GenerationConfig, accept=None, sampling: str = "reference") -> StepConfig:
+    """GenerationConfig (reference knob names) -> the sampler's StepConfig; `accept` overrides the rule,
+    `sampling` picks the proposal primitive ("reference" or "fast")."""
+    if sampling not in SAMPLERS:
+        raise ValueError(f"sampling must be one of {sorted(SAMPLERS)}, got {sampling!r}")
+    kwargs = {"sample": SAMPLERS[sampling]}
     cfg = StepConfig.from_generation_config(gen.max_denoising_steps, gen.t_min, gen.t_max, gen.entropy_bound,
                                             gen.stability_threshold, gen.confidence_threshold, **kwargs)
     if accept is not None:

@@ -14,7 +14,8 @@ from .acceptance import (
     quota,
     quota_accept,
 )
-from .sampler import DenoiseState, StepConfig, init_canvas, init_state, sample_reference, step, token_entropy
+from .sampler import (DenoiseState, StepConfig, init_canvas, init_state, sample_inverse_cdf, sample_reference, step,
+                      token_entropy)
 from .schedules import linear_temperature
 from .stopping import StopRule, all_of, any_of, mean_entropy_below, token_stable, truncate_at_stop_ids
 
@@ -22,5 +23,5 @@ __all__ = [
     "AcceptRule", "DenoiseState", "StepConfig", "StopRule",
     "all_of", "any_of", "confidence_threshold", "confidence_threshold_accept", "entropy_bound", "entropy_bound_accept",
     "init_canvas", "init_state", "linear_quota", "linear_temperature", "mean_entropy_below", "quota", "quota_accept",
-    "sample_reference", "step", "token_entropy", "token_stable", "truncate_at_stop_ids",
+    "sample_inverse_cdf", "sample_reference", "step", "token_entropy", "token_stable", "truncate_at_stop_ids",
 ]

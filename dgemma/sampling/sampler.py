@@ -41,6 +41,20 @@ def sample_reference(probs: Tensor, generator: torch.Generator | None = None) ->
     return torch.multinomial(probs.reshape(-1, vocab), 1, generator=generator).view(num_rows, length)
 
 
+def sample_inverse_cdf(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """probs [B,L,V] fp32 -> one categorical draw per position [B,L] int64 with ONE uniform number per position.
+
+    The same distribution as `sample_reference` (an exact sampler, not an approximation: x is the first index
+    whose cumulative probability exceeds u*total), but it draws B*L random numbers instead of the reference's
+    B*L*V exponential noise, which dominates the sampler at a 262k vocabulary. Different random stream, so not
+    bit-compatible with the reference. Cumulative sums run in fp32 over the row, as the probabilities do."""
+    num_rows, length, vocab = probs.shape
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(num_rows, length, 1, generator=generator, device=probs.device) * cdf[..., -1:]
+    # clamp: u*total can round to exactly the last cdf value; never pick past the vocabulary
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=vocab - 1)
+
+
 def token_entropy(logits: Tensor) -> Tensor:
     """logits [B,L,V] fp32 -> entropy [B,L] in nats, with torch Categorical(logits=...).entropy()'s op sequence.
 
