@@ -5,7 +5,7 @@
         canvas <- uniform random ids; sampler state <- fresh
         until every row is done (stable and confident, or N steps):
             logits <- denoise(canvas, self-conditioning, cache)   # reads the cache only
-            state  <- sampling.step(logits, state)               # yields a `Step` event
+            state  <- sampling.step_lean(logits, state)          # yields a `Step` event
         committed <- argmax, truncated after the first stop id  # yields a `Commit` event
         stop if every row has finished; else encode(committed)   # commit = causal pass, same positions
 
@@ -23,12 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GenerationConfig
-from ..sampling import (DenoiseState, StepConfig, init_canvas, init_state, sample_inverse_cdf, sample_reference, step,
-                        truncate_at_stop_ids)
+from ..sampling import (DenoiseState, StepConfig, init_canvas, init_state, sample_inverse_cdf, sample_reference,
+                        step_lean, truncate_at_stop_ids)
 
 # "reference": the reference's exact random stream (same seed -> same tokens); "fast": the same distributions
 # from one uniform number per position (the default of the text API, the CLI and the server)
 SAMPLERS = {"reference": sample_reference, "fast": sample_inverse_cdf}
+SC_CHUNK = 64  # positions per self-conditioning chunk: smaller re-reads E too often on CPU (measured)
 from .cache import KVCache
 
 
@@ -83,8 +84,9 @@ def canvas_loop(module, input_ids: torch.Tensor, gen: GenerationConfig, cfg: Ste
             state = init_state(init_canvas(B, L, V, generator, device), cfg)
         while not bool(state.done.all()):  # one host sync per step, outside the model
             with torch.inference_mode():
-                soft = None if state.sc_logits is None else module.soft_embedding(state.sc_logits)
-                state = step(module.denoise(state.tokens, cache, soft=soft), state, cfg, generator)
+                # both pieces work position-chunk by position-chunk: no extra full [B,L,V] fp32 buffer
+                soft = None if state.sc_logits is None else module.soft_embedding(state.sc_logits, chunk=SC_CHUNK)
+                state = step_lean(module.denoise(state.tokens, cache, soft=soft), state, cfg, generator)
             yield Step(canvas_index, state)
         with torch.inference_mode():
             tokens, finished = truncate_at_stop_ids(state.argmax, gen.eos_token_id or (), gen.pad_token_id,

@@ -120,5 +120,5 @@ class DiffusionGemma(nn.Module):
     def denoise(self, tokens, cache, soft=None):
         return denoise(self, tokens, cache, soft=soft)
 
-    def soft_embedding(self, sc_logits, sc_mask=None):
-        return soft_embedding(self, sc_logits, sc_mask)
+    def soft_embedding(self, sc_logits, sc_mask=None, chunk=None):
+        return soft_embedding(self, sc_logits, sc_mask, chunk)

@@ -1,7 +1,8 @@
 """Sampling: tensors + an explicit torch.Generator in, tensors out. Imports nothing from dgemma.model or dgemma.engine.
 
-One denoising step (`step`) and the pure rules it composes (spec §6): temperature schedule, acceptance, stop rules,
-end-of-sequence truncation. The canvas loop itself (how many steps, when to commit) belongs to the engine.
+One denoising step (`step`; `step_lean`: the same bits with one [chunk,V] buffer in fast mode) and the pure rules it
+composes (spec §6): temperature schedule, acceptance, stop rules, end-of-sequence truncation. The canvas loop itself
+(how many steps, when to commit) belongs to the engine.
 """
 
 from .acceptance import (
@@ -14,6 +15,7 @@ from .acceptance import (
     quota,
     quota_accept,
 )
+from .lean import default_chunk, step_lean
 from .sampler import (DenoiseState, StepConfig, init_canvas, init_state, sample_inverse_cdf, sample_reference, step,
                       token_entropy)
 from .schedules import linear_temperature
@@ -21,7 +23,8 @@ from .stopping import StopRule, all_of, any_of, mean_entropy_below, token_stable
 
 __all__ = [
     "AcceptRule", "DenoiseState", "StepConfig", "StopRule",
-    "all_of", "any_of", "confidence_threshold", "confidence_threshold_accept", "entropy_bound", "entropy_bound_accept",
-    "init_canvas", "init_state", "linear_quota", "linear_temperature", "mean_entropy_below", "quota", "quota_accept",
-    "sample_inverse_cdf", "sample_reference", "step", "token_entropy", "token_stable", "truncate_at_stop_ids",
+    "all_of", "any_of", "confidence_threshold", "confidence_threshold_accept", "default_chunk", "entropy_bound",
+    "entropy_bound_accept", "init_canvas", "init_state", "linear_quota", "linear_temperature", "mean_entropy_below",
+    "quota", "quota_accept", "sample_inverse_cdf", "sample_reference", "step", "step_lean", "token_entropy",
+    "token_stable", "truncate_at_stop_ids",
 ]

@@ -133,33 +133,57 @@ def init_state(tokens: Tensor, cfg: StepConfig, sc_logits: Tensor | None = None)
                         confidence=zeros, accepted=torch.zeros(num_rows, length, dtype=torch.bool, device=dev))
 
 
-def step(logits: Tensor, state: DenoiseState, cfg: StepConfig,
-         generator: torch.Generator | None = None) -> DenoiseState:
-    """logits [B,L,V] fp32 from the decoder on state.tokens -> the next DenoiseState. generator None = global RNG."""
-    num_rows, length, vocab = logits.shape
+def _check_logits(logits: Tensor, state: DenoiseState) -> None:
+    num_rows, length, _ = logits.shape
     if logits.dtype != torch.float32 or state.tokens.shape != (num_rows, length):
         raise ValueError(f"logits must be fp32 [B,L,V] matching tokens {tuple(state.tokens.shape)}, "
                          f"got {logits.dtype} {tuple(logits.shape)}")
-    frozen = state.done
-    # Countdown n = N - steps taken (N on a row's first step). Clamped at 1 so a frozen, exhausted row never divides by
-    # T = t_min = 0: it still goes through multinomial (RNG parity) and NaN probabilities would make that raise.
+
+
+def _temperature(state: DenoiseState, cfg: StepConfig) -> Tensor:
+    """T(n) [B] fp32 for each row's countdown n = N - steps taken (N on a row's first step).
+
+    n is clamped at 1 so a frozen, exhausted row never divides by T = t_min = 0: it still goes through the proposal
+    draw (RNG parity) and NaN probabilities would make multinomial raise."""
     n_remaining = (cfg.num_steps - state.num_steps_taken).clamp(min=1)
-    processed = logits / linear_temperature(n_remaining, cfg.num_steps, cfg.t_min, cfg.t_max)[:, None, None]
+    return linear_temperature(n_remaining, cfg.num_steps, cfg.t_min, cfg.t_max)
+
+
+def step(logits: Tensor, state: DenoiseState, cfg: StepConfig,
+         generator: torch.Generator | None = None) -> DenoiseState:
+    """logits [B,L,V] fp32 from the decoder on state.tokens -> the next DenoiseState. generator None = global RNG.
+
+    The slow reference: it holds several fp32 [B,L,V] temporaries at once. `lean.step_lean` computes the same state
+    in chunks of positions (fast sampling mode) with one [chunk,V] buffer."""
+    _check_logits(logits, state)
+    frozen = state.done
+    processed = logits / _temperature(state, cfg)[:, None, None]
     probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
     proposal = cfg.sample(probs, generator)  # RNG draw 1 (all rows)
     argmax = processed.argmax(dim=-1)
     entropy = token_entropy(processed)
     confidence = probs.amax(dim=-1)
+    # With no previous signal (first step) there is nothing to keep, so even a row that starts done takes ℓ̃.
+    sc_logits = processed if state.sc_logits is None else \
+        torch.where(frozen[:, None, None], state.sc_logits, processed)
+    return _advance(state, cfg, generator, logits.shape[-1], proposal, argmax, entropy, confidence, sc_logits)
+
+
+def _advance(state: DenoiseState, cfg: StepConfig, generator: torch.Generator | None, vocab: int, proposal: Tensor,
+             argmax: Tensor, entropy: Tensor, confidence: Tensor, sc_logits: Tensor) -> DenoiseState:
+    """The vocabulary-free rest of a step, shared by `step` and `lean.step_lean`: per-position scores [B,L] of ℓ̃
+    (proposal, argmax, entropy, confidence; frozen rows' values are discarded here) and the already-merged
+    sc_logits -> acceptance, renoise (RNG draw 2), freezing, stop rule, history."""
+    num_rows, length = state.tokens.shape
+    frozen = state.done
     accepted = cfg.accept(entropy, confidence, state.num_steps_taken + 1)
-    noise = torch.randint(0, vocab, (num_rows, length), generator=generator, device=logits.device)  # RNG draw 2
+    noise = torch.randint(0, vocab, (num_rows, length), generator=generator, device=state.tokens.device)  # draw 2
     tokens = torch.where(accepted, proposal, noise)  # the previous canvas is NOT carried over (§6.3)
 
     keep = frozen[:, None]
     tokens, argmax = torch.where(keep, state.tokens, tokens), torch.where(keep, state.argmax, argmax)
     entropy, confidence = torch.where(keep, state.entropy, entropy), torch.where(keep, state.confidence, confidence)
     accepted = torch.where(keep, state.accepted, accepted)
-    # With no previous signal (first step) there is nothing to keep, so even a row that starts done takes ℓ̃.
-    sc_logits = processed if state.sc_logits is None else torch.where(keep[..., None], state.sc_logits, processed)
 
     stopped = state.stopped
     if cfg.stop is not None:  # HF evaluates the rule on every row (frozen ones see their frozen argmax) and ORs it in

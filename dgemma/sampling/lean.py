@@ -1,0 +1,129 @@
+"""Memory-lean denoising step: the same math as `sampler.step`, over the vocabulary in chunks of canvas positions.
+
+`step` holds several fp32 [B,L,V] tensors at once (ℓ̃, its softmax, the CDF, the entropy's log-probs, softmax and
+product, the self-conditioning merge): about 256 MiB each per canvas row at V = 262,144, L = 256. `step_lean`
+produces the SAME DenoiseState, bit for bit, in fast sampling mode (cfg.sample is `sample_inverse_cdf`) with
+
+    peak extra memory ~ one fp32 [chunk, V] work buffer + one [chunk, block] scratch + O(B*L) per-position outputs
+
+besides the input logits, which it overwrites with ℓ̃ = ℓ / T and returns as `sc_logits` (no second [B,L,V] copy).
+
+How the bits stay equal. Every vocabulary-sized quantity in `step` is a per-position (per-row of the flattened
+[B*L, V]) function computed by the same kernels here, on row slices instead of the whole tensor:
+  * elementwise ops (÷T, x - max, x - logsumexp, clamp, ×) are exactly rounded or vectorised per element, so the
+    result does not depend on which rows share a call; the in-place forms compute the same values as out-of-place;
+  * reductions over the last dim (max, argmax, softmax, sum, cumsum, logsumexp) reduce each row on its own; the one
+    exception is a reduction whose output is a SINGLE element, which PyTorch CPU splits across threads (measured:
+    a one-row sum or entropy at V >= 32768 differs in the last bits from the same row inside a batch), so no
+    chunk ever holds exactly one position unless the whole canvas is one position (then `step` does the same);
+  * the fast sampler's uniform numbers are drawn for all B*L positions up front with the exact call
+    `sample_inverse_cdf` makes (torch.rand(B, L, 1)); nothing else draws before it, and the renoise randint
+    comes after, as in `step`. So chunking never changes the random stream.
+The reference-RNG primitive (`sample_reference`: one torch.multinomial over all [B*L, V] probabilities) cannot be
+split without changing its stream, so for any cfg.sample other than `sample_inverse_cdf` this falls back to `step`.
+
+Why overwriting the logits in place is safe: ℓ is only ever used as ℓ / T (§6.2) and the engine's canvas loop
+passes the decoder's fresh output straight into the step and never reads it again. A caller that needs the raw
+logits afterwards passes inplace=False (one [B,L,V] copy) or a clone. The returned sc_logits IS that buffer, which
+the next step does not touch (it writes into the next step's own logits), so states yielded earlier stay valid.
+(Logits made under torch.inference_mode can only be overwritten inside it, where the canvas loop runs its steps.)
+
+Verified on CPU (torch 2.13, MKL, AVX-512, 1 and 2 threads) by tests/test_sampler_lean.py, which also guards the
+replicated logsumexp sequence against a torch upgrade; not yet verified on CUDA.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor
+
+from .sampler import DenoiseState, StepConfig, _advance, _check_logits, _temperature, sample_inverse_cdf, step
+
+CHUNK_BYTES = 16 << 20  # default work buffer: 16 MiB = 16 positions at V = 262,144, 128 at V = 32,768
+BLOCK_BYTES = 2 << 20  # scratch for the entropy's clamped log-probs, a column block of the chunk
+
+
+def default_chunk(vocab: int) -> int:
+    """Positions per chunk so that one fp32 [chunk, V] buffer is about CHUNK_BYTES (at least 2)."""
+    return max(2, CHUNK_BYTES // (4 * vocab))
+
+
+def _chunks(num_positions: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of `chunk` positions; a 1-position remainder joins the previous chunk (see module doc)."""
+    bounds = list(range(0, num_positions, chunk)) + [num_positions]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return list(itertools.pairwise(bounds))
+
+
+@torch.no_grad()
+def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: torch.Generator | None = None,
+              chunk: int | None = None, inplace: bool = True) -> DenoiseState:
+    """`step` with the vocabulary work done `chunk` positions at a time; the same DenoiseState bit for bit.
+
+    logits [B,L,V] fp32, OVERWRITTEN with ℓ̃ (inplace=True, the default) and returned as the new state's sc_logits
+    (a non-contiguous input is copied first). chunk: positions of the flattened B*L canvas per chunk, None =
+    `default_chunk(V)`; 1 is taken as 2. Only fast mode (cfg.sample is `sample_inverse_cdf`) is chunked; any other
+    sampler (the reference-RNG `sample_reference`) runs `step` unchanged, as its single multinomial draw over all
+    positions cannot be split without changing the random stream (logits are then left untouched)."""
+    if cfg.sample is not sample_inverse_cdf:
+        return step(logits, state, cfg, generator)
+    _check_logits(logits, state)
+    num_rows, length, vocab = logits.shape
+    if chunk is None:
+        chunk = default_chunk(vocab)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    chunk = max(chunk, 2)  # a 1-position chunk would be a single-output reduction (see the module docstring)
+    if not inplace or not logits.is_contiguous():
+        logits = logits.contiguous() if inplace else logits.clone(memory_format=torch.contiguous_format)
+    n_pos, dev = num_rows * length, logits.device
+    x_all = logits.view(n_pos, vocab)  # becomes ℓ̃, chunk by chunk
+    old_sc = None if state.sc_logits is None else state.sc_logits.reshape(n_pos, vocab)  # a view when contiguous
+    # per position: temperature, frozen flag, uniform number (drawn exactly as sample_inverse_cdf draws it: RNG 1)
+    temp = _temperature(state, cfg).repeat_interleave(length)[:, None]
+    frozen = state.done.repeat_interleave(length)[:, None]
+    u = torch.rand(num_rows, length, 1, generator=generator, device=dev).view(n_pos, 1)
+
+    proposal = torch.empty(n_pos, dtype=torch.long, device=dev)
+    argmax = torch.empty(n_pos, dtype=torch.long, device=dev)
+    entropy = torch.empty(n_pos, dtype=torch.float32, device=dev)
+    confidence = torch.empty(n_pos, dtype=torch.float32, device=dev)
+    ranges = _chunks(n_pos, chunk)
+    rows = max(end - start for start, end in ranges)
+    work_all = torch.empty(rows, vocab, dtype=torch.float32, device=dev)  # the one [chunk, V] buffer
+    block = max(1, min(vocab, BLOCK_BYTES // (4 * rows)))
+    scratch_all = torch.empty(rows, block, dtype=torch.float32, device=dev)
+    fmin = torch.finfo(torch.float32).min
+    for start, end in ranges:
+        n = end - start
+        x, work, scratch = x_all[start:end], work_all[:n], scratch_all[:n]
+        x.div_(temp[start:end])  # ℓ̃ = ℓ / T in place: the same IEEE division as `logits / T`
+        torch.argmax(x, dim=-1, out=argmax[start:end])
+        # fast sampler (sample_inverse_cdf): p = softmax(ℓ̃) -> confidence = max p; cdf = cumsum p (in place);
+        # id = first index with cdf > u * total
+        torch.ops.aten._softmax.out(x, -1, False, out=work)
+        torch.amax(work, dim=-1, out=confidence[start:end])
+        work.cumsum_(dim=-1)
+        ids = torch.searchsorted(work, u[start:end] * work[:, -1:], right=True)
+        proposal[start:end] = ids.squeeze(-1).clamp_(max=vocab - 1)
+        # token_entropy(ℓ̃), op for op: lse = logsumexp(ℓ̃) (ATen's own sequence: amax, inf -> 0, sub, exp, sum, log,
+        # add), log_p = ℓ̃ - lse, p = softmax(log_p), H = -sum(clamp(log_p) * p). log_p is recomputed per column
+        # block into the scratch instead of being kept whole.
+        maxes = torch.amax(x, dim=-1, keepdim=True)
+        maxes.masked_fill_(maxes.abs() == float("inf"), 0)
+        lse = torch.sub(x, maxes, out=work).exp_().sum(dim=-1, keepdim=True).log_().add_(maxes)
+        torch.sub(x, lse, out=work)
+        torch.ops.aten._softmax.out(work, -1, False, out=work)  # in place: a row's max is read before any write
+        for c0 in range(0, vocab, block):
+            c1 = min(c0 + block, vocab)
+            log_p = torch.sub(x[:, c0:c1], lse, out=scratch[:, : c1 - c0]).clamp_(min=fmin)
+            work[:, c0:c1].mul_(log_p)  # p * log_p == log_p * p (IEEE multiplication commutes)
+        torch.sum(work, dim=-1, out=entropy[start:end]).neg_()
+        if old_sc is not None:  # frozen rows keep their previous ℓ̃ (step's torch.where, written into the buffer)
+            torch.where(frozen[start:end], old_sc[start:end], x, out=x)
+    view = (num_rows, length)
+    return _advance(state, cfg, generator, vocab, proposal.view(view), argmax.view(view), entropy.view(view),
+                    confidence.view(view), logits)

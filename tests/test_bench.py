@@ -1,0 +1,69 @@
+"""Smoke tests of bench/vs_reference.py on the tiny config: it runs end to end, ends with one JSON line with the
+documented keys, and its analytic FLOP count equals what torch's FlopCounterMode sees in our decoder step."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_CONFIG
+
+pytest.importorskip("transformers")
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+import vs_reference  # noqa: E402
+from _common import StepCost  # noqa: E402
+
+TOP_KEYS = {"config", "hardware", "device", "dtype", "threads", "batch", "steps", "prompt_len", "new_tokens",
+            "canvases", "reps", "ratio", "ratio_reference_rng", "tokens_identical", "matmul_peak_gflops",
+            "decoder_gflop_per_step", "mem_ratio", "sides"}
+SIDE_KEYS = {"wall_s", "ms_per_step", "ms_forward", "ms_sampler", "ms_prefill", "ms_commit", "ttfc_s", "tok_s",
+             "peak_mem_bytes", "gflops", "pct_of_matmul_peak", "gbps", "steps_per_canvas", "tokens_per_forward"}
+
+
+@pytest.mark.parametrize("new_tokens, canvases", [(16, 1), (17, 2)], ids=["one_canvas_probe", "two_canvases"])
+def test_vs_reference_tiny(tmp_path, capsys, new_tokens, canvases):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    vs_reference.main(["--config", str(config), "--steps", "2", "--reps", "1", "--prompt-len", "8",
+                       "--new-tokens", str(new_tokens), "--threads", "1", "--matmul-size", "128"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert TOP_KEYS <= result.keys(), f"missing {TOP_KEYS - result.keys()}"
+    assert set(result["sides"]) == {"reference", "fast", "reference_rng"}
+    for side, numbers in result["sides"].items():
+        assert SIDE_KEYS <= numbers.keys(), f"{side}: missing {SIDE_KEYS - numbers.keys()}"
+        assert numbers["steps_per_canvas"] == 2, "adaptive stopping must be off: every canvas runs all steps"
+        assert numbers["ms_commit"] is not None and numbers["ms_commit"] > 0
+        assert numbers["tok_s"] > 0 and numbers["gflops"] > 0
+    assert result["canvases"] == canvases and result["batch"] == 1 and result["steps"] == 2
+    assert result["tokens_identical"] is True, "reference-RNG mode must reproduce the reference's tokens"
+    assert result["ratio"] > 0 and result["ratio_reference_rng"] > 0 and result["matmul_peak_gflops"] > 0
+
+
+@pytest.mark.parametrize("batch, context", [(1, 5), (2, 20)])
+def test_step_flops_match_flop_counter(reference_checkpoint, batch, context):
+    """Every matmul of our decoder step (with and without self-conditioning) is counted exactly once. Attention
+    is left out of the comparison: FlopCounterMode does not see the CPU scaled_dot_product_attention kernel."""
+    import dgemma
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, path = reference_checkpoint()
+    eng = dgemma.load(path, quiet=True)
+    cfg, module = eng.config, eng.module
+    cost = StepCost(cfg, batch, 4)
+    cache = eng.new_cache(batch)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        module.encode(torch.randint(3, 500, (batch, context), generator=g), cache)
+        tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.canvas_length), generator=g)
+        logits = module.denoise(tokens, cache)
+        for self_conditioning in (False, True):
+            with FlopCounterMode(display=False) as counter:
+                soft = module.soft_embedding(logits) if self_conditioning else None
+                module.denoise(tokens, cache, soft=soft)
+            assert counter.get_total_flops() == cost.flops(context, self_conditioning, attention=False)
