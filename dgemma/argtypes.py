@@ -1,4 +1,4 @@
-"""argparse value types shared by every command's flags (clear messages for bad values)."""
+"""Value parsers shared by every command's flags and the server's request fields (clear messages for bad values)."""
 
 from __future__ import annotations
 
@@ -13,3 +13,27 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def accept_rule(text: str, num_steps: int | None = None):
+    """'entropy:B' | 'confidence:T' | 'quota:K' | 'linear-quota' -> an AcceptRule (dgemma.sampling).
+
+    Shared by the CLI's --accept and the server's "acceptance" field; raises ValueError with a clear message.
+    linear-quota needs the step count: with num_steps None the string "linear-quota" is returned for the caller
+    to resolve once the step count is known."""
+    from . import sampling
+
+    name, _, arg = text.partition(":")
+    parse = {"entropy": (float, 0.1, sampling.entropy_bound),
+             "confidence": (float, 0.9, sampling.confidence_threshold),
+             "quota": (int, 8, sampling.quota)}
+    if name in parse:
+        kind, default, make = parse[name]
+        try:
+            value = kind(arg) if arg else default
+        except ValueError:
+            raise ValueError(f"acceptance rule {text!r}: {arg!r} is not a {kind.__name__}") from None
+        return make(value)
+    if name == "linear-quota" and not arg:
+        return "linear-quota" if num_steps is None else sampling.linear_quota(num_steps)
+    raise ValueError(f"unknown acceptance rule {text!r}; use entropy:B, confidence:T, quota:K or linear-quota")

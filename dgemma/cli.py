@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .argtypes import positive_int
+from .argtypes import accept_rule, positive_int
 
 
 def _fmt_count(n: int) -> str:
@@ -44,23 +44,11 @@ def cmd_inspect(args) -> int:
 
 
 def _accept_rule(text: str):
-    """--accept entropy:0.1 | confidence:0.9 | quota:8 | linear-quota"""
-    from . import sampling
-
-    name, _, arg = text.partition(":")
+    """--accept entropy:0.1 | confidence:0.9 | quota:8 | linear-quota (linear-quota resolved in _engine_options)"""
     try:
-        if name == "entropy":
-            return sampling.entropy_bound(float(arg or 0.1))
-        if name == "confidence":
-            return sampling.confidence_threshold(float(arg or 0.9))
-        if name == "quota":
-            return sampling.quota(int(arg or 8))
+        return accept_rule(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    if name == "linear-quota":
-        return "linear-quota"  # needs the step count; resolved in _engine_options
-    raise argparse.ArgumentTypeError(f"unknown acceptance rule {text!r}; use entropy:B, confidence:T, quota:K "
-                                     "or linear-quota")
 
 
 def _load_engine(args):
@@ -169,6 +157,30 @@ def cmd_chat(args) -> int:
                   f"{done.tokens_per_s:.1f} tok/s]", file=sys.stderr)
 
 
+def cmd_serve(args) -> int:
+    import ipaddress
+    import os
+
+    from .serve import run
+
+    api_key = args.api_key or os.environ.get("DGEMMA_API_KEY") or None
+    try:
+        public = not ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        public = args.host != "localhost"
+    if public and not api_key:
+        print(f"dgemma serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+              "address can use the model", file=sys.stderr)
+    engine = _load_engine(args)
+    engine.require_tokenizer()
+    name = args.served_model_name or Path(engine.directory).name
+    print(f"dgemma serve: model {name!r} on http://{args.host}:{args.port}/v1 "
+          f"(max concurrency {args.max_concurrency}, queue {args.max_queue})", file=sys.stderr)
+    run(engine, host=args.host, port=args.port, model_name=name, api_key=api_key,
+        max_concurrency=args.max_concurrency, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens)
+    return 0
+
+
 def _add_model_flags(p) -> None:
     p.add_argument("--model", help="model directory (Hugging Face layout); default: the bundled model")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
@@ -217,6 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat, json=False)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat and completions, streaming)")
+    _add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health (or set DGEMMA_API_KEY)")
+    p.add_argument("--max-concurrency", type=positive_int, default=8, help="requests generating at once (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a slot before new ones get 429 (default 64)")
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
+    p.add_argument("--default-max-tokens", type=positive_int, default=None,
+                   help="max_tokens when a request gives none (default: the model's generation_config)")
+    p.set_defaults(func=cmd_serve)
 
     from .sudoku.commands import add_sudoku_parser
     from .train.commands import add_train_parser

@@ -1,4 +1,4 @@
-"""Imports point downwards only (STYLE §4.3): config <- model <- engine <- {cli, view, bundled};
+"""Imports point downwards only (STYLE §4.3): config <- model <- engine <- {cli, serve, view, bundled};
 config <- sampling <- engine; text is a leaf used by engine and cli. Parsed from the source, not imported."""
 
 import ast
@@ -17,8 +17,10 @@ ALLOWED = {
     "train": {"config", "model", "sampling", "text", "argtypes"},
     "sudoku": {"config", "model", "sampling", "text", "engine", "train", "argtypes"},
     "view": set(),
-    "argtypes": set(),
-    "cli": {"config", "model", "sampling", "engine", "text", "bundled", "view", "sudoku", "train", "argtypes"},
+    "argtypes": {"sampling"},
+    "serve": {"config", "engine", "text", "argtypes"},
+    "cli": {"config", "model", "sampling", "engine", "text", "bundled", "view", "sudoku", "train", "argtypes",
+            "serve"},
     "__main__": {"cli"},
     "__init__": {"config", "engine", "model"},
 }

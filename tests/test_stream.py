@@ -78,7 +78,7 @@ def test_stop_string_cuts_the_answer_exactly(engine):
     first = full.find(stop)
     events = run(engine, seed=4, max_tokens=120, eos_token_id=[], drafts=False, stop=[stop])
     streamed = "".join(e.text for e in events if isinstance(e, Text) and e.kind == "answer")
-    assert streamed == full[:first]
+    assert streamed == full[:first] == events[-1].output.answer
     assert events[-1].finish_reason == "stop"
     assert events[-1].completion_tokens <= 120
 

@@ -94,6 +94,7 @@ def stream_ids(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = No
     decoder, splitter, stopper = tok.stream(skip_special=False), OutputSplitter(), StopStream(stop or ())
     completion, steps, first_text, reason, step_index = [], [], None, None, 0
     pieces: list[Text] = []
+    answer: list[str] = []  # answer text as emitted
 
     def route(deltas) -> None:
         """Deltas from the splitter -> Text pieces; answer text passes the stop strings first."""
@@ -137,11 +138,15 @@ def stream_ids(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = No
         for piece in pieces:
             if first_text is None:
                 first_text = time.perf_counter() - started
+            if piece.kind == "answer":
+                answer.append(piece.text)
             yield piece
         pieces.clear()
         if reason is not None:
             break
+    # the answer is what was emitted: the splitter also saw the text past a stop string, which was held back
     output = splitter.result()
+    output = ParsedOutput(output.thinking, "".join(answer), output.tool_calls)
     if reason == "stop" and output.tool_calls and completion and completion[-1] == tok.special.tool_response_start:
         reason = "tool_calls"
     yield Done(reason or "length", output, len(prompt_ids), len(completion), completion, steps, first_text,

@@ -1,0 +1,98 @@
+"""Requests -> worker jobs: the checks that need the model (chat template, knob values, context length) and the
+engine.stream options. Every refusal is an ApiError with the field at fault."""
+
+from __future__ import annotations
+
+from ..argtypes import accept_rule
+from ..config import ConfigError
+from .schemas import ApiError, ChatCompletionRequest, CompletionRequest
+from .worker import Job
+
+KNOBS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold")
+
+
+def _unsupported(what: str, param: str) -> ApiError:
+    return ApiError(400, f"{what} is not supported by dgemma's server", param=param, code="unsupported")
+
+
+def _common_checks(req) -> None:
+    if req.n != 1:
+        raise ApiError(400, f"n={req.n}: only one choice per request is supported (n=1); send several requests",
+                       param="n", code="unsupported")
+    if req.logit_bias:
+        raise _unsupported("logit_bias", "logit_bias")
+    if req.dgemma_drafts and not req.stream:
+        raise ApiError(400, "dgemma_drafts needs stream=true", param="dgemma_drafts")
+
+
+def chat_job(engine, req: ChatCompletionRequest, default_max_tokens) -> Job:
+    _common_checks(req)
+    if req.logprobs or req.top_logprobs:
+        raise _unsupported("logprobs", "logprobs")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise _unsupported(f"response_format {req.response_format.get('type')!r} (only 'text')", "response_format")
+    if req.tool_choice not in (None, "auto", "none"):
+        raise _unsupported("tool_choice other than 'auto' or 'none'", "tool_choice")
+    if None not in (req.max_tokens, req.max_completion_tokens) and req.max_tokens != req.max_completion_tokens:
+        raise ApiError(400, "max_tokens and max_completion_tokens differ; give one", param="max_completion_tokens")
+    flags = {v for v in (req.enable_thinking, req.chat_template_kwargs and req.chat_template_kwargs.enable_thinking)
+             if v is not None}
+    if len(flags) > 1:
+        raise ApiError(400, "enable_thinking and chat_template_kwargs.enable_thinking disagree",
+                       param="enable_thinking")
+    thinking = flags.pop() if flags else req.reasoning_effort not in (None, "none")
+    tools = req.tools if req.tool_choice != "none" else None
+    try:
+        ids = engine.require_tokenizer().encode_chat(req.messages, add_generation_prompt=True,
+                                                     enable_thinking=thinking, tools=tools)
+    except ValueError as e:  # ChatFormatError: says which message or tool is wrong
+        raise ApiError(400, str(e), param="tools" if str(e).startswith("tools") else "messages") from None
+    return _options(engine, req, ids, req.max_completion_tokens or req.max_tokens, default_max_tokens, "messages")
+
+
+def completion_job(engine, req: CompletionRequest, default_max_tokens) -> Job:
+    _common_checks(req)
+    for name, value, ok in (("echo", req.echo, False), ("suffix", req.suffix, None), ("logprobs", req.logprobs, None)):
+        if value != ok:
+            raise _unsupported(name, name)
+    if req.best_of not in (None, 1):
+        raise _unsupported("best_of > 1", "best_of")
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise ApiError(400, f"{len(prompt)} prompts: one prompt per request is supported", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = engine.prompt_ids(prompt)
+    else:
+        vocab = engine.config.vocab_size
+        if not prompt or not all(0 <= i < vocab for i in prompt):
+            raise ApiError(400, f"a token-id prompt must be non-empty ids in [0, {vocab})", param="prompt")
+        ids = list(prompt)
+    return _options(engine, req, ids, req.max_tokens, default_max_tokens, "prompt")
+
+
+def _options(engine, req, ids: list[int], max_tokens, default_max_tokens, prompt_param: str) -> Job:
+    """Checks that need the model (knob values, context length), then the engine.stream options."""
+    knobs = req.knobs()
+    if req.ignore_eos:
+        knobs["eos_token_id"] = []
+    try:
+        gen = engine.generation_settings(**knobs)
+    except ConfigError as e:
+        raise ApiError(400, str(e), param=next((k for k in KNOBS if str(e).startswith(k)), None),
+                       code="invalid_value") from None
+    if max_tokens is None:  # as many as fit, up to the server's default
+        L, context = engine.config.canvas_length, engine.config.max_position_embeddings
+        max_tokens = max(1, min(default_max_tokens or gen.max_new_tokens, (context - len(ids)) // L * L))
+    try:
+        engine.check_context(len(ids), max_tokens)
+    except ValueError as e:
+        raise ApiError(400, str(e), param=prompt_param, code="context_length_exceeded") from None
+    try:
+        accept = None if req.acceptance is None else accept_rule(req.acceptance, gen.max_denoising_steps)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="acceptance", code="invalid_value") from None
+    options = {"max_tokens": max_tokens, "stop": req.stop_list() or None, "seed": req.seed,
+               "sampling": req.sampling, "accept": accept, **knobs}
+    return Job(ids, options, drafts=req.dgemma_drafts)

@@ -1,0 +1,185 @@
+"""The generation worker: one thread owns the Engine (which is not thread-safe) and runs admitted requests.
+
+http.py only uses this interface, so a batched scheduler (rows of different requests stepping together,
+issue 6 item 3) can replace `SerialWorker` without touching it:
+
+    worker.submit(job) -> Ticket     from the event loop; raises Overloaded when `max_concurrency` requests
+                                     run and `max_queue` wait
+    worker.load() -> dict            {"running", "waiting", "max_concurrency", "max_queue"} for /health
+    worker.start() / worker.stop()   from the app's lifespan
+    await ticket.next(timeout=None)  the request's next engine.stream event (Draft | Text | Done), None on
+                                     timeout; raises the generation's error, or Cancelled after cancel()
+    ticket.cancel()                  idempotent: work stops within one denoising step and the slot is freed
+
+`SerialWorker` interleaves its running requests: it advances each by one event (one denoising step) in turn, so
+every admitted request makes progress and a short answer is not stuck behind a long one. The forwards are not
+shared yet: throughput equals one request at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..engine.stream import Done, Draft, stream_ids
+
+
+class Overloaded(Exception):
+    """No running slot and no queue place left (HTTP 429)."""
+
+
+class Cancelled(Exception):
+    """The ticket was cancelled (its client went away)."""
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    options: dict = field(default_factory=dict)  # keyword options of engine.stream.stream_ids
+    drafts: bool = False  # deliver Draft events (the worker always steps one denoising step at a time)
+
+
+class Ticket:
+    """One request's event stream from the worker thread to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_cancel):
+        self._loop = loop
+        self._events: deque = deque()
+        self._ready = asyncio.Event()
+        self._on_cancel = on_cancel
+        self.cancelled = False  # read by the worker thread between steps
+
+    def push(self, item) -> None:
+        """From any thread: an event, or an exception to raise in the consumer."""
+        try:
+            self._loop.call_soon_threadsafe(self._push, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def _push(self, item) -> None:
+        if not self.cancelled:  # after cancel() the consumer only ever sees Cancelled
+            self._events.append(item)
+            self._ready.set()
+
+    async def next(self, timeout: float | None = None):
+        while not self._events:
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
+                return None
+        item = self._events.popleft()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        """On the event loop's thread (it touches the asyncio side); the worker notices before the next step."""
+        if not self.cancelled:
+            self.cancelled = True
+            self._on_cancel(self)
+            self._events.clear()
+            self._events.append(Cancelled("request cancelled"))
+            self._ready.set()
+
+
+@dataclass
+class _Running:
+    ticket: Ticket
+    job: Job
+    events: object = None  # the stream_ids generator, created in the worker thread
+
+
+class SerialWorker:
+    def __init__(self, engine, *, max_concurrency: int = 8, max_queue: int = 64):
+        if max_concurrency < 1 or max_queue < 0:
+            raise ValueError(f"need max_concurrency >= 1 and max_queue >= 0, got {max_concurrency}, {max_queue}")
+        self.engine = engine
+        self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        self._cond = threading.Condition()
+        self._waiting: deque[tuple[Ticket, Job]] = deque()
+        self._running: list[_Running] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="dgemma-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def load(self) -> dict:
+        with self._cond:
+            return {"running": len(self._running), "waiting": len(self._waiting),
+                    "max_concurrency": self.max_concurrency, "max_queue": self.max_queue}
+
+    def submit(self, job: Job) -> Ticket:
+        ticket = Ticket(asyncio.get_running_loop(), self._cancel)
+        with self._cond:
+            if self._stopping:
+                raise Overloaded("the server is shutting down")
+            if len(self._running) + len(self._waiting) >= self.max_concurrency + self.max_queue:
+                raise Overloaded(f"server busy: {len(self._running)} requests running and {len(self._waiting)} "
+                                 f"waiting (limits {self.max_concurrency} and {self.max_queue}); retry shortly")
+            self._waiting.append((ticket, job))
+            self._cond.notify()
+        return ticket
+
+    def _cancel(self, ticket: Ticket) -> None:
+        with self._cond:  # a waiting request leaves at once; a running one after its current step
+            self._waiting = deque(w for w in self._waiting if w[0] is not ticket)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._running and not self._waiting:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                while self._waiting and len(self._running) < self.max_concurrency:
+                    self._running.append(_Running(*self._waiting.popleft()))
+                turn = list(self._running)
+            for slot in turn:
+                self._advance(slot)
+        with self._cond:
+            left = [r.ticket for r in self._running] + [t for t, _ in self._waiting]
+            for slot in self._running:
+                if slot.events is not None:
+                    slot.events.close()
+            self._running, self._waiting = [], deque()
+        for ticket in left:
+            ticket.push(RuntimeError("the server shut down before this request finished"))
+
+    def _advance(self, slot: _Running) -> None:
+        """One event (at most one denoising step) of one request."""
+        if slot.ticket.cancelled:
+            return self._finish(slot)
+        try:
+            if slot.events is None:
+                slot.events = stream_ids(self.engine, slot.job.prompt_ids, drafts=True, **slot.job.options)
+            event = next(slot.events)
+        except StopIteration:
+            return self._finish(slot)
+        except Exception as e:  # noqa: BLE001  this request fails alone; the worker and the other requests go on
+            slot.ticket.push(e)
+            return self._finish(slot)
+        if isinstance(event, Draft) and not slot.job.drafts:
+            return
+        slot.ticket.push(event)
+        if isinstance(event, Done):
+            self._finish(slot)
+
+    def _finish(self, slot: _Running) -> None:
+        if slot.events is not None:
+            slot.events.close()
+        with self._cond:
+            self._running.remove(slot)

@@ -1,0 +1,419 @@
+"""`dgemma serve`: the real server (uvicorn on a free loopback port) over the tiny random model, driven by the
+official openai client and by raw HTTP for bad input, disconnects, auth, admission limits and 8 concurrent clients.
+Requests use few denoising steps and few tokens so the whole file runs in seconds on CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+import uvicorn
+
+httpx = pytest.importorskip("httpx")  # the test extra
+openai = pytest.importorskip("openai")
+
+import dgemma
+from dgemma.bundled import build_random_model
+from dgemma.cli import build_parser
+from dgemma.engine.stream import Done, Text
+from dgemma.serve import create_app
+from dgemma.serve.schemas import MAX_BODY_BYTES
+from dgemma.serve.toolcalls import parse_tool_call
+from dgemma.serve.worker import Cancelled, Job, Overloaded, SerialWorker, Ticket
+from dgemma.text.parse import ParsedOutput
+
+MODEL = "tiny"
+FAST = {"max_denoising_steps": 4}  # extra body: few steps per canvas keep every request cheap
+HI = [{"role": "user", "content": "Hello there"}]
+
+
+@contextmanager
+def running(app):
+    """Serve `app` with uvicorn in a background thread on a free loopback port; yield its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_random_model(tmp_path_factory.mktemp("m") / "random")
+
+
+def new_engine(model_dir):
+    return dgemma.load(model_dir, quiet=True)  # one Engine per server: Engines are not shared between threads
+
+
+@pytest.fixture(scope="module")
+def url(model_dir):
+    with running(create_app(new_engine(model_dir), model_name=MODEL)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def chat(client, **kw):
+    kw.setdefault("extra_body", dict(FAST))
+    return client.chat.completions.create(model=MODEL, messages=kw.pop("messages", HI), **kw)
+
+
+def stream_chat(client, **kw):
+    kw.setdefault("extra_body", dict(FAST))
+    chunks = list(client.chat.completions.create(model=MODEL, messages=kw.pop("messages", HI), stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+def sse(response) -> list:
+    """Data payloads of a server-sent event stream ('[DONE]' kept as the string)."""
+    out = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    return [p if p == "[DONE]" else json.loads(p) for p in out]
+
+
+def assert_error(r, status, param=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+# -- the openai client ---------------------------------------------------------------------------------------------
+
+
+def test_models_and_health(url, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ok" and health["running"] == 0
+
+
+def test_streamed_chat_equals_the_non_streamed_answer(client):
+    full = chat(client, max_tokens=70, seed=3)
+    text, chunks = stream_chat(client, max_tokens=70, seed=3, stream_options={"include_usage": True})
+    assert text == full.choices[0].message.content and len(text) > 0
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 3  # small deltas, not one lump
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == full.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    assert full.model_extra["dgemma"]["canvases"] >= 1
+
+
+@pytest.mark.parametrize("max_tokens", [1, 65])
+def test_max_tokens_is_exact(client, max_tokens):
+    r = chat(client, max_tokens=max_tokens, seed=1, extra_body={**FAST, "ignore_eos": True})
+    assert r.usage.completion_tokens == max_tokens and r.choices[0].finish_reason == "length"
+    r = chat(client, max_completion_tokens=max_tokens, seed=2)  # the newer name; may stop earlier at an end token
+    assert 1 <= r.usage.completion_tokens <= max_tokens
+
+
+def test_seed_reproducibility(client):
+    a, b, c = (chat(client, max_tokens=30, seed=s, extra_body={**FAST, "ignore_eos": True}) for s in (5, 5, 6))
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.choices[0].message.content != c.choices[0].message.content
+
+
+def test_stop_strings(client):
+    body = {**FAST, "ignore_eos": True}
+    for seed in range(10):  # a seed whose (random-model) answer is long enough to cut
+        full = chat(client, max_tokens=60, seed=seed, extra_body=body).choices[0].message.content
+        if len(full) > 20:
+            break
+    stop = full[8:12]
+    expected = full[: full.find(stop)]
+    r = chat(client, max_tokens=60, seed=seed, stop=[stop, "never-appears"], extra_body=body)
+    assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
+    text, _ = stream_chat(client, max_tokens=60, seed=seed, stop=stop, extra_body=body)
+    assert text == expected
+
+
+def test_completions(client):
+    r = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=20, seed=4, extra_body=FAST)
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon", max_tokens=20, seed=4, stream=True,
+                                            extra_body=FAST))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert 1 <= r.usage.completion_tokens <= 20 and r.choices[0].finish_reason in ("stop", "length")
+    ids = client.completions.create(model=MODEL, prompt=[2, 10, 20], max_tokens=3, extra_body=FAST)
+    assert ids.usage.prompt_tokens == 3
+
+
+def test_thinking_switch_reaches_the_template(client):
+    on = chat(client, max_tokens=1, extra_body={**FAST, "chat_template_kwargs": {"enable_thinking": True}})
+    top = chat(client, max_tokens=1, extra_body={**FAST, "enable_thinking": True})
+    off = chat(client, max_tokens=1)
+    assert on.usage.prompt_tokens == top.usage.prompt_tokens != off.usage.prompt_tokens
+
+
+def test_draft_frames_are_an_extension_standard_clients_ignore(url, client):
+    plain, _ = stream_chat(client, max_tokens=20, seed=9)
+    with_drafts, _ = stream_chat(client, max_tokens=20, seed=9, extra_body={**FAST, "dgemma_drafts": True})
+    assert with_drafts == plain
+    with httpx.stream("POST", url + "/v1/chat/completions", json={
+            "model": MODEL, "messages": HI, "max_tokens": 20, "seed": 9, "stream": True, "dgemma_drafts": True,
+            **FAST}) as r:
+        events = sse(r)
+    assert events[-1] == "[DONE]"
+    drafts = [e["dgemma_draft"] for e in events[:-1] if "dgemma_draft" in e]
+    assert [d["step"] for d in drafts] == list(range(1, len(drafts) + 1)) and 1 <= len(drafts) <= 4
+    for d in drafts:
+        assert len(d["confidence"]) == len(d["tokens"]) == 64 and all(0 <= c <= 1 for c in d["confidence"])
+    assert all(e["choices"][0]["delta"] == {} for e in events[:-1] if "dgemma_draft" in e)
+
+
+def test_diffusion_knobs_and_ignored_openai_fields(url):
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for extra in ({"acceptance": "linear-quota"}, {"acceptance": "confidence:0.5"}, {"acceptance": "quota:16"},
+                      {"sampling": "reference", "seed": 1}, {"t_min": None, "t_max": None},
+                      {"stability_threshold": None, "confidence_threshold": None, "entropy_bound": 0.5},
+                      {"temperature": 0.7, "top_p": 0.9, "presence_penalty": 0.1, "user": "u", "stop": []},
+                      {"response_format": {"type": "text"}, "tool_choice": "none", "reasoning_effort": "low"}):
+            r = http.post("/v1/chat/completions", json={**OK, **extra})
+            assert r.status_code == 200, (extra, r.text)
+            assert r.json()["usage"]["completion_tokens"] <= 2
+        r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": HI, **FAST})  # no max_tokens
+        assert 1 <= r.json()["usage"]["completion_tokens"] <= 64  # the model's generation_config default
+
+
+# -- bad input: 4xx with an OpenAI-style error, never a crash ------------------------------------------------------
+
+OK = {"model": MODEL, "messages": HI, "max_tokens": 2, **FAST}
+BAD_CHAT = [
+    ({"model": "gpt-4"}, 404, "model"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": "hi"}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
+    ({"max_tokens": "5"}, 400, "max_tokens"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"max_tokens": True}, 400, "max_tokens"),
+    ({"max_tokens": 10**6}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "word " * 9000}]}, 400, "messages"),
+    ({"stop": 5}, 400, "stop"),
+    ({"seed": "x"}, 400, "seed"),
+    ({"n": 2}, 400, "n"),
+    ({"stream": "yes"}, 400, "stream"),
+    ({"t_min": 0.9, "t_max": 0.5}, 400, "t_max"),
+    ({"max_denoising_steps": 0}, 400, "max_denoising_steps"),
+    ({"max_denoising_steps": 10**6}, 400, "max_denoising_steps"),
+    ({"entropy_bound": -1}, 400, "entropy_bound"),
+    ({"confidence_threshold": 0}, 400, "confidence_threshold"),
+    ({"acceptance": "bogus"}, 400, "acceptance"),
+    ({"acceptance": "quota:x"}, 400, "acceptance"),
+    ({"sampling": "exact"}, 400, "sampling"),
+    ({"temperature": 5}, 400, "temperature"),
+    ({"max_denoise_steps": 3}, 400, "max_denoise_steps"),
+    ({"logprobs": True}, 400, "logprobs"),
+    ({"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"tool_choice": "required"}, 400, "tool_choice"),
+    ({"dgemma_drafts": True}, 400, "dgemma_drafts"),
+    ({"chat_template_kwargs": {"template": "{{ x }}"}}, 400, "chat_template_kwargs"),
+    ({"tools": [{"type": "function"}]}, 400, "tools"),
+]
+
+
+def test_bad_chat_requests(url):
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for change, status, param in BAD_CHAT:
+            assert_error(http.post("/v1/chat/completions", json={**OK, **change}), status, param)
+        for raw in (b"{bad json", b"[1, 2]", b'{"model": "tiny", "t_min": NaN}', b"\xff\xfe"):
+            assert_error(http.post("/v1/chat/completions", content=raw), 400)
+        assert_error(http.post("/v1/chat/completions", json={"model": MODEL}), 400, "messages")
+        assert_error(http.post("/v1/chat/completions", content=b" " * (MAX_BODY_BYTES + 1)), 413)
+        assert_error(http.get("/v1/chat/completions"), 405)
+        assert_error(http.get("/v1/nothing-here"), 404)
+        assert_error(http.get("/v1/models/other"), 404, "model")
+        for change, param in (({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [10**7]}, "prompt"),
+                              ({"prompt": []}, "prompt"), ({"prompt": {"a": 1}}, "prompt"), ({"echo": True}, "echo"),
+                              ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix")):
+            body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, **FAST, **change}
+            assert_error(http.post("/v1/completions", json=body), 400, param)
+        assert http.post("/v1/chat/completions", json=OK).status_code == 200  # still serving
+        assert http.get("/health").json()["running"] == 0
+
+
+# -- disconnects, admission limits, auth -------------------------------------------------------------------------
+
+LONG = {"model": MODEL, "messages": HI, "max_tokens": 4000, "ignore_eos": True, "stream": True,
+        "max_denoising_steps": 48}  # ~60 canvases: runs for many seconds unless cancelled
+
+
+def wait_until_idle(http, limit_s=3.0) -> float:
+    start = time.monotonic()
+    while (h := http.get("/health").json())["running"] or h["waiting"]:
+        assert time.monotonic() - start < limit_s, f"slot not freed: {h}"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def test_disconnect_cancels_and_limits_give_429(model_dir):
+    app = create_app(new_engine(model_dir), model_name=MODEL, max_concurrency=1, max_queue=1)
+    with running(app) as base, httpx.Client(base_url=base, timeout=30) as http:
+        with http.stream("POST", "/v1/chat/completions", json=LONG) as first:
+            lines = first.iter_lines()  # kept referenced: closing this generator would close the connection
+            for line in lines:  # wait for committed text: the request is generating
+                if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    break
+            with http.stream("POST", "/v1/chat/completions", json=LONG) as second:  # queued, not refused
+                assert second.status_code == 200
+                h = http.get("/health").json()
+                assert h["waiting"] == 1, h
+                err = assert_error(http.post("/v1/chat/completions", json={**OK}), 429)
+                assert "busy" in err["message"] and err["code"] == "server_busy"
+        # both streams closed early: the running one stops within a step, the queued one leaves the queue
+        freed_s = wait_until_idle(http)
+        print(f"slot freed {freed_s:.3f} s after the clients closed")
+        assert freed_s < 2.0
+        started = time.monotonic()
+        assert http.post("/v1/chat/completions", json=OK).status_code == 200
+        assert time.monotonic() - started < 5.0
+
+
+def test_the_worker_interleaves_admitted_requests(model_dir):
+    """A short request admitted beside a long one finishes first: running requests take turns step by step."""
+    engine = new_engine(model_dir)
+    ids = engine.prompt_ids("Hello")
+    worker = SerialWorker(engine, max_concurrency=2, max_queue=0)
+
+    async def scenario():
+        long = worker.submit(Job(ids, {"max_tokens": 640, "eos_token_id": [], **FAST}))  # 10 canvases
+        short = worker.submit(Job(ids, {"max_tokens": 8, **FAST}))  # 1 canvas
+        with pytest.raises(Overloaded, match="busy"):
+            worker.submit(Job(ids, {}))
+        while not isinstance(await short.next(timeout=10), Done):
+            pass
+        while (load := worker.load())["running"] == 2:  # the short one leaves its slot...
+            await asyncio.sleep(0.005)
+        assert load["running"] == 1  # ...while the long one (40 steps to go at most) still runs
+        long.cancel()
+        with pytest.raises(Cancelled):
+            await long.next()
+
+    worker.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        worker.stop()
+    assert worker.load()["running"] == 0
+
+
+def test_api_key(model_dir):
+    with running(create_app(new_engine(model_dir), model_name=MODEL, api_key="s3cret")) as base:
+        assert httpx.get(base + "/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            assert_error(httpx.get(base + "/v1/models", headers=headers), 401)
+            assert_error(httpx.post(base + "/v1/chat/completions", json=OK, headers=headers), 401)
+        good = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
+        assert good.models.list().data[0].id == MODEL
+        assert chat(good, max_tokens=2).usage.completion_tokens <= 2
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_eight_concurrent_streaming_clients(url, client):
+    seeds = list(range(8))
+    expected = [chat(client, max_tokens=70, seed=s).choices[0].message.content for s in seeds]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda s: stream_chat(client, max_tokens=70, seed=s)[0], seeds))
+    assert got == expected
+    assert httpx.get(url + "/health").json()["running"] == 0
+
+
+# -- the adapter's mapping of thinking and tool calls (a scripted worker stands in for a trained model) -------------
+
+
+class ScriptedWorker:
+    """The worker interface http.py uses, replaying fixed events: a swap-in like a future batched scheduler."""
+
+    def __init__(self, events):
+        self.events, self.jobs = events, []
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def load(self):
+        return {"running": 0, "waiting": 0}
+
+    def submit(self, job):
+        self.jobs.append(job)
+        ticket = Ticket(asyncio.get_running_loop(), lambda t: None)
+        for event in self.events:
+            ticket.push(event)
+        return ticket
+
+
+CALL = 'call:get_weather{city:<|"|>Paris<|"|>,days:3}'
+SCRIPT = [Text("Paris is in France.", "thinking"), Text("Let me check the weather.", "answer"), Text(CALL, "tool_call"),
+          Done("tool_calls", ParsedOutput("", "", []), 7, 12, list(range(12)), [4], 0.01, 0.02)]
+
+
+def test_reasoning_and_tool_calls_are_separated(model_dir):
+    worker = ScriptedWorker(SCRIPT)
+    with running(create_app(new_engine(model_dir), model_name=MODEL, worker=worker)) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(model=MODEL, messages=HI, tools=[{"type": "function", "function": {
+            "name": "get_weather", "parameters": {"type": "object"}}}])
+        message = r.choices[0].message
+        assert message.content == "Let me check the weather." and r.choices[0].finish_reason == "tool_calls"
+        assert message.model_extra["reasoning_content"] == "Paris is in France."
+        assert message.tool_calls[0].function.name == "get_weather"
+        assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Paris", "days": 3}
+        assert r.usage.prompt_tokens == 7 and r.usage.completion_tokens == 12
+        chunks = list(client.chat.completions.create(model=MODEL, messages=HI, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "Paris is in France."
+        assert "".join(d.content or "" for d in deltas) == "Let me check the weather."
+        assert [d.tool_calls[0].function.name for d in deltas if d.tool_calls] == ["get_weather"]
+        text = client.completions.create(model=MODEL, prompt="x").choices[0].text
+        assert text == "Let me check the weather.<|tool_call>" + CALL + "<tool_call|>"  # markers kept
+        assert worker.jobs[0].options["max_tokens"] >= 1
+
+
+def test_a_failing_generation_is_reported_not_fatal(model_dir):
+    worker = ScriptedWorker([Text("partial", "answer"), RuntimeError("boom")])
+    with running(create_app(new_engine(model_dir), model_name=MODEL, worker=worker)) as base:
+        err = assert_error(httpx.post(base + "/v1/chat/completions", json=OK), 500)
+        assert "boom" in err["message"]
+        with httpx.stream("POST", base + "/v1/chat/completions", json={**OK, "stream": True}) as r:
+            events = sse(r)
+        assert events[-1] == "[DONE]" and "boom" in events[-2]["error"]["message"]
+        assert httpx.get(base + "/health").status_code == 200
+
+
+def test_tool_call_parsing():
+    assert parse_tool_call('call:f{a:<|"|>x, y<|"|>,b:[1,true,null],c:{d:-2.5}}') == {
+        "name": "f", "arguments": json.dumps({"a": "x, y", "b": [1, True, None], "c": {"d": -2.5}})}
+    assert parse_tool_call("call:g{broken") == {"name": "g", "arguments": "{broken"}
+    assert parse_tool_call("call:h") == {"name": "h", "arguments": "call:h"}
+
+
+def test_serve_binds_loopback_by_default():
+    args = build_parser().parse_args(["serve"])
+    assert args.host == "127.0.0.1" and args.port == 8000 and args.api_key is None
