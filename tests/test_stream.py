@@ -180,3 +180,12 @@ def test_fast_and_reference_sampling_modes(engine):
     assert fast[0] == fast[1] and fast[0] != fast[2]
     with pytest.raises(ValueError, match="sampling must be one of"):
         run(engine, sampling="exact")
+
+
+def test_the_bundled_default_model_loads_and_generates():
+    from dgemma.bundled import PACKAGED, default_model_path
+
+    assert default_model_path(quiet=True) == PACKAGED, "the package must ship its default model"
+    engine = dgemma.load(PACKAGED, quiet=True)
+    done = engine.complete("Write the Python function add(a, b).", seed=0, max_tokens=20, max_denoising_steps=4)
+    assert 0 < done.completion_tokens <= 20 and done.steps_per_canvas == [4] * done.canvases
