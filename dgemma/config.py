@@ -228,6 +228,15 @@ class ModelConfig:
         return cls.from_dict(raw, source=str(path))
 
 
+def check_temperatures(t_min, t_max) -> None:
+    """The temperature schedule's bounds: numbers >= 0 or None (None disables the schedule), t_max > t_min."""
+    for name, v in (("t_min", t_min), ("t_max", t_max)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
+            raise ConfigError(f"{name} must be a number >= 0 or None, got {v!r}")
+    if t_min is not None and t_max is not None and not t_max > t_min:
+        raise ConfigError(f"t_max must be greater than t_min, got t_min={t_min}, t_max={t_max}")
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """Generation knobs with the reference's names and defaults (spec §2.3, §9.4).
@@ -258,12 +267,7 @@ class GenerationConfig:
         if isinstance(self.entropy_bound, bool) or not isinstance(self.entropy_bound, (int, float)) \
                 or not self.entropy_bound > 0:
             raise ConfigError(f"entropy_bound must be a number > 0, got {self.entropy_bound!r}")
-        for name in ("t_min", "t_max"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
-                raise ConfigError(f"{name} must be a number >= 0 or None, got {v!r}")
-        if self.t_min is not None and self.t_max is not None and not self.t_max > self.t_min:
-            raise ConfigError(f"t_max must be greater than t_min, got t_min={self.t_min}, t_max={self.t_max}")
+        check_temperatures(self.t_min, self.t_max)
         if self.stability_threshold is not None and (not is_int(self.stability_threshold)
                                                      or self.stability_threshold < 0):
             raise ConfigError(f"stability_threshold must be an integer >= 0 or None, got {self.stability_threshold!r}")

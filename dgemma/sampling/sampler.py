@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..config import check_temperatures
 from .acceptance import AcceptRule, entropy_bound as entropy_bound_rule
 from .schedules import linear_temperature
 from .stopping import StopRule, all_of, mean_entropy_below, token_stable
@@ -80,12 +81,7 @@ class StepConfig:
     def __post_init__(self):
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be an int >= 1, got {self.num_steps!r}")
-        for name in ("t_min", "t_max"):
-            t = getattr(self, name)
-            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0):
-                raise ValueError(f"{name} must be a number >= 0 or None, got {t!r}")
-        if self.t_min is not None and self.t_max is not None and not self.t_max > self.t_min:
-            raise ValueError(f"need t_max > t_min, got t_min={self.t_min!r}, t_max={self.t_max!r}")
+        check_temperatures(self.t_min, self.t_max)  # raises ConfigError (a ValueError)
         if not callable(self.accept) or not callable(self.sample):
             raise ValueError(f"accept and sample must be callables, got {self.accept!r}, {self.sample!r}")
         has_history = isinstance(getattr(self.stop, "num_history", None), int)
