@@ -63,8 +63,6 @@ def _load_engine(args):
 
 
 def _engine_options(args, engine) -> dict:
-    from . import sampling
-
     options = {"max_tokens": args.max_tokens, "seed": args.seed, "stop": args.stop or None,
                "sampling": args.sampling}
     if args.steps is not None:
@@ -72,9 +70,8 @@ def _engine_options(args, engine) -> dict:
     for name in ("entropy_bound", "t_min", "t_max"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    if args.accept == "linear-quota":
-        steps = args.steps or engine.generation_config.max_denoising_steps
-        options["accept"] = sampling.linear_quota(steps)
+    if args.accept == "linear-quota":  # the rule needs the step count, known only now
+        options["accept"] = accept_rule("linear-quota", args.steps or engine.generation_config.max_denoising_steps)
     elif args.accept is not None:
         options["accept"] = args.accept
     return options

@@ -178,16 +178,9 @@ def test_untied_duplicate_that_differs_is_an_error(checkpoint, key, twin):
 # --- what fails, and how it says so -----------------------------------------------------------------------
 
 
-def test_missing_tensor(checkpoint):
+@pytest.mark.parametrize("key", [KEY, "model.encoder.language_model.layers.2.layer_scalar"])
+def test_missing_tensor(checkpoint, key):
     _, path, file = checkpoint
-    rewrite(file, lambda t: t.pop(KEY))
-    msg = load_error(path)
-    assert KEY in msg and str(file) in msg
-
-
-def test_missing_encoder_layer_scalar(checkpoint):
-    _, path, file = checkpoint
-    key = "model.encoder.language_model.layers.2.layer_scalar"
     rewrite(file, lambda t: t.pop(key))
     msg = load_error(path)
     assert key in msg and str(file) in msg

@@ -91,8 +91,9 @@ class Engine:
                 continue
             if key not in values:
                 raise TypeError(f"unknown generation option {key!r}; known: {sorted(values)}")
-            values[key] = (value,) if key == "eos_token_id" and isinstance(value, int) else \
-                (tuple(value) if key == "eos_token_id" and value is not None else value)
+            if key == "eos_token_id" and value is not None:
+                value = (value,) if isinstance(value, int) else tuple(value)
+            values[key] = value
         return GenerationConfig(**values)
 
     def generate(self, input_ids: torch.Tensor, *, attention_mask=None, max_new_tokens=_UNSET,
