@@ -431,3 +431,30 @@ def test_png_writer_round_trips(tmp_path):
     raw = zlib.decompress(chunks[b"IDAT"])
     assert len(raw) == 40 * (1 + 50 * 3) and all(raw[y * 151] == 0 for y in range(40))
     assert len(set(raw)) > 3  # something was drawn
+
+
+def test_time_budget_fixes_the_step_count_after_calibration(work, tmp_path):
+    from safetensors.torch import load_file
+
+    from dgemma.train.train import CALIBRATION_STEPS, fit_steps_to_budget
+
+    # pure arithmetic: median step time, 10% + 10 s kept back, capped by steps, never below the current step
+    cfg = base_config(work, tmp_path / "x", steps=10_000, warmup_steps=20, time_budget=110.0)
+    assert fit_steps_to_budget(cfg, 20, 0.0, [0.1, 0.5, 0.1]) == 20 + int((0.9 * 110 - 10) / 0.1)
+    assert fit_steps_to_budget(dataclasses.replace(cfg, steps=50), 20, 0.0, [0.1]) == 50
+    assert fit_steps_to_budget(cfg, 20, 200.0, [0.1]) == 20
+    with pytest.raises(ValueError, match="warmup_steps >= 20"):
+        base_config(work, tmp_path / "y", warmup_steps=5, time_budget=60.0)
+
+    # a spent budget ends the run right after the calibration steps, and the saved config says so
+    spent = train(base_config(work, tmp_path / "spent", steps=500, warmup_steps=20, time_budget=1e-3, batch_size=2))
+    assert spent.step == CALIBRATION_STEPS and (spent.model_dir / "model.safetensors").is_file()
+    saved = json.loads((tmp_path / "spent" / "train_config.json").read_text())
+    assert saved["steps"] == CALIBRATION_STEPS and saved["time_budget"] == 0.0
+    budget = [json.loads(x) for x in (tmp_path / "spent" / "log.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in budget if r["kind"] == "budget"] == [CALIBRATION_STEPS]
+
+    # ... and is exactly the run that the fixed step count gives
+    fixed = train(base_config(work, tmp_path / "fixed", steps=CALIBRATION_STEPS, warmup_steps=20, batch_size=2))
+    wa, wb = (load_file(r.model_dir / "model.safetensors") for r in (spent, fixed))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

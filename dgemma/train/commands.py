@@ -36,7 +36,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--max-seq-len", type=positive_int, default=None, help="prompt + padded response limit")
     g.add_argument("--on-too-long", choices=["truncate", "drop", "error"], default="truncate")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=positive_int, default=1000)
+    g.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps (with --time-budget: at most)")
+    g.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="fit the run into this much wall time: the step count is fixed after "
+                        "the first steps are timed (needs --warmup >= 20); logged, and saved in train_config.json")
     g.add_argument("--batch-size", type=positive_int, default=8, help="examples per step, over all ranks")
     g.add_argument("--grad-accum", type=positive_int, default=1)
     g.add_argument("--lr", type=float, default=1.5e-4)
@@ -86,7 +89,8 @@ def config_from_args(args):
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         eval_every=args.eval_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
-        seed=args.seed, dtype=args.dtype, device=args.device, resume=args.resume, progress=not args.no_progress)
+        seed=args.seed, dtype=args.dtype, device=args.device, resume=args.resume, progress=not args.no_progress,
+        time_budget=args.time_budget)
 
 
 def cmd_train(args) -> int:

@@ -32,7 +32,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -48,6 +48,7 @@ from .loss import METRICS, LossConfig, diffusion_loss, summarize
 from .plot import Log, progress_bar
 
 MODES = ("scratch", "full", "lora")
+CALIBRATION_STEPS = 20  # with a time budget, the step count is fixed after this many steps (the first 3 untimed)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 EVAL_SALT = 0x5EED_E7A1  # eval noise seeds differ from every training seed, and stay fixed across evaluations
@@ -91,6 +92,7 @@ class TrainConfig:
     device: str | None = None  # default cuda when available
     resume: bool = False  # continue from the latest checkpoint in `out` (start fresh if there is none)
     progress: bool = True
+    time_budget: float = 0.0  # seconds of wall time for the whole run: see `fit_steps_to_budget` (0: off)
 
     def __post_init__(self):
         for name in ("data", "eval_data", "lora_targets", "betas"):
@@ -121,6 +123,9 @@ class TrainConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.time_budget < 0 or (self.time_budget and self.warmup_steps < CALIBRATION_STEPS):
+            raise ValueError(f"time_budget (seconds, got {self.time_budget}) needs warmup_steps >= {CALIBRATION_STEPS} "
+                             "so the calibration steps' learning rate does not depend on the final step count")
 
     @property
     def router_frozen(self) -> bool:
@@ -144,6 +149,16 @@ class TrainResult:
     eval_metrics: dict | None
 
 
+def fit_steps_to_budget(cfg: TrainConfig, step: int, elapsed: float, step_seconds: list[float]) -> int:
+    """The step count that fits the rest of `cfg.time_budget`, at most `cfg.steps`: measured seconds per step
+    (median of the timed calibration steps), 10% + 10 s kept for evaluations, checkpoints and the export.
+    The run then goes on exactly as `--steps N` would (the warm-up, which covers the calibration steps, does not
+    depend on N), so the logged N reproduces it."""
+    per_step = sorted(step_seconds)[len(step_seconds) // 2]
+    spare = 0.9 * (cfg.time_budget - elapsed) - 10.0
+    return max(step, min(cfg.steps, step + int(spare / per_step)))
+
+
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up over `warmup_steps`, then cosine decay from lr to lr * min_lr_ratio at the last step."""
     if step < cfg.warmup_steps:
@@ -161,6 +176,21 @@ class Objective(nn.Module):
 
     def forward(self, batch):
         return diffusion_loss(self.model, batch, None, self.cfg)
+
+
+def _fix_steps(cfg: TrainConfig, step: int, elapsed: float, timed: list[float], world: int, device, log, out: Path,
+               lead: bool) -> TrainConfig:
+    """Ends the time-budget calibration: every rank adopts rank 0's step count; the run's saved config then
+    reads as the equivalent fixed-step run (what --resume continues and what reproduces it)."""
+    steps = torch.tensor([fit_steps_to_budget(cfg, step, elapsed, timed)], device=device)
+    if world > 1:
+        dist.broadcast(steps, 0)
+    fixed = replace(cfg, steps=int(steps), time_budget=0.0)
+    if lead:
+        (out / "train_config.json").write_text(json.dumps(fixed.to_json(), indent=2) + "\n")
+        log.write({"kind": "budget", "step": step, "steps": fixed.steps, "time_budget": cfg.time_budget,
+                   "elapsed": elapsed, "seconds_per_step": sorted(timed)[len(timed) // 2]})
+    return fixed
 
 
 # --- setup ---------------------------------------------------------------------------------------------------
@@ -294,6 +324,7 @@ def evaluate(objective: nn.Module, examples, micro: int, cfg: TrainConfig, rank:
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) training as configured; returns where the final model is. Under torchrun every rank calls
     this; only rank 0 writes files."""
+    began = time.perf_counter()
     rank, world, device = _distributed(cfg)
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
@@ -351,9 +382,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     order, G = Order(len(examples), cfg.seed), cfg.batch_size
     params = [p for p in model.parameters() if p.requires_grad]
     progress = progress_bar(lead and cfg.progress, cfg.steps, start)
-    metrics, eval_metrics = {}, None
+    metrics, eval_metrics, timed = {}, None, []
     try:
-        for step in range(start, cfg.steps):
+        step = start
+        while step < cfg.steps:
             t0 = time.perf_counter()
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
@@ -380,6 +412,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             seconds = time.perf_counter() - t0
             log.write({"kind": "train", "step": step + 1, **metrics, "lr": lr, "grad_norm": float(grad_norm),
                        "tokens_per_s": metrics["tokens"] / seconds, "seconds": seconds})
+            if cfg.time_budget and step - start >= 3:
+                timed.append(seconds)
+                if len(timed) == CALIBRATION_STEPS - 3:
+                    cfg = _fix_steps(cfg, step + 1, time.perf_counter() - began, timed, world, device, log, out, lead)
+                    if progress is not None:
+                        progress.update(progress.task_ids[0], total=cfg.steps)
             if progress is not None:
                 progress.update(progress.task_ids[0], completed=step + 1, loss=metrics["loss"],
                                 tps=metrics["tokens"] / seconds)
@@ -395,6 +433,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     log.plot()
                 if world > 1:
                     dist.barrier()
+            step += 1
     finally:
         if progress is not None:
             progress.stop()
