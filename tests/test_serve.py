@@ -24,7 +24,6 @@ from dgemma.cli import build_parser
 from dgemma.engine.stream import Done, Text
 from dgemma.serve import create_app
 from dgemma.serve.schemas import MAX_BODY_BYTES
-from dgemma.serve.toolcalls import parse_tool_call
 from dgemma.serve.worker import Cancelled, Job, Overloaded, SerialWorker, Ticket
 from dgemma.text.parse import ParsedOutput
 
@@ -405,13 +404,6 @@ def test_a_failing_generation_is_reported_not_fatal(model_dir):
             events = sse(r)
         assert events[-1] == "[DONE]" and "boom" in events[-2]["error"]["message"]
         assert httpx.get(base + "/health").status_code == 200
-
-
-def test_tool_call_parsing():
-    assert parse_tool_call('call:f{a:<|"|>x, y<|"|>,b:[1,true,null],c:{d:-2.5}}') == {
-        "name": "f", "arguments": json.dumps({"a": "x, y", "b": [1, True, None], "c": {"d": -2.5}})}
-    assert parse_tool_call("call:g{broken") == {"name": "g", "arguments": "{broken"}
-    assert parse_tool_call("call:h") == {"name": "h", "arguments": "call:h"}
 
 
 def test_serve_binds_loopback_by_default():

@@ -3,7 +3,6 @@
     http.py      app factory, routes, events -> OpenAI JSON / server-sent events
     schemas.py   request bodies (strict) and OpenAI-style errors
     worker.py    the thread that owns the Engine; admission (429), cancellation; replaceable by a batched scheduler
-    toolcalls.py the model's tool-call text -> OpenAI's {"name", "arguments"}
 """
 
 from __future__ import annotations

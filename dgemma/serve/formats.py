@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ..engine.stream import Done, Draft, Text
 from ..text.specials import TOOL_CALL_END, TOOL_CALL_START
-from .toolcalls import parse_tool_call
+from ..text.toolcalls import parse_tool_call
 
 
 def package_version() -> str:

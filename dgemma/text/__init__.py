@@ -3,6 +3,7 @@
     messages --render_chat--> prompt text --Tokenizer.encode--> ids
     ids --Tokenizer.decode / StreamDecoder--> text
         --parse_output / OutputSplitter--> thinking, answer, tool calls
+    tool-call text --parse_tool_call--> {"name", "arguments" (JSON)}
 """
 
 from .build import save_tokenizer_files, train_tokenizer
@@ -17,6 +18,7 @@ from .decoding import StreamDecoder, decode_incremental
 from .parse import Delta, OutputSplitter, ParsedOutput, StopStream, find_stop, parse_output
 from .specials import GEMMA4_SPECIALS
 from .tokenizer import SpecialIds, Tokenizer, load_tokenizer
+from .toolcalls import parse_tool_call
 
 __all__ = [
     "GEMMA4_SPECIALS",
@@ -35,6 +37,7 @@ __all__ = [
     "load_tokenizer",
     "normalize_messages",
     "parse_output",
+    "parse_tool_call",
     "render_chat",
     "save_tokenizer_files",
     "train_tokenizer",
