@@ -10,27 +10,43 @@
         stop if every row has finished; else encode(committed)   # commit = causal pass, same positions
 
 It is a Python generator of events so that `generate` (collect everything) and streaming front-ends run
-the same code. The random stream (canvas init, then per step multinomial + randint) is the reference's,
+the same code. An optional `plan` (a `CanvasPlan`) constrains it: before each canvas the plan gives that canvas's
+`CanvasConstraints` (clamped positions, allowed-token classes, seeded start tokens; applied inside the sampler step),
+and at each commit it may repair the argmax before it is committed (JSON closes what the canvas left open). Infill,
+in-place edits and JSON output are all plans over this one loop. The random stream (canvas init, then per step multinomial + randint) is the reference's,
 so with the same seed and the reference sampling primitive the tokens are the reference's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from ..config import GenerationConfig
-from ..sampling import (DenoiseState, StepConfig, init_canvas, init_state, sample_inverse_cdf, sample_reference,
-                        step_lean, truncate_at_stop_ids)
+from ..sampling import (CanvasConstraints, DenoiseState, StepConfig, init_canvas, init_state, sample_inverse_cdf,
+                        sample_reference, step_lean, truncate_at_stop_ids)
 
 # "reference": the reference's exact random stream (same seed -> same tokens); "fast": the same distributions
 # from one uniform number per position (the default of the text API, the CLI and the server)
 SAMPLERS = {"reference": sample_reference, "fast": sample_inverse_cdf}
 SC_CHUNK = 64  # positions per self-conditioning chunk: smaller re-reads E too often on CPU (measured)
 from .cache import KVCache
+
+
+class CanvasPlan(Protocol):
+    """What constrains the canvas loop (see the module docstring). `committed` holds the tokens of the canvases
+    committed so far in this call ([B,L] each, after repair and stop-id truncation)."""
+
+    def for_canvas(self, canvas_index: int, committed: list[torch.Tensor]) -> CanvasConstraints | None: ...
+
+    def commit(self, canvas_index: int, argmax: torch.Tensor, processed: torch.Tensor | None) -> torch.Tensor:
+        """argmax [B,L] and the last step's ℓ̃ [B,L,V] (None if no step ran) -> the tokens to commit [B,L]."""
+        ...
 
 
 @dataclass
@@ -66,8 +82,9 @@ def step_config(gen: GenerationConfig, accept=None, sampling: str = "reference")
 
 def canvas_loop(module, input_ids: torch.Tensor, gen: GenerationConfig, cfg: StepConfig, *,
                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                cache: KVCache | None = None) -> Iterator[Step | Commit]:
-    """Run generation for input_ids [B,T] (left-padded rows marked False in attention_mask [B,T])."""
+                cache: KVCache | None = None, plan: CanvasPlan | None = None) -> Iterator[Step | Commit]:
+    """Run generation for input_ids [B,T] (left-padded rows marked False in attention_mask [B,T]); `plan`
+    constrains each canvas (rows with no free position start done: no decoder step is spent on them)."""
     mcfg = module.config
     B = input_ids.shape[0]
     L, V = mcfg.canvas_length, mcfg.vocab_size
@@ -76,21 +93,32 @@ def canvas_loop(module, input_ids: torch.Tensor, gen: GenerationConfig, cfg: Ste
     valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.to(torch.bool)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     to_encode = input_ids
+    committed: list[torch.Tensor] = []
     # inference mode is entered per computation, never across a `yield`: the caller's code between events
     # must not run inside it
     for canvas_index in range(math.ceil(gen.max_new_tokens / L)):
         with torch.inference_mode():
             module.encode(to_encode, cache, valid=valid)
-            state = init_state(init_canvas(B, L, V, generator, device), cfg)
+            noise = init_canvas(B, L, V, generator, device)
+            c = None if plan is None else plan.for_canvas(canvas_index, committed)
+            if c is None:
+                state = init_state(noise, cfg)
+            else:
+                c.check((B, L), V)
+                c.check_ids(V)
+                state = init_state(c.start_canvas(noise), cfg)
+                state = dataclasses.replace(state, done=c.fully_clamped())
         while not bool(state.done.all()):  # one host sync per step, outside the model
             with torch.inference_mode():
                 # both pieces work position-chunk by position-chunk: no extra full [B,L,V] fp32 buffer
                 soft = None if state.sc_logits is None else module.soft_embedding(state.sc_logits, chunk=SC_CHUNK)
-                state = step_lean(module.denoise(state.tokens, cache, soft=soft), state, cfg, generator)
+                state = step_lean(module.denoise(state.tokens, cache, soft=soft), state, cfg, generator,
+                                  constraints=c)
             yield Step(canvas_index, state)
         with torch.inference_mode():
-            tokens, finished = truncate_at_stop_ids(state.argmax, gen.eos_token_id or (), gen.pad_token_id,
-                                                    finished)
+            argmax = state.argmax if plan is None else plan.commit(canvas_index, state.argmax, state.sc_logits)
+            tokens, finished = truncate_at_stop_ids(argmax, gen.eos_token_id or (), gen.pad_token_id, finished)
+        committed.append(tokens)
         yield Commit(canvas_index, tokens, finished, state.num_steps_taken)
         if bool(finished.all()):
             break

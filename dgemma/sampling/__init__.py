@@ -15,6 +15,7 @@ from .acceptance import (
     quota,
     quota_accept,
 )
+from .constraints import CanvasConstraints, clamped_logprob, free_constraints
 from .lean import default_chunk, step_lean
 from .sampler import (DenoiseState, StepConfig, init_canvas, init_state, sample_inverse_cdf, sample_reference, step,
                       token_entropy)
@@ -22,9 +23,9 @@ from .schedules import linear_temperature
 from .stopping import StopRule, all_of, any_of, mean_entropy_below, token_stable, truncate_at_stop_ids
 
 __all__ = [
-    "AcceptRule", "DenoiseState", "StepConfig", "StopRule",
-    "all_of", "any_of", "confidence_threshold", "confidence_threshold_accept", "default_chunk", "entropy_bound",
-    "entropy_bound_accept", "init_canvas", "init_state", "linear_quota", "linear_temperature", "mean_entropy_below",
+    "AcceptRule", "CanvasConstraints", "DenoiseState", "StepConfig", "StopRule",
+    "all_of", "any_of", "clamped_logprob", "confidence_threshold", "confidence_threshold_accept", "default_chunk", "entropy_bound",
+    "entropy_bound_accept", "free_constraints", "init_canvas", "init_state", "linear_quota", "linear_temperature", "mean_entropy_below",
     "quota", "quota_accept", "sample_inverse_cdf", "sample_reference", "step", "step_lean", "token_entropy",
     "token_stable", "truncate_at_stop_ids",
 ]

@@ -39,6 +39,7 @@ import itertools
 import torch
 from torch import Tensor
 
+from . import constraints as con
 from .sampler import DenoiseState, StepConfig, _advance, _check_logits, _temperature, sample_inverse_cdf, step
 
 CHUNK_BYTES = 16 << 20  # default work buffer: 16 MiB = 16 positions at V = 262,144, 128 at V = 32,768
@@ -60,18 +61,22 @@ def _chunks(num_positions: int, chunk: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: torch.Generator | None = None,
-              chunk: int | None = None, inplace: bool = True) -> DenoiseState:
+              chunk: int | None = None, inplace: bool = True,
+              constraints: con.CanvasConstraints | None = None) -> DenoiseState:
     """`step` with the vocabulary work done `chunk` positions at a time; the same DenoiseState bit for bit.
 
     logits [B,L,V] fp32, OVERWRITTEN with ℓ̃ (inplace=True, the default) and returned as the new state's sc_logits
     (a non-contiguous input is copied first). chunk: positions of the flattened B*L canvas per chunk, None =
     `default_chunk(V)`; 1 is taken as 2. Only fast mode (cfg.sample is `sample_inverse_cdf`) is chunked; any other
     sampler (the reference-RNG `sample_reference`) runs `step` unchanged, as its single multinomial draw over all
-    positions cannot be split without changing the random stream (logits are then left untouched)."""
+    positions cannot be split without changing the random stream (logits are then left untouched).
+    constraints: as for `step`; the class masks are applied chunk by chunk (elementwise, so the same bits)."""
     if cfg.sample is not sample_inverse_cdf:
-        return step(logits, state, cfg, generator)
+        return step(logits, state, cfg, generator, constraints)
     _check_logits(logits, state)
     num_rows, length, vocab = logits.shape
+    if constraints is not None:
+        constraints.check((num_rows, length), vocab)
     if chunk is None:
         chunk = default_chunk(vocab)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -100,6 +105,7 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
     for start, end in ranges:
         n = end - start
         x, work, scratch = x_all[start:end], work_all[:n], scratch_all[:n]
+        con.mask_rows(x, constraints, start, end)  # -inf outside the allowed class, before ÷T as in `step`
         x.div_(temp[start:end])  # ℓ̃ = ℓ / T in place: the same IEEE division as `logits / T`
         torch.argmax(x, dim=-1, out=argmax[start:end])
         # fast sampler (sample_inverse_cdf): p = softmax(ℓ̃) -> confidence = max p; cdf = cumsum p (in place);
@@ -126,4 +132,4 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
             torch.where(frozen[start:end], old_sc[start:end], x, out=x)
     view = (num_rows, length)
     return _advance(state, cfg, generator, vocab, proposal.view(view), argmax.view(view), entropy.view(view),
-                    confidence.view(view), logits)
+                    confidence.view(view), logits, constraints)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..config import check_temperatures
+from . import constraints as con
 from .acceptance import AcceptRule, entropy_bound as entropy_bound_rule
 from .schedules import linear_temperature
 from .stopping import StopRule, all_of, mean_entropy_below, token_stable
@@ -145,15 +146,18 @@ def _temperature(state: DenoiseState, cfg: StepConfig) -> Tensor:
     return linear_temperature(n_remaining, cfg.num_steps, cfg.t_min, cfg.t_max)
 
 
-def step(logits: Tensor, state: DenoiseState, cfg: StepConfig,
-         generator: torch.Generator | None = None) -> DenoiseState:
+def step(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: torch.Generator | None = None,
+         constraints: con.CanvasConstraints | None = None) -> DenoiseState:
     """logits [B,L,V] fp32 from the decoder on state.tokens -> the next DenoiseState. generator None = global RNG.
+    constraints: clamped positions and allowed-token classes for this canvas (sampling/constraints.py).
 
     The slow reference: it holds several fp32 [B,L,V] temporaries at once. `lean.step_lean` computes the same state
     in chunks of positions (fast sampling mode) with one [chunk,V] buffer."""
     _check_logits(logits, state)
+    if constraints is not None:
+        constraints.check(tuple(state.tokens.shape), logits.shape[-1])
     frozen = state.done
-    processed = logits / _temperature(state, cfg)[:, None, None]
+    processed = con.mask_logits(logits, constraints) / _temperature(state, cfg)[:, None, None]
     probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
     proposal = cfg.sample(probs, generator)  # RNG draw 1 (all rows)
     argmax = processed.argmax(dim=-1)
@@ -162,17 +166,21 @@ def step(logits: Tensor, state: DenoiseState, cfg: StepConfig,
     # With no previous signal (first step) there is nothing to keep, so even a row that starts done takes ℓ̃.
     sc_logits = processed if state.sc_logits is None else \
         torch.where(frozen[:, None, None], state.sc_logits, processed)
-    return _advance(state, cfg, generator, logits.shape[-1], proposal, argmax, entropy, confidence, sc_logits)
+    return _advance(state, cfg, generator, logits.shape[-1], proposal, argmax, entropy, confidence, sc_logits,
+                    constraints)
 
 
 def _advance(state: DenoiseState, cfg: StepConfig, generator: torch.Generator | None, vocab: int, proposal: Tensor,
-             argmax: Tensor, entropy: Tensor, confidence: Tensor, sc_logits: Tensor) -> DenoiseState:
+             argmax: Tensor, entropy: Tensor, confidence: Tensor, sc_logits: Tensor,
+             constraints: con.CanvasConstraints | None = None) -> DenoiseState:
     """The vocabulary-free rest of a step, shared by `step` and `lean.step_lean`: per-position scores [B,L] of ℓ̃
     (proposal, argmax, entropy, confidence; frozen rows' values are discarded here) and the already-merged
-    sc_logits -> acceptance, renoise (RNG draw 2), freezing, stop rule, history."""
+    sc_logits -> clamps, acceptance, renoise (RNG draw 2), freezing, stop rule, history."""
     num_rows, length = state.tokens.shape
     frozen = state.done
-    accepted = cfg.accept(entropy, confidence, state.num_steps_taken + 1)
+    c = constraints
+    proposal, argmax, entropy, confidence = con.apply_clamps(c, proposal, argmax, entropy, confidence)
+    accepted = con.accept(cfg.accept(*con.rule_scores(entropy, confidence, c), state.num_steps_taken + 1), c)
     noise = torch.randint(0, vocab, (num_rows, length), generator=generator, device=state.tokens.device)  # draw 2
     tokens = torch.where(accepted, proposal, noise)  # the previous canvas is NOT carried over (§6.3)
 
@@ -183,7 +191,7 @@ def _advance(state: DenoiseState, cfg: StepConfig, generator: torch.Generator | 
 
     stopped = state.stopped
     if cfg.stop is not None:  # HF evaluates the rule on every row (frozen ones see their frozen argmax) and ORs it in
-        stopped = stopped | cfg.stop(argmax, entropy, state.history)
+        stopped = stopped | cfg.stop(argmax, con.stop_entropy(entropy, c), state.history)
     history = torch.cat([state.history[1:], argmax[None]]) if state.history.shape[0] else state.history
     num_steps_taken = state.num_steps_taken + (~frozen).long()
     done = stopped | (num_steps_taken >= cfg.num_steps)
