@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
+import threading
+import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -81,6 +85,28 @@ TINY_CONFIG: dict = {
 }
 
 S, F = "sliding_attention", "full_attention"
+
+
+@contextmanager
+def running(app):
+    """Serve an ASGI `app` with uvicorn in a background thread on a free loopback port; yield its base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def make_config(overrides: dict | None = None) -> dict:

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import pytest
-import uvicorn
+from conftest import running
 
 httpx = pytest.importorskip("httpx")  # the test extra
 openai = pytest.importorskip("openai")
@@ -30,26 +27,6 @@ from dgemma.text.parse import ParsedOutput
 MODEL = "tiny"
 FAST = {"max_denoising_steps": 4}  # extra body: few steps per canvas keep every request cheap
 HI = [{"role": "user", "content": "Hello there"}]
-
-
-@contextmanager
-def running(app):
-    """Serve `app` with uvicorn in a background thread on a free loopback port; yield its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ A thin adapter: requests are checked (schemas.py) and turned into engine.stream 
   "dgemma_draft": {"canvas", "step", "text", "tokens", "confidence"}; standard clients ignore them.
 - The final chunk (and a non-streamed response) carries "dgemma": steps per canvas, tokens per forward, tok/s.
 - A client that disconnects cancels its request within one denoising step and frees its slot.
+- `/` is the chat page (static/index.html): it streams from /v1/chat/completions with drafts on. Like /health
+  it needs no API key (it holds no data; the page sends the key the user types with each API call).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import secrets
 import time
 from collections import deque
 from contextlib import asynccontextmanager
+from functools import cache
+from importlib.resources import files
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..engine.stream import Done, Draft, Text
@@ -35,6 +39,10 @@ from .schemas import MAX_BODY_BYTES, ApiError, ChatCompletionRequest, Completion
 from .worker import Cancelled, Job, Overloaded, SerialWorker
 
 MAX_PIECE_DELAY_S = 0.02  # pacing: at most this long between two deltas of already committed text
+PUBLIC_PATHS = ("/", "/health")  # served without the API key
+# the page runs its own inline script and talks to this server only
+PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 _PIECE = re.compile(r"\s*\S{1,12}|\s+")  # word-sized deltas (long words split); concatenation is the text
 
 
@@ -77,6 +85,10 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, worker=No
         body = ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body()
         return JSONResponse(body, status_code=500)
 
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return HTMLResponse(_page(), headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+
     @app.get("/health")
     async def health():
         return {"status": "ok", **worker.load()}
@@ -110,13 +122,13 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, worker=No
 
 
 class BearerAuth:
-    """Every path but /health needs `Authorization: Bearer KEY` (plain ASGI: streaming is untouched)."""
+    """Every path but PUBLIC_PATHS needs `Authorization: Bearer KEY` (plain ASGI: streaming is untouched)."""
 
     def __init__(self, app, key: str):
         self.app, self.expected = app, f"Bearer {key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] != "/health":
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
                 error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
@@ -133,6 +145,11 @@ async def _read_body(request: Request) -> bytes:
         if len(body) > MAX_BODY_BYTES:
             raise ApiError(413, f"request body over {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
     return bytes(body)
+
+
+@cache
+def _page() -> str:
+    return (files(__package__) / "static" / "index.html").read_text(encoding="utf-8")
 
 
 def _check_model(name: str, served: str) -> None:
