@@ -12,7 +12,8 @@ ALLOWED = {
     "text": set(),
     "sampling": {"config"},
     "model": {"config"},
-    "engine": {"config", "model", "sampling", "text"},
+    "engine": {"config", "model", "sampling", "text", "quant"},
+    "quant": {"config", "model", "argtypes"},
     "bundled": {"config", "model", "text"},
     "train": {"config", "model", "sampling", "text", "argtypes"},
     "sudoku": {"config", "model", "sampling", "text", "engine", "train", "argtypes"},
@@ -20,7 +21,7 @@ ALLOWED = {
     "argtypes": {"sampling"},
     "serve": {"config", "engine", "text", "argtypes"},
     "cli": {"config", "model", "sampling", "engine", "text", "bundled", "view", "sudoku", "train", "argtypes",
-            "serve"},
+            "serve", "quant"},
     "__main__": {"cli"},
     "__init__": {"config", "engine", "model"},
 }

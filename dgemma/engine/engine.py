@@ -8,6 +8,7 @@ import torch
 
 from ..config import GenerationConfig, ModelConfig
 from ..model import DiffusionGemma, load_module
+from ..quant.modules import swap_for_checkpoint
 from ..text import Tokenizer
 from .cache import KVCache
 from .generate import GenerateOutput, generate, step_config
@@ -146,6 +147,6 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device=Non
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
-    module = load_module(path, dtype=dtype, device=device, quiet=quiet)
+    module = load_module(path, dtype=dtype, device=device, quiet=quiet, prepare=swap_for_checkpoint)
     tokenizer = Tokenizer.from_dir(path) if (Path(path) / "tokenizer.json").exists() else None
     return Engine(module, Path(path), GenerationConfig.from_dir(path), tokenizer)

@@ -18,6 +18,8 @@ from ..config import ModelConfig
 from .blocks import DiffusionGemma
 from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, MappedFiles, list_tensors
 
+QUANTIZATION_KEY = "dgemma.quantization"  # metadata of a `dgemma quantize` checkpoint (dgemma/quant/modules.py)
+
 # (checkpoint key pattern, action, our parameter name). Actions: "load" into the module, "same" = must
 # equal the named (already loaded) tensor, "skip" = ignored (vision). First match wins.
 KEY_MAP: list[tuple[str, str, str | None]] = [
@@ -48,19 +50,25 @@ def checkpoint_key(name: str) -> str:
 
 
 def load_module(directory: str | Path, *, dtype: torch.dtype | None = None, device=None,
-                quiet: bool = False) -> DiffusionGemma:
+                quiet: bool = False, prepare=None) -> DiffusionGemma:
     """Build the module on the meta device, then assign memory-mapped checkpoint tensors into it.
 
     dtype None keeps the stored dtype; device None means CPU. Tensors are converted and moved one at a
-    time, so peak host memory stays about one tensor above what the target device holds."""
+    time, so peak host memory stays about one tensor above what the target device holds.
+    prepare(module, metadata) -> names: runs on the meta module before loading (quant/ swaps in its quantized
+    modules for a quantized checkpoint); the named tensors keep their stored dtype, which must be theirs."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory; pass a model directory with config.json and "
                               "model.safetensors (or shards)")
     config = ModelConfig.from_file(directory)
-    infos, _ = list_tensors(directory)
+    infos, metadata = list_tensors(directory)
     with torch.device("meta"):
         module = DiffusionGemma(config)
+    if prepare is None and QUANTIZATION_KEY in metadata:
+        raise CheckpointError(f"{directory}: a quantized checkpoint ({metadata[QUANTIZATION_KEY]}); load it with "
+                              "dgemma.load for inference, or train from the full-precision checkpoint")
+    exact = prepare(module, metadata) if prepare is not None else set()
     expected = dict(module.state_dict(keep_vars=True))
     files = MappedFiles()
     loaded, deferred, skipped = {}, [], 0
@@ -76,13 +84,16 @@ def load_module(directory: str | Path, *, dtype: torch.dtype | None = None, devi
         if info.shape != want:
             raise CheckpointError(f"{info.file}: tensor '{key}' has shape {list(info.shape)} but config.json implies "
                                   f"{list(want)}; the config does not fit the weights")
+        if name in exact and info.dtype != expected[name].dtype:
+            raise CheckpointError(f"{info.file}: tensor '{key}' is {info.dtype} but the quantization recorded in the "
+                                  f"metadata stores it as {expected[name].dtype}; the checkpoint is corrupt")
         if action == "same":
             deferred.append((key, info, name))
             continue
         if name in loaded:
             raise CheckpointError(f"{info.file}: tensor '{key}' maps to '{name}', which was already loaded")
         tensor = files.tensor(info)
-        target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        target_dtype = dtype if dtype is not None and tensor.is_floating_point() and name not in exact else tensor.dtype
         loaded[name] = tensor.to(device=device or "cpu", dtype=target_dtype)
     missing = sorted(checkpoint_key(name) for name in set(expected) - set(loaded))
     if missing:
