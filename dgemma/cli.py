@@ -241,8 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max_tokens when a request gives none (default: the model's generation_config)")
     p.set_defaults(func=cmd_serve)
 
+    from .canvas_cli import add_canvas_parsers
     from .sudoku.commands import add_sudoku_parser
     from .train.commands import add_train_parser
+    add_canvas_parsers(sub, _add_model_flags, _load_engine)
     add_sudoku_parser(sub)
     add_train_parser(sub)
     return parser

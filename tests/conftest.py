@@ -221,3 +221,16 @@ def pytest_terminal_summary(terminalreporter):
                                         "(fp32 unless marked)")
         for config_id, diff in sorted(WORST.items()):
             terminalreporter.write_line(f"PARITY {config_id}: worst max|diff| = {diff:.3e}")
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory):
+    """A tiny random-weight model with a real (placeholder) tokenizer, built once per session (canvas 64)."""
+    from dgemma.bundled import build_random_model
+    return build_random_model(Path(tmp_path_factory.mktemp("random")) / "random")
+
+
+@pytest.fixture(scope="session")
+def random_engine(random_model_dir):
+    import dgemma
+    return dgemma.load(random_model_dir, quiet=True)

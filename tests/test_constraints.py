@@ -5,12 +5,9 @@ the canvas loop on a tiny random model with a plan."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-
 import pytest
 import torch
 
-import dgemma
 import dgemma.sampling as S
 from dgemma.sampling import constraints as C
 from dgemma.sampling.lean import step_lean
@@ -179,15 +176,10 @@ class FixedPlan:
         return argmax
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    from dgemma.bundled import build_random_model
-    return dgemma.load(build_random_model(Path(tmp_path_factory.mktemp("m")) / "random"), quiet=True)
-
-
-def test_canvas_loop_with_a_plan_keeps_clamps_and_skips_fully_clamped_canvases(engine):
+def test_canvas_loop_with_a_plan_keeps_clamps_and_skips_fully_clamped_canvases(random_engine):
     from dgemma.engine.generate import Commit, Step, canvas_loop, step_config
 
+    engine = random_engine
     L, V = engine.config.canvas_length, engine.config.vocab_size
     g = torch.Generator().manual_seed(0)
     clamp0 = torch.where(torch.arange(L) % 2 == 0, torch.randint(10, V, (L,), generator=g), -1)[None].repeat(2, 1)

@@ -20,8 +20,9 @@ ALLOWED = {
     "view": set(),
     "argtypes": {"sampling"},
     "serve": {"config", "engine", "text", "argtypes"},
+    "canvas_cli": {"engine", "argtypes"},
     "cli": {"config", "model", "sampling", "engine", "text", "bundled", "view", "sudoku", "train", "argtypes",
-            "serve", "quant"},
+            "serve", "canvas_cli", "quant"},
     "__main__": {"cli"},
     "__init__": {"config", "engine", "model"},
 }

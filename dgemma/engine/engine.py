@@ -61,6 +61,16 @@ class Engine:
         *_, done = self.stream(prompt, messages=messages, enable_thinking=enable_thinking, drafts=False, **options)
         return done
 
+    def infill(self, prefix: str, suffix: str, **options):
+        """The middle between prefix and suffix -> InfillResult (.middle, .text); see engine/infill.py."""
+        from .infill import infill
+        return infill(self, prefix, suffix, **options)
+
+    def edit(self, text: str, start: int, end: int, **options):
+        """Re-denoise text[start:end] in place (instruction=, strength=) -> EditResult (.text); see engine/edit.py."""
+        from .edit import edit
+        return edit(self, text, start, end, **options)
+
     @property
     def device(self) -> torch.device:
         return self.module.embed_tokens.weight.device

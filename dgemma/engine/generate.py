@@ -10,11 +10,12 @@
         stop if every row has finished; else encode(committed)   # commit = causal pass, same positions
 
 It is a Python generator of events so that `generate` (collect everything) and streaming front-ends run
-the same code. An optional `plan` (a `CanvasPlan`) constrains it: before each canvas the plan gives that canvas's
-`CanvasConstraints` (clamped positions, allowed-token classes, seeded start tokens; applied inside the sampler step),
-and at each commit it may repair the argmax before it is committed (JSON closes what the canvas left open). Infill,
-in-place edits and JSON output are all plans over this one loop. The random stream (canvas init, then per step multinomial + randint) is the reference's,
+the same code. The random stream (canvas init, then per step multinomial + randint) is the reference's,
 so with the same seed and the reference sampling primitive the tokens are the reference's.
+An optional `plan` (a `CanvasPlan`) constrains it: before each canvas the plan gives that canvas's
+`CanvasConstraints` (clamped positions, allowed-token classes, seeded start tokens; applied inside the sampler
+step), and at each commit it may repair the argmax before it is committed (JSON closes what the canvas left open).
+Infill, in-place edits and JSON output are all plans over this one loop.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def canvas_loop(module, input_ids: torch.Tensor, gen: GenerationConfig, cfg: Ste
                 c.check((B, L), V)
                 c.check_ids(V)
                 state = init_state(c.start_canvas(noise), cfg)
-                state = dataclasses.replace(state, done=c.fully_clamped())
+                nothing_free = c.fully_clamped()  # such rows stop before their first step (frozen, 0 steps)
+                state = dataclasses.replace(state, stopped=nothing_free, done=nothing_free)
         while not bool(state.done.all()):  # one host sync per step, outside the model
             with torch.inference_mode():
                 # both pieces work position-chunk by position-chunk: no extra full [B,L,V] fp32 buffer

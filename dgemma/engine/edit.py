@@ -1,0 +1,75 @@
+"""In-place edit: re-denoise one span of an existing text with everything else fixed (infill seeded by the old span).
+
+An edit is an infill (engine/infill.py) whose prefix is the text before the span and whose suffix is the text after
+it, with two differences:
+  * the span's free positions START from the old span's tokens instead of uniform noise, each one kept with
+    probability 1 - strength (strength 1.0 = a fresh infill, 0.0 = start from the old span exactly). Diffusion can
+    do this and a left-to-right model cannot: the first step reads the old text in place, and self-conditioning
+    carries what it made of it into the later steps;
+  * with an instruction, the encoder context is a chat turn holding the instruction and the old span, and the
+    answer starts with the text before the span (the model rewrites the span in place, mid-answer).
+Candidate lengths centre on the old span's length (the same junction scoring picks one). Text outside the span is
+returned byte-identical: the result is before + new span + after, as strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .infill import InfillResult, infill
+
+
+@dataclass
+class EditResult:
+    text: str  # the whole edited text
+    old_span: str
+    new_span: str
+    start: int  # character offsets of the span in the ORIGINAL text
+    end: int
+    infill: InfillResult
+
+
+def line_span(text: str, first: int, last: int) -> tuple[int, int]:
+    """Character offsets [start, end) of 1-based lines first..last (inclusive), without the last line's newline."""
+    lines = text.splitlines(keepends=True)
+    if not 1 <= first <= last <= len(lines):
+        raise ValueError(f"lines {first}-{last} are outside the text's {len(lines)} lines (1-based, inclusive)")
+    start = sum(len(x) for x in lines[: first - 1])
+    end = start + sum(len(x) for x in lines[first - 1: last])
+    if lines[last - 1].endswith(("\r\n",)):
+        end -= 2
+    elif lines[last - 1].endswith(("\n", "\r")):
+        end -= 1
+    return start, end
+
+
+def edit_lengths(old: int, num_candidates: int) -> list[int]:
+    """Candidate span lengths around the old one: the old length first, then shorter and longer."""
+    factors = [1.0, 0.75, 1.5, 0.5, 2.0, 1.25][: max(1, num_candidates)]
+    return sorted({max(1, round(old * f)) for f in factors})
+
+
+def edit(engine, text: str, start: int, end: int, *, instruction: str | None = None, strength: float = 0.5,
+         span_tokens: int | None = None, num_candidates: int = 3, seed: int | None = None, **options) -> EditResult:
+    """Rewrite text[start:end]; everything else stays byte-identical. Options as for `infill`."""
+    if not isinstance(text, str):
+        raise ValueError("text must be a string")
+    if not 0 <= start <= end <= len(text):
+        raise ValueError(f"span [{start}, {end}) is outside the text of {len(text)} characters")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+    tok = engine.require_tokenizer()
+    before, old, after = text[:start], text[start:end], text[end:]
+    old_ids = tok.encode(old, add_bos=False) if old else []
+    g = torch.Generator().manual_seed(0 if seed is None else seed)
+    keep = (torch.rand(len(old_ids), generator=g) >= strength).tolist()
+    seeds = [i if k else -1 for i, k in zip(old_ids, keep)]
+    prompt = None
+    if instruction is not None:
+        prompt = f"{instruction}\n\nThe part to rewrite:\n{old}" if old else instruction
+    lengths = span_tokens if span_tokens is not None else edit_lengths(max(1, len(old_ids)), num_candidates)
+    result = infill(engine, before, after, instruction=prompt, seed=seed, seeds_from=seeds, middle_tokens=lengths,
+                    **options)
+    return EditResult(before + result.middle + after, old, result.middle, start, end, result)

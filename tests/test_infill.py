@@ -1,0 +1,127 @@
+"""Infill (dgemma/engine/infill.py): prefix and suffix come back byte-identical, the suffix is clamped in the canvas,
+the middle holds no special token, and the junction score picks the right length when the model knows the answer."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from dgemma.cli import main
+from dgemma.engine.engine import Engine
+from dgemma.engine.generate import Commit, canvas_loop, step_config
+from dgemma.engine.infill import InfillPlan, candidate_lengths, middle_class, row_layout
+
+FAST = {"max_denoising_steps": 3, "seed": 0}
+
+
+@pytest.fixture
+def model_dir(random_model_dir):
+    return random_model_dir
+
+
+@pytest.fixture
+def engine(random_engine):
+    return random_engine
+
+
+@pytest.mark.parametrize("prefix,suffix,options", [
+    ("def main():\n    ", "\n    return 0\n", {}),
+    ("", "tail only ü", {"middle_tokens": 5}),
+    ("héllo wörld {", "", {"num_candidates": 2}),
+    ("A causal encoder ", " the prompt. " * 30, {"num_candidates": 2}),  # suffix longer than a canvas
+    ("x = [", "]\n", {"middle_tokens": 80}),  # the middle spans two canvases
+])
+def test_prefix_and_suffix_are_byte_identical(engine, prefix, suffix, options):
+    r = engine.infill(prefix, suffix, **FAST, **options)
+    assert r.text == prefix + r.middle + suffix
+    assert r.text.startswith(prefix) and r.text.endswith(suffix)
+    assert len(r.middle_ids) == r.middle_tokens
+    tok = engine.tokenizer
+    assert not set(r.middle_ids) & (tok.added_id_set | set(tok.stop_ids))
+    assert r.candidates[0][0] == r.middle_tokens
+    if "middle_tokens" in options:
+        assert r.middle_tokens == options["middle_tokens"]
+
+
+def test_suffix_and_eos_are_clamped_in_the_committed_canvases(engine):
+    tok, L = engine.tokenizer, engine.config.canvas_length
+    suffix_ids = tok.encode(" the prompt; the same weights", add_bos=False)
+    lengths = [10, 30, 70]
+    plan = InfillPlan(lengths, suffix_ids, tok.eos_id, L, middle_class(tok, engine.config.vocab_size))
+    gen = engine.generation_settings(max_new_tokens=plan.num_canvases * L, eos_token_id=[], max_denoising_steps=3)
+    ctx = torch.tensor([tok.encode("A causal encoder")] * 3)
+    commits = [e for e in canvas_loop(engine.module, ctx, gen, step_config(gen, sampling="fast"),
+                                      generator=torch.Generator().manual_seed(0), plan=plan) if isinstance(e, Commit)]
+    tokens = torch.cat([c.tokens for c in commits], dim=1)
+    clamped = plan.layout >= 0
+    assert torch.equal(tokens[clamped], plan.layout[clamped])
+    for r, m in enumerate(lengths):  # the suffix starts right after the middle, in the middle's last canvas
+        assert tokens[r, m: m + len(suffix_ids)].tolist() == suffix_ids
+    assert plan.num_canvases == 2 and commits[1].num_steps[:2].tolist() == [0, 0]  # rows done in canvas 0: no steps
+    assert torch.isfinite(plan.scores).all()
+
+
+def test_layout_and_candidates():
+    assert row_layout(3, [7, 8], 1, 4, 8) == [-1, -1, -1, 7, 1, 1, 1, 1]
+    assert row_layout(5, [7, 8, 9], 1, 4, 8) == [-1, -1, -1, -1, -1, 7, 8, 9]
+    for m in candidate_lengths(64, 20, max_middle=200, num_candidates=7):
+        assert m % 64 and 64 - m % 64 >= 4  # the junction stays visible in the middle's last canvas
+    with pytest.raises(ValueError, match="max_middle_tokens"):
+        candidate_lengths(64, 3, max_middle=0, num_candidates=2)
+
+
+class KnowingModel(torch.nn.Module):
+    """A stand-in denoiser that has memorised one canvas, `truth`: it predicts truth[p] at every position p
+    whatever the input. (The infill plan, the sampler and the loop are the real ones.)"""
+
+    def __init__(self, config, truth: list[int]):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = torch.nn.Embedding(1, 1)
+        logits = torch.full((config.canvas_length, config.vocab_size), -8.0)
+        logits[torch.arange(len(truth)), torch.tensor(truth)] = 8.0
+        self.logits = logits
+
+    def encode(self, tokens, cache, valid=None, return_hidden=False):
+        return None
+
+    def soft_embedding(self, sc_logits, chunk=None):
+        return None
+
+    def denoise(self, tokens, cache, soft=None):
+        return self.logits[None].expand(tokens.shape[0], -1, -1).clone()
+
+
+def test_junction_score_picks_the_true_length(engine):
+    tok = engine.tokenizer
+    middle_ids = tok.encode(" denoise a canvas of tokens in parallel", add_bos=False)
+    suffix = ". Each step samples every position"
+    suffix_ids = tok.encode(suffix, add_bos=False)
+    L = engine.config.canvas_length
+    truth = middle_ids + suffix_ids + [tok.eos_id] * (L - len(middle_ids) - len(suffix_ids))
+    knowing = Engine(KnowingModel(engine.config, truth), tokenizer=tok)
+    n = len(middle_ids)
+    r = knowing.infill("The same weights", suffix, middle_tokens=[n - 2, n, n + 3, n + 9], seed=0,
+                       max_denoising_steps=4)
+    assert r.middle_tokens == n and r.middle_ids == middle_ids
+    assert r.candidates[0][1] > r.candidates[1][1]
+
+
+def test_bad_input_is_refused(engine):
+    with pytest.raises(ValueError, match="middle_tokens"):
+        engine.infill("a", "b", middle_tokens=0)
+    with pytest.raises(ValueError, match="strings"):
+        engine.infill(None, "b")
+
+
+def test_cli_infill(model_dir, tmp_path, capsys):
+    (tmp_path / "a.py").write_text("def main():\n    ")
+    (tmp_path / "b.py").write_text("\n    return 0\n")
+    assert main(["infill", "--model", str(model_dir), "--prefix-file", str(tmp_path / "a.py"), "--suffix-file",
+                 str(tmp_path / "b.py"), "--steps", "2", "--seed", "0", "--full"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def main():\n    ") and out.endswith("\n    return 0\n")
+    assert main(["infill", "--model", str(model_dir), "--prefix-file", str(tmp_path / "missing"),
+                 "--suffix-file", str(tmp_path / "b.py")]) == 2
+    assert "missing" in capsys.readouterr().err
