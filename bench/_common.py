@@ -225,3 +225,32 @@ class StepCost:
                 flops += self.flops(P, s > 0)
                 nbytes += self.bytes(P, s > 0)
         return flops, nbytes
+
+
+# --- instrumentation ----------------------------------------------------------------------------------------
+class Timers:
+    """Wraps methods of live objects with timers (instance attributes that shadow the class methods; removed
+    by `restore`). Records (kind, start, end, counts_as_step, method name) per call. On CUDA it synchronises around
+    every timed call, which costs little: both loops already synchronise once per step."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.events, self._wrapped = device, [], []
+
+    def wrap(self, obj, name: str, kind: str, step: bool = False) -> None:
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            sync(self.device)
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            sync(self.device)
+            self.events.append((kind, t0, time.perf_counter(), step, name))
+            return out
+
+        object.__setattr__(obj, name, timed)
+        self._wrapped.append((obj, name))
+
+    def restore(self) -> None:
+        for obj, name in reversed(self._wrapped):
+            object.__delattr__(obj, name)
+        self._wrapped.clear()

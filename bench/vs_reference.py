@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import DTYPES, NAMED_CONFIGS, PeakMemory, StepCost, hardware, matmul_peak_gflops, median, read_config, \
-    sync  # noqa: E402
+from _common import DTYPES, NAMED_CONFIGS, PeakMemory, StepCost, Timers, hardware, matmul_peak_gflops, median, \
+    read_config, sync  # noqa: E402
 
 import dgemma  # noqa: E402
 
@@ -112,35 +112,6 @@ def random_prompt(raw: dict, vocab: int, batch: int, length: int, seed: int) -> 
     high = min([vocab] + [s for s in specials if isinstance(s, int) and s > 3])
     g = torch.Generator().manual_seed(seed + 1)
     return torch.randint(3, high, (batch, length), generator=g)
-
-
-# --- instrumentation ----------------------------------------------------------------------------------------
-class Timers:
-    """Wraps methods of live objects with timers (instance attributes that shadow the class methods; removed
-    by `restore`). Records (kind, start, end, counts_as_step, method name) per call. On CUDA it synchronises around
-    every timed call, which costs little: both loops already synchronise once per step."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.events, self._wrapped = device, [], []
-
-    def wrap(self, obj, name: str, kind: str, step: bool = False) -> None:
-        inner = getattr(obj, name)
-
-        def timed(*args, **kwargs):
-            sync(self.device)
-            t0 = time.perf_counter()
-            out = inner(*args, **kwargs)
-            sync(self.device)
-            self.events.append((kind, t0, time.perf_counter(), step, name))
-            return out
-
-        object.__setattr__(obj, name, timed)
-        self._wrapped.append((obj, name))
-
-    def restore(self) -> None:
-        for obj, name in reversed(self._wrapped):
-            object.__delattr__(obj, name)
-        self._wrapped.clear()
 
 
 class Bench:

@@ -35,6 +35,32 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[experts], experts
 
 
+GROUPED_MM = {"auto": None, "on": True, "off": False}
+_grouped_mode = "auto"  # set by `set_grouped_dispatch` (the runner's choice, never the model files')
+
+
+def set_grouped_dispatch(mode: str) -> None:
+    """"auto": one grouped GEMM on CUDA, the per-expert loop elsewhere; "on" / "off": force either (tests)."""
+    global _grouped_mode
+    if mode not in GROUPED_MM:
+        raise ValueError(f"grouped dispatch mode must be one of {sorted(GROUPED_MM)}, got {mode!r}")
+    _grouped_mode = mode
+
+
+def grouped_dispatch(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether `Experts.forward` can and should use `torch._grouped_mm` for these tensors: the op exists, the
+    dtypes agree, rows are 16-byte aligned (its stride rule), and the mode asks for it."""
+    forced = GROUPED_MM[_grouped_mode]
+    if forced is False or not hasattr(torch, "_grouped_mm"):
+        return False
+    if forced is None and x.device.type != "cuda":
+        return False
+    if x.device.type == "cuda" and x.dtype != torch.bfloat16:  # the CUDA kernel takes bf16 only
+        return False
+    return all(w.dtype == x.dtype and (w.shape[-1] * w.element_size()) % 16 == 0 and
+               (w.shape[-2] * w.element_size()) % 16 == 0 for w in weights)
+
+
 class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden: int, intermediate: int):
         super().__init__()
@@ -54,18 +80,27 @@ class Experts(nn.Module):
         routing weights are fp32) are put back in (token, slot) order and summed over the K slots, then
         rounded to x's dtype once: the reference's default ("grouped_mm") order of additions, so even
         top-k >= 3 matches it to the last bit. Gathers only, no index_add_ (which is pathologically slow
-        with several CPU threads: 33 ms vs 61 us for a 128x512 add, measured here)."""
+        with several CPU threads: 33 ms vs 61 us for a 128x512 add, measured here).
+
+        The per-expert matmuls run either as ONE grouped GEMM over all experts (`torch._grouped_mm`: no host
+        synchronisation, one kernel launch per projection; used on CUDA) or as a Python loop over the active
+        experts (one `.tolist()` of the counts; used on CPU, where it is as fast). `grouped_dispatch` picks."""
         N, K = experts.shape
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
         inputs = x[order // K]  # [N*K, D], grouped by expert
-        outputs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                outputs.append(self.expert(e, inputs[start:start + n]))
-                start += n
-        grouped = torch.cat(outputs) if outputs else inputs
+        if grouped_dispatch(x, self.gate_up_proj, self.down_proj):
+            offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+            gate, up = torch._grouped_mm(inputs, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+            grouped = torch._grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        else:
+            outputs, start = [], 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    outputs.append(self.expert(e, inputs[start:start + n]))
+                    start += n
+            grouped = torch.cat(outputs) if outputs else inputs
         weighted = grouped * weights.reshape(-1)[order, None]
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
