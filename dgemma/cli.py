@@ -111,6 +111,9 @@ def cmd_generate(args) -> int:
         raise ValueError("empty prompt: pass PROMPT or pipe text on stdin")
     engine = _load_engine(args)
     options = _engine_options(args, engine)
+    if args.json_schema is not None or args.json_object:  # only the JSON document is printed
+        from .canvas_cli import run_json
+        return run_json(args, engine, prompt, options)
     if args.raw:
         events = engine.stream(prompt, drafts=args.show_drafts, **options)
     else:
@@ -219,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, usage and stats")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="answer with one JSON document valid for the JSON schema in FILE (printed alone)")
+    p.add_argument("--json-object", action="store_true", help="answer with one JSON object (printed alone)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="multi-turn chat on stdin; reuses the cached prefix across turns")
@@ -247,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_canvas_parsers(sub, _add_model_flags, _load_engine)
     add_sudoku_parser(sub)
     add_train_parser(sub)
+    from .plan import add_plan_parser
+    from .quant.commands import add_quantize_parser
+    add_quantize_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 

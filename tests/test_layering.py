@@ -14,6 +14,7 @@ ALLOWED = {
     "model": {"config"},
     "engine": {"config", "model", "sampling", "text", "quant"},
     "quant": {"config", "model", "argtypes"},
+    "plan": {"config", "model", "quant", "argtypes"},
     "bundled": {"config", "model", "text"},
     "train": {"config", "model", "sampling", "text", "argtypes"},
     "sudoku": {"config", "model", "sampling", "text", "engine", "train", "argtypes"},
@@ -22,7 +23,7 @@ ALLOWED = {
     "serve": {"config", "engine", "text", "argtypes"},
     "canvas_cli": {"engine", "argtypes"},
     "cli": {"config", "model", "sampling", "engine", "text", "bundled", "view", "sudoku", "train", "argtypes",
-            "serve", "canvas_cli", "quant"},
+            "serve", "canvas_cli", "quant", "plan"},
     "__main__": {"cli"},
     "__init__": {"config", "engine", "model"},
 }

@@ -1,0 +1,251 @@
+"""`dgemma plan`: how much memory a model needs, from its config alone (no weights are read or allocated).
+
+Components (bytes), each computed from what dgemma's code allocates:
+* weights: the module built on the meta device, quantized modules swapped in (the same swap `dgemma.load`
+  does), every parameter and buffer counted at its dtype: exact for what loading allocates.
+* kv_cache_per_request: K and V of every layer at `context` positions; sliding layers keep only their last
+  window-1 entries (engine/cache.py), full layers everything.
+* sampler_per_canvas: the vocabulary-sized buffers of one canvas at their peak, the tied head + soft-cap: the
+  kept self-conditioning logits, the fp32 logits and two soft-cap temporaries = 4 fp32 [L, V] buffers
+  (`sampler_bytes`); the lean sampler step works in place with one shared 16 MiB chunk (sampling/lean.py).
+* activation_peak: the largest non-vocabulary working set: max of (a) the prompt prefill, one encoder pass
+  over `prompt` tokens (mixture of experts: the routed copies of the tokens, the experts' outputs, their
+  concatenation and two fp32 weighted copies, K per token; attention: the keys and values concatenated to
+  the cache and expanded to every query head; the causal masks) and (b) a denoising step of all canvases.
+total = weights + concurrency * kv + max(prefill activations, the step's peak), since a prefill and a canvas's
+step never overlap; the step's peak is the largest of C * sampler (at the head), C * 2 [L, V] + the sampler's
+chunk (in the step), C * 1 [L, V] + the step's layer activations (in the layers), for C concurrent canvases
+batched in one forward. Checked against a measured peak on small configs in tests/test_plan.py (within 15%).
+Assumed: an attention kernel that does not materialise the [T, S] score matrix (CUDA SDPA; the CPU flash kernel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+from .model.blocks import DiffusionGemma
+from .quant.modules import swap_modules
+from .quant.schemes import DEFAULT_GROUP_SIZE, scale_dtype_for
+
+GiB = 2 ** 30
+SAMPLER_CHUNK_BYTES = 18 << 20  # step_lean's work buffer (16 MiB) + block scratch (2 MiB), shared by all canvases
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: ModelConfig
+    quant: str | None
+    group_size: int | None
+    dtype: torch.dtype
+    context: int
+    prompt: int
+    prefill_chunk: int | None
+    concurrency: int
+    weights: dict[str, int]
+    kv_cache_per_request: int
+    sampler_per_canvas: int
+    prefill_activations: int
+    step_activations: int
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def activation_peak(self) -> int:
+        return max(self.prefill_activations, self.step_activations)
+
+    @property
+    def total_bytes(self) -> int:
+        c = self.concurrency
+        unit = vocab_unit(self.config)
+        step = max(c * self.sampler_per_canvas, c * 2 * unit + SAMPLER_CHUNK_BYTES, c * unit + self.step_activations)
+        return self.weight_bytes + c * self.kv_cache_per_request + max(self.prefill_activations, step)
+
+    def max_concurrency(self, budget_bytes: float) -> int:
+        """Most concurrent canvases (each its own request and cache) whose total fits `budget_bytes`."""
+        per = self.kv_cache_per_request + self.sampler_per_canvas
+        room = budget_bytes - self.weight_bytes
+        if room < self.prefill_activations + self.kv_cache_per_request:
+            return 0
+        n = int(room // per) + 1
+        while n > 0 and plan_with(self, n).total_bytes > budget_bytes:
+            n -= 1
+        return n
+
+    def as_dict(self) -> dict:
+        return {"quant": self.quant or "none", "group_size": self.group_size,
+                "dtype": str(self.dtype).removeprefix("torch."), "context": self.context, "prompt": self.prompt,
+                "prefill_chunk": self.prefill_chunk,
+                "concurrency": self.concurrency, "weights_bytes": self.weight_bytes,
+                "weights_by_component": self.weights, "kv_cache_per_request_bytes": self.kv_cache_per_request,
+                "sampler_per_canvas_bytes": self.sampler_per_canvas,
+                "prefill_activation_bytes": self.prefill_activations,
+                "step_activation_bytes": self.step_activations, "activation_peak_bytes": self.activation_peak,
+                "total_bytes": self.total_bytes}
+
+
+def weight_bytes(cfg: ModelConfig, quant: str | None, group_size: int | None, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes per component of what `dgemma.load` allocates (meta device, so nothing is allocated here)."""
+    with torch.device("meta"):
+        module = DiffusionGemma(cfg).to(dtype)
+    if quant is not None:
+        swap_modules(module, quant, group_size, scale_dtype_for(dtype, quant))
+    out = {"experts": 0, "embedding (tied head)": 0, "attention + dense/self-cond MLPs": 0, "router + norms": 0}
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        n = t.numel() * t.element_size()
+        if ".experts." in name:
+            out["experts"] += n
+        elif name.startswith("embed_tokens"):
+            out["embedding (tied head)"] += n
+        elif ".self_attn." in name and not name.endswith("norm.weight") or ".mlp." in name \
+                or name.startswith("self_conditioning.") and "norm" not in name:
+            out["attention + dense/self-cond MLPs"] += n
+        else:
+            out["router + norms"] += n
+    return out
+
+
+def kv_cache_bytes(cfg: ModelConfig, context: int, itemsize: int) -> int:
+    total = 0
+    for i in range(cfg.num_hidden_layers):
+        kept = min(context, cfg.sliding_window - 1) if cfg.is_sliding(i) else context
+        total += 2 * cfg.num_kv_heads_of(i) * cfg.head_dim_of(i) * kept * itemsize
+    return total
+
+
+def vocab_unit(cfg: ModelConfig) -> int:
+    """One fp32 [L, V] buffer: a canvas's logits."""
+    return cfg.canvas_length * cfg.vocab_size * 4
+
+
+def sampler_bytes(cfg: ModelConfig) -> int:
+    """Vocabulary-sized peak of one canvas, at the tied head: the kept self-conditioning logits plus the head's
+    fp32 logits and two soft-cap temporaries (tanh(x / cap) * cap) = 4 fp32 [L, V] buffers (measured the same
+    for bf16 and fp32 weights: the head's bf16 output is freed once copied to fp32). The sampler step itself
+    (2 buffers + one shared chunk, see `step_bytes`) and the soft embedding (1 + a [L, V] weight-dtype
+    buffer) stay below that."""
+    return 4 * vocab_unit(cfg)
+
+
+def pass_activation_bytes(cfg: ModelConfig, tokens: int, context: int, itemsize: int, causal: bool) -> int:
+    """Working set of one pass over `tokens` new tokens against `context` cached ones (no vocab terms)."""
+    D, K, H = cfg.hidden_size, cfg.top_k_experts, cfg.num_attention_heads
+    moe = tokens * K * D * (3 * itemsize + 8) + tokens * cfg.num_experts * 4 * 2  # copies + fp32 weighted, router
+    stream = tokens * D * (3 * itemsize + 2 * 4)  # residual, normed input, layer output; fp32 norm temporaries
+    attn = 0
+    for i in range(cfg.num_hidden_layers):
+        seen = (min(context, cfg.sliding_window - 1) if cfg.is_sliding(i) else context) + tokens
+        dh, hk = cfg.head_dim_of(i), cfg.num_kv_heads_of(i)
+        kv = 2 * seen * dh * itemsize * (hk + (H if H != hk else 0))  # concatenated K/V + per-head expansion
+        q = 3 * tokens * H * dh * itemsize  # q, rotated q, attention output
+        attn = max(attn, kv + q)
+    mask = 2 * tokens * (context + tokens) if causal else 0  # one bool mask per layer kind
+    return moe + stream + attn + mask
+
+
+def make_plan(cfg: ModelConfig, *, quant: str | None = None, group_size: int | None = None,
+              dtype: torch.dtype = torch.bfloat16, context: int = 8192, concurrency: int = 1,
+              prompt: int | None = None, prefill_chunk: int | None = None) -> Plan:
+    if quant == "int4":
+        group_size = group_size or DEFAULT_GROUP_SIZE
+    elif quant is None:
+        group_size = None
+    if context < cfg.canvas_length:
+        raise ValueError(f"context {context} is shorter than one canvas ({cfg.canvas_length} tokens)")
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    prompt = context - cfg.canvas_length if prompt is None else prompt
+    if not 0 <= prompt <= context - cfg.canvas_length:
+        raise ValueError(f"prompt {prompt} must leave room for a canvas in the context of {context}")
+    itemsize = dtype.itemsize
+    # a prompt prefilled in pieces of `prefill_chunk` tokens peaks at its last piece (the most context)
+    piece = max(1, min(prompt, prefill_chunk or prompt))
+    return Plan(cfg, quant, group_size, dtype, context, prompt, prefill_chunk, concurrency,
+                weight_bytes(cfg, quant, group_size, dtype), kv_cache_bytes(cfg, context, itemsize),
+                sampler_bytes(cfg),
+                pass_activation_bytes(cfg, piece, max(prompt - piece, 0), itemsize, causal=True),
+                pass_activation_bytes(cfg, concurrency * cfg.canvas_length, context, itemsize, causal=False))
+
+
+def plan_with(plan: Plan, concurrency: int) -> Plan:
+    return make_plan(plan.config, quant=plan.quant, group_size=plan.group_size, dtype=plan.dtype,
+                     context=plan.context, concurrency=concurrency, prompt=plan.prompt, prefill_chunk=plan.prefill_chunk)
+
+
+def render(plan: Plan, budgets_gib=(18, 24, 80)) -> list[str]:
+    c = plan.concurrency
+    prefill = f"prefill, {plan.prompt:,}-token prompt " + (f"in {plan.prefill_chunk:,}-token pieces"
+                                                             if plan.prefill_chunk else "in one pass")
+    rows = [(f"weights: {plan.quant or 'not quantized'}" + (f", group {plan.group_size}" if plan.group_size else "")
+             + f", rest {str(plan.dtype).removeprefix('torch.')}", plan.weight_bytes)]
+    rows += [(f"  {name}", n) for name, n in plan.weights.items()]
+    rows += [(f"KV cache per request at {plan.context:,} tokens", plan.kv_cache_per_request),
+             ("sampler + self-conditioning per canvas", plan.sampler_per_canvas),
+             ("activation peak", plan.activation_peak), (f"  {prefill}", plan.prefill_activations),
+             (f"  denoising step, {c} canvas(es)", plan.step_activations),
+             (f"total, {c} concurrent canvas(es)", plan.total_bytes)]
+    lines = [f"{label:<50}{n / GiB:8.2f} GiB ({n / 1e9:6.2f} GB)" for label, n in rows]
+    for gb in budgets_gib:
+        n = plan.max_concurrency(gb * GiB)
+        lines.append(f"fits in {gb:g} GiB: " + (f"yes, up to {n} concurrent canvas(es) at this context" if n else "no"))
+    lines.append("budgets are GiB, what GPU makers call GB (a '24 GB' card has 24 GiB); not counted: the CUDA "
+                 "context (~0.3-0.5 GiB) and allocator fragmentation")
+    return lines
+
+
+# --- `dgemma plan` ------------------------------------------------------------------------------------------
+def add_plan_parser(subparsers) -> None:
+    from .argtypes import positive_int
+
+    p = subparsers.add_parser("plan", help="memory needed for weights, KV cache, sampler and activations, from the "
+                                           "config alone (nothing is downloaded or allocated)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model directory (a quantized one brings its scheme)")
+    src.add_argument("--config", help="config.json (or a directory with one)")
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default=None,
+                   help="weight quantization (default: the checkpoint's, else none)")
+    p.add_argument("--group-size", type=positive_int, default=None, help=f"int4 group size ({DEFAULT_GROUP_SIZE})")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="dtype of unquantized weights, activations and the KV cache (default bfloat16)")
+    p.add_argument("--context", type=positive_int, default=8192, help="tokens per request (default 8192)")
+    p.add_argument("--prompt", type=int, default=None,
+                   help="prompt tokens prefilled in one pass (default: context minus one canvas)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=None,
+                   help="plan a prompt prefilled in pieces of N tokens (dgemma's engine prefills in one pass today)")
+    p.add_argument("--concurrency", type=positive_int, default=1, help="canvases denoised at once (default 1)")
+    p.add_argument("--budget", type=float, action="append", default=None, metavar="GB",
+                   help="memory budgets to check, in GiB (repeatable; default 18, 24, 80)")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .model.checkpoint import list_tensors
+    from .quant.modules import read_metadata
+
+    path = Path(args.model or args.config)
+    cfg = ModelConfig.from_file(path)
+    quant, group_size = args.quant, args.group_size
+    if args.model and quant is None and path.is_dir():
+        record = read_metadata(list_tensors(path)[1])
+        if record is not None:
+            quant, group_size = record["scheme"], group_size or record["group_size"]
+    quant = None if quant in (None, "none") else quant
+    plan = make_plan(cfg, quant=quant, group_size=group_size, dtype=getattr(torch, args.dtype), context=args.context,
+                     concurrency=args.concurrency, prompt=args.prompt, prefill_chunk=args.prefill_chunk)
+    budgets = args.budget or [18, 24, 80]
+    if args.json:
+        fits = {f"{gb:g}GiB": plan.max_concurrency(gb * GiB) for gb in budgets}
+        print(json.dumps({"source": str(path), **plan.as_dict(), "max_concurrency": fits}))
+        return 0
+    print(f"dgemma plan: {path}")
+    for line in render(plan, budgets):
+        print("  " + line)
+    return 0
