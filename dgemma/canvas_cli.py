@@ -30,6 +30,27 @@ def _lines(text: str) -> tuple[int, int]:
     return a, b
 
 
+def run_json(args, engine, prompt: str, options: dict) -> int:
+    """`dgemma generate --json-schema FILE | --json-object`: print the compact document, stats to stderr."""
+    if args.json_schema is not None:
+        text = _read(args.json_schema, "JSON schema file")
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"JSON schema file {args.json_schema} is not valid JSON: {e}") from None
+        fmt = {"type": "json_schema", "json_schema": {"name": Path(args.json_schema).stem, "schema": schema}}
+    else:
+        fmt = {"type": "json_object"}
+    where = {"prompt": prompt} if args.raw else {"messages": [{"role": "user", "content": prompt}]}
+    r = engine.generate_json(**where, response_format=fmt, **options)
+    print(r.text)
+    if args.stats:
+        d = r.done
+        print(f"[{d.completion_tokens} tokens, {d.canvases} canvases, steps {d.steps_per_canvas}, "
+              f"{d.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
 def _options(args) -> dict:
     options = {"seed": args.seed, "sampling": args.sampling, "num_candidates": args.candidates}
     if args.steps is not None:

@@ -52,14 +52,26 @@ class Engine:
         return tok.encode(prompt, add_bos=True)
 
     def stream(self, prompt: str | None = None, *, messages=None, enable_thinking: bool = False, **options):
-        """Stream Draft / Text / Done events for one prompt or chat (see engine/stream.py for options)."""
+        """Stream Draft / Text / Done events for one prompt or chat (see engine/stream.py for options).
+        response_format={"type": "json_object" | "json_schema", ...} constrains the answer to valid JSON
+        (engine/structured.py; the text then carries filler spaces, see compact_json)."""
         from .stream import stream_ids
+        if options.get("response_format") is not None:
+            from .structured import structured_options
+            options = structured_options(self, options)
+        options.pop("response_format", None)
         return stream_ids(self, self.prompt_ids(prompt, messages, enable_thinking=enable_thinking), **options)
 
     def complete(self, prompt: str | None = None, *, messages=None, enable_thinking: bool = False, **options):
         """Non-streaming: run to the end and return the Done event (.output.answer, .output.thinking, stats)."""
         *_, done = self.stream(prompt, messages=messages, enable_thinking=enable_thinking, drafts=False, **options)
         return done
+
+    def generate_json(self, prompt: str | None = None, *, messages=None, schema: dict | None = None, **options):
+        """A JSON document valid for `schema` by construction (any JSON object without one) -> JsonResult
+        (.value parsed, .text compact, .done stats); see engine/structured.py."""
+        from .structured import generate_json
+        return generate_json(self, prompt, messages=messages, schema=schema, **options)
 
     def infill(self, prefix: str, suffix: str, **options):
         """The middle between prefix and suffix -> InfillResult (.middle, .text); see engine/infill.py."""

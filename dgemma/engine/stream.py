@@ -76,7 +76,7 @@ class Done:
 def stream_ids(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = None,
                stop: Sequence[str] | None = None, seed: int | None = None, drafts: bool = True,
                cache: KVCache | None = None, cached_len: int = 0, accept=None, sampling: str = "fast",
-               **knobs) -> Iterator:
+               plan=None, **knobs) -> Iterator:
     """Stream one request. prompt_ids are the full prompt; when `cache` already holds its first
     `cached_len` tokens only the rest is encoded (multi-turn chat reuses its prefix this way).
     sampling="fast" (default) draws one uniform per position; "reference" reproduces the reference's stream."""
@@ -109,7 +109,7 @@ def stream_ids(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = No
                     pieces.append(Text(text, delta.kind))
 
     for event in canvas_loop(engine.module, suffix, gen, step_config(gen, accept, sampling), generator=generator,
-                             cache=cache):
+                             cache=cache, plan=plan):  # plan: constrained canvases (engine/structured.py)
         if not isinstance(event, Commit):
             step_index += 1
             if drafts:

@@ -1,0 +1,248 @@
+"""A normalised schema (jsonschema.py) -> a canvas layout: fixed scaffold tokens, free slots, decisions; and the
+repair that turns each committed canvas into valid JSON.
+
+The layout is one flat row of positions, cut into canvases of L by the engine:
+  * scaffold: keys, braces, brackets, commas, literals, all CLAMPED (`{"name": ` is never denoised);
+  * slots: a value of unknown content: a string (opening '"' clamped, then `size` free positions whose class is
+    string-safe tokens + '"'), a number (digits/'-'/'.' + space), a choice among literals (enum, boolean: per
+    position the options' tokens + space) or a union of scalar kinds. A slot never straddles a canvas: clamped
+    spaces push it into the next one, so each value is denoised, and repaired, inside one canvas;
+  * decisions: one free position per optional array item / map entry, class {',' , ']'} (or '}'; {' ', ']'} for
+    "empty"). The first closing token the model puts there ends the container.
+Lengths the layout cannot know (a string's, a number's, how many items) are chosen by the model inside a budget of
+positions, and what it leaves unused is the filler: one-space tokens, valid JSON whitespace.
+
+The repair (`repair_canvas`) runs at every commit over the committed canvas, left to right: a string ends at the
+model's first '"' (or gets one at its last position), everything after it in the slot becomes filler; a number is
+the first valid number in the slot's characters, clamped into its bounds; a choice is the option with the highest
+total log-probability under the last step's ℓ̃ over the slot (the whole option scored jointly, padding included);
+a decision that closes turns the rest of its container (here and in every later canvas) into filler. The result is
+valid JSON for ANY token the model may have put at a free position, so validity comes from the construction, not
+from the model, and no retry is ever needed. Earlier canvases are never touched: they are already in the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .json_vocab import JsonVocab
+from .jsonschema import literal
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Free positions per value kind and item counts used when the schema gives no bound."""
+
+    string: int = 12  # content tokens of a string
+    number: int = 10
+    integer: int = 6
+    items: int = 3  # array items beyond minItems when maxItems is absent
+    entries: int = 2  # free-form object entries
+    key: int = 6
+
+    def smaller(self) -> "Budget | None":
+        if self.string <= 2 and self.items <= 1 and self.entries <= 1:
+            return None
+        return Budget(max(2, self.string // 2), self.number, self.integer, max(1, self.items - 1),
+                      max(1, self.entries - 1), max(2, self.key // 2))
+
+
+@dataclass
+class Slot:
+    node: dict
+    start: int
+    size: int
+
+
+@dataclass
+class Decision:
+    close: int  # the token id that ends the container
+    keep: int  # the token that goes on (',' before another item; ' ' for "not empty")
+    end: int = -1  # positions (pos, end) become filler when it closes
+
+
+@dataclass
+class Layout:
+    vocab: JsonVocab
+    clamp: list[int] = field(default_factory=list)  # token id, or -1 at a free position
+    cls: list[int] = field(default_factory=list)  # class index per position (0 for clamped ones)
+    classes: list[torch.Tensor] = field(default_factory=list)  # bool [V]
+    slots: dict[int, Slot] = field(default_factory=dict)  # by first free position
+    decisions: dict[int, Decision] = field(default_factory=dict)  # by position
+
+    def __len__(self) -> int:
+        return len(self.clamp)
+
+
+class _Builder:
+    def __init__(self, vocab: JsonVocab, tokenizer, canvas_length: int, budget: Budget):
+        self.v, self.tok, self.L, self.b = vocab, tokenizer, canvas_length, budget
+        self.out = Layout(vocab, classes=[torch.ones(vocab.vocab_size, dtype=torch.bool)])
+        self.pending = ""
+        self._class_index: dict = {}
+
+    def flush(self) -> None:
+        if self.pending:
+            ids = self.tok.encode(self.pending, add_bos=False)
+            if self.v.text(ids) != self.pending:
+                raise ValueError(f"the tokenizer does not round-trip {self.pending!r}; cannot lay it out")
+            for i in ids:
+                self.fixed(i)
+            self.pending = ""
+
+    def fixed(self, token: int) -> None:
+        self.out.clamp.append(token)
+        self.out.cls.append(0)
+
+    def free(self, mask_key, make) -> None:
+        if mask_key not in self._class_index:
+            self._class_index[mask_key] = len(self.out.classes)
+            self.out.classes.append(make())
+        self.out.clamp.append(-1)
+        self.out.cls.append(self._class_index[mask_key])
+
+    def in_one_canvas(self, n: int) -> None:
+        """Pad with clamped spaces so the next n positions sit in one canvas."""
+        if n > self.L:
+            raise ValueError(f"a value needs {n} positions, more than a canvas of {self.L}; lower the budget")
+        pos = len(self.out.clamp)
+        if pos % self.L + n > self.L:
+            for _ in range(self.L - pos % self.L):
+                self.fixed(self.v.ws)
+
+    def options(self, values) -> list[list[int]]:
+        out = []
+        for value in values:
+            text = literal(value)
+            ids = self.tok.encode(text, add_bos=False)
+            if self.v.text(ids) != text:
+                raise ValueError(f"the tokenizer does not round-trip the literal {text!r}")
+            out.append(ids)
+        return out
+
+    def slot(self, node: dict, size: int, head: list[int], per_position) -> None:
+        self.flush()
+        self.in_one_canvas(len(head) + size)
+        for t in head:
+            self.fixed(t)
+        self.out.slots[len(self.out.clamp)] = Slot(node, len(self.out.clamp), size)
+        for j in range(size):
+            self.free(*per_position(j))
+
+    def decision(self, choices: tuple[int, int], close: int) -> Decision:
+        self.flush()
+        d = Decision(close, keep=choices[0])
+        self.out.decisions[len(self.out.clamp)] = d
+        self.free(("one_of", choices), lambda: self.v.one_of(choices))
+        return d
+
+    def emit(self, node: dict) -> None:
+        v, b, kind = self.v, self.b, node["kind"]
+        if kind == "fixed":
+            self.pending += literal(node["value"])
+        elif kind == "object":
+            self.pending += "{"
+            for i, (key, value) in enumerate(node["props"]):
+                self.pending += (", " if i else "") + literal(key) + ": "
+                self.emit(value)
+            self.pending += "}"
+        elif kind in ("array", "map"):
+            self.container(node)
+        elif kind == "string":
+            size = string_size(node, b.key if node.get("key") else b.string)
+            self.slot(node, size, [v.quote], lambda j: ("string", lambda: v.string))
+        elif kind == "number":
+            self.slot(node, number_size(node, b), [], lambda j: ("number", lambda: v.number | v.one_of([v.ws])))
+        elif kind == "options":
+            node = {**node, "ids": self.options(node["values"])}
+            size = max(len(o) for o in node["ids"])
+            at = [tuple(sorted({o[j] for o in node["ids"] if len(o) > j} | {v.ws})) for j in range(size)]
+            self.slot(node, size, [], lambda j: (("one_of", at[j]), lambda: v.one_of(at[j])))
+        elif kind == "union":
+            node, size, key = self.union(node)
+            self.slot(node, size, [], lambda j: (key, lambda: self.union_mask(node)))
+        else:
+            raise AssertionError(kind)
+
+    def union(self, node: dict):
+        branches, size = [], 1
+        for br in node["branches"]:
+            if br["kind"] in ("options", "fixed"):
+                values = br["values"] if br["kind"] == "options" else [br["value"]]
+                br = {"kind": "options", "values": values, "ids": self.options(values)}
+                size = max(size, *(len(o) for o in br["ids"]))
+            elif br["kind"] == "string":
+                size = max(size, 1 + string_size(br, self.b.string))
+            else:
+                size = max(size, number_size(br, self.b))
+            branches.append(br)
+        return {"kind": "union", "branches": branches}, size, ("union", id(node))
+
+    def union_mask(self, node: dict) -> torch.Tensor:
+        mask = self.v.one_of([self.v.ws])
+        for br in node["branches"]:
+            if br["kind"] == "string":
+                mask |= self.v.string
+            elif br["kind"] == "number":
+                mask |= self.v.number
+            else:
+                mask |= self.v.one_of([t for o in br["ids"] for t in o])
+        return mask
+
+    def container(self, node: dict) -> None:
+        v, is_map = self.v, node["kind"] == "map"
+        open_, close = ("{", "}") if is_map else ("[", "]")
+        lo = node["min"]
+        hi = node["max"] if node["max"] is not None else max(lo, self.b.entries if is_map else self.b.items)
+        self.pending += open_
+        if hi == 0:
+            self.pending += close
+            return
+        decisions = []
+        if lo == 0:
+            decisions.append(self.decision((v.ws, v.ids[close]), v.ids[close]))
+        for i in range(hi):
+            if is_map:
+                self.emit({"kind": "string", "min": 0, "max": None, "key": True})
+                self.pending += ": "
+                self.emit(node["value"])
+            else:
+                self.emit(node["item"])
+            if i == hi - 1:
+                break
+            if i < lo - 1:
+                self.pending += ", "
+            else:
+                decisions.append(self.decision((v.ids[","], v.ids[close]), v.ids[close]))
+        self.flush()
+        self.fixed(v.ids[close])
+        for d in decisions:
+            d.end = len(self.out.clamp)
+
+
+def string_size(node: dict, budget: int) -> int:
+    """Free positions of a string slot: content tokens + the closing quote; room for minLength spaces."""
+    size = budget if node.get("max") is None else max(1, min(budget, node["max"]))
+    return max(size, node.get("min", 0)) + 1
+
+
+def number_size(node: dict, budget: Budget) -> int:
+    bounds = [x for x in (node.get(k) for k in ("lo", "hi", "xlo", "xhi")) if x is not None]
+    longest = max([len(_spell(x + s, False)) for x in bounds for s in (-2, 0, 2)], default=0)
+    return max(budget.integer if node["integer"] else budget.number, longest + 1)
+
+
+def build_layout(node: dict, vocab: JsonVocab, tokenizer, canvas_length: int, budget: Budget = Budget()) -> Layout:
+    b = _Builder(vocab, tokenizer, canvas_length, budget)
+    b.emit(node)
+    b.flush()
+    return b.out
+
+
+def _spell(value, integer: bool) -> str:
+    if integer:
+        return str(int(value))
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
