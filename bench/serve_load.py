@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="max_denoising_steps per canvas (default: the model's)")
     p.add_argument("--allow-eos", action="store_true", help="let requests stop at end-of-sequence")
     p.add_argument("--device", default=None, help="server --device (default cpu)")
-    p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds (default 600)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a request may wait for the server's next bytes before it fails (default 600)")
     args = p.parse_args(argv)
     if min(args.clients) < 1 or args.requests < 1 or args.max_tokens < 1:
         p.error("--clients, --requests and --max-tokens must be >= 1")
