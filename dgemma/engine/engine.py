@@ -123,7 +123,7 @@ class Engine:
                  max_denoising_steps=_UNSET, entropy_bound=_UNSET, t_min=_UNSET, t_max=_UNSET,
                  stability_threshold=_UNSET, confidence_threshold=_UNSET, eos_token_id=_UNSET, pad_token_id=_UNSET,
                  generator: torch.Generator | None = None, accept=None, sampling: str = "reference",
-                 return_dict: bool = False):
+                 plan=None, return_dict: bool = False):
         """Reference-compatible generate (spec §9.4): ids [B,T] -> ids [B, T + k*L] including the prompt.
 
         Knobs default to the checkpoint's generation_config.json, then the reference's global defaults;
@@ -131,7 +131,8 @@ class Engine:
         early stopping. `max_new_tokens` is rounded UP to whole canvases, as in the reference (the text
         API trims exactly). `accept` swaps the acceptance rule (see dgemma.sampling). With
         generator=None the global torch RNG is used, so after torch.manual_seed(s) the tokens equal
-        the reference's on CPU in fp32; sampling="fast" samples the same distributions more cheaply."""
+        the reference's on CPU in fp32; sampling="fast" samples the same distributions more cheaply. `plan`
+        constrains the canvases (clamped positions, allowed tokens: see dgemma.engine.generate.CanvasPlan)."""
         gen = self.generation_settings(
             max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound,
             t_min=t_min, t_max=t_max, stability_threshold=stability_threshold,
@@ -139,7 +140,7 @@ class Engine:
         input_ids = self._check_ids(input_ids, attention_mask)
         cfg = step_config(gen, accept, sampling)
         out: GenerateOutput = generate(self.module, input_ids, gen, cfg, generator=generator,
-                                       attention_mask=attention_mask)
+                                       attention_mask=attention_mask, plan=plan)
         return out if return_dict else out.sequences
 
     def generate_autoregressive(self, input_ids, *, attention_mask=None, eos_token_id=_UNSET, **options):

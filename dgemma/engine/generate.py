@@ -137,14 +137,15 @@ class GenerateOutput:
 
 @torch.inference_mode()
 def generate(module, input_ids: torch.Tensor, gen: GenerationConfig, cfg: StepConfig, *,
-             attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> GenerateOutput:
+             attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             plan: CanvasPlan | None = None) -> GenerateOutput:
     B = input_ids.shape[0]
     cache = KVCache(module.config, B)
     pieces, steps = [input_ids], []
     forwards = torch.zeros(B, dtype=torch.long, device=input_ids.device)
     finished_before = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for event in canvas_loop(module, input_ids, gen, cfg, attention_mask=attention_mask, generator=generator,
-                             cache=cache):
+                             cache=cache, plan=plan):
         if isinstance(event, Commit):
             pieces.append(event.tokens)
             steps.append(event.num_steps)

@@ -67,7 +67,8 @@ def cmd_solve(args) -> int:
     puzzle = parse_grid(text)
     solution = solve_unique(puzzle)  # rejects contradictory, unsolvable and ambiguous puzzles up front
     engine, path = _load(args)
-    [(cells, steps)] = predict(engine, [puzzle], steps=args.steps, seed=args.seed, baseline=args.baseline)
+    [(cells, steps)] = predict(engine, [puzzle], steps=args.steps, seed=args.seed, baseline=args.baseline,
+                               clamp_givens=args.clamp_givens)
     valid = is_valid_solution(cells, puzzle)
     if args.json:
         print(json.dumps({"puzzle": "".join(map(str, puzzle)), "answer": "".join(map(str, cells)), "valid": valid,
@@ -103,7 +104,7 @@ def cmd_eval(args) -> int:
     pairs = read_puzzles(args.puzzles)  # file errors before the (slow) model load
     engine, path = _load(args)
     result = evaluate(engine, pairs, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                      baseline=args.baseline, limit=args.limit)
+                      baseline=args.baseline, limit=args.limit, clamp_givens=args.clamp_givens)
     result = {"model": str(path), "puzzles": str(args.puzzles), **result}
     if not args.json:
         print(f"Sudoku eval: {path} on {args.puzzles} ({result['mode']}, "
@@ -129,6 +130,8 @@ def _model_flags(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--baseline", choices=["ar"], default=None,
                    help="decode autoregressively (greedy, causal encoder) instead of by diffusion")
+    p.add_argument("--clamp-givens", action="store_true",
+                   help="constrain the canvas: givens clamped in place, blanks restricted to 1-9 (diffusion only)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: as stored)")

@@ -1,7 +1,10 @@
 """Solve Sudoku puzzles with a model and score it: diffusion sampler (default) or an autoregressive baseline.
 
 The diffusion path is the ordinary `Engine.generate` (one canvas per puzzle, batched; the puzzle's prompt is
-always 83 tokens, so batches need no padding). Steps are read from `steps_per_canvas`. The baseline runs the
+always 83 tokens, so batches need no padding). Steps are read from `steps_per_canvas`. With `clamp_givens` the
+canvas is constrained (`GivensPlan`): the given cells are clamped to their digits, blanks may only become 1-9,
+and the tail after the 81 cells is clamped to <eos>, so the sampler only ever decides the blanks (what only a
+diffusion model can do: it sees and keeps the givens in place while it fills the rest). The baseline runs the
 same weights left to right through the causal encoder (`dgemma.engine.autoregressive`), greedy, one forward
 per token, and reports its forwards where the diffusion path reports steps.
 """
@@ -16,10 +19,35 @@ from pathlib import Path
 import torch
 
 from .format import ANSWER_TOKENS, answer_cells, check_tokenizer, prompt_ids, puzzle_from_prompt
+from ..sampling.constraints import CanvasConstraints
 from ..train.data import read_jsonl
 from .puzzles import Grid, SudokuError, band_of, is_valid_solution, num_givens, parse_grid, solve_unique
 
 BASELINES = ("ar",)
+
+
+class GivensPlan:
+    """A CanvasPlan (dgemma.engine.generate) for one Sudoku canvas: givens clamped, blanks restricted to 1-9."""
+
+    def __init__(self, puzzles: Sequence[Sequence[int]], table: dict[int, int], eos: int, length: int, vocab: int,
+                 device):
+        ids_of = {d: t for t, d in table.items()}
+        clamp = torch.full((len(puzzles), length), -1, dtype=torch.long)
+        for row, puzzle in enumerate(puzzles):
+            for cell, digit in enumerate(puzzle):
+                if digit:
+                    clamp[row, cell] = ids_of[digit]
+        clamp[:, 81:] = eos
+        allowed = torch.zeros(1, vocab, dtype=torch.bool)
+        allowed[0, [ids_of[d] for d in range(1, 10)]] = True
+        self.constraints = CanvasConstraints(clamp.to(device), allowed.to(device),
+                                             torch.zeros_like(clamp, device=device))
+
+    def for_canvas(self, canvas_index: int, committed):
+        return self.constraints if canvas_index == 0 else None
+
+    def commit(self, canvas_index: int, argmax: torch.Tensor, processed) -> torch.Tensor:
+        return argmax
 
 
 def read_puzzles(path: str | Path) -> list[tuple[Grid, Grid]]:
@@ -61,11 +89,16 @@ def _text(value, where: str) -> str:
 
 # --- prediction --------------------------------------------------------------------------------------
 def predict(engine, puzzles: Sequence[Sequence[int]], *, steps: int | None = None, batch_size: int = 64,
-            seed: int = 0, baseline: str | None = None) -> list[tuple[Grid, float]]:
+            seed: int = 0, baseline: str | None = None, clamp_givens: bool = False) -> list[tuple[Grid, float]]:
     """(cells, steps) per puzzle: the model's 81 answer cells by position (0 = not a digit) and the denoising
     steps per canvas it took (baseline 'ar': decoder forwards, i.e. tokens generated)."""
     if baseline not in (None, *BASELINES):
         raise SudokuError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
+    if baseline and clamp_givens:
+        raise SudokuError("clamp_givens constrains the diffusion canvas; the autoregressive baseline has none")
+    if clamp_givens and engine.config.canvas_length < ANSWER_TOKENS:
+        raise SudokuError(f"clamp_givens needs the whole answer in one canvas (canvas_length >= {ANSWER_TOKENS}), "
+                          f"this model's is {engine.config.canvas_length}")
     tokenizer = engine.require_tokenizer()
     table = check_tokenizer(tokenizer)
     results: list[tuple[Grid, float]] = []
@@ -76,14 +109,24 @@ def predict(engine, puzzles: Sequence[Sequence[int]], *, steps: int | None = Non
         if baseline == "ar":
             new, used = _autoregressive(engine, ids, tokenizer.stop_ids)
         else:
-            new, used = _diffusion(engine, ids, steps, generator)
+            plan = GivensPlan(batch, table, _eos(tokenizer), engine.config.canvas_length, engine.config.vocab_size,
+                              engine.device) if clamp_givens else None
+            new, used = _diffusion(engine, ids, steps, generator, plan)
         results += [(answer_cells(row, table), s) for row, s in zip(new.tolist(), used)]
     return results
 
 
-def _diffusion(engine, ids: torch.Tensor, steps: int | None, generator) -> tuple[torch.Tensor, list[float]]:
+def _eos(tokenizer) -> int:
+    eos = tokenizer.special.eos if tokenizer.special.eos is not None else tokenizer.eos_id
+    if eos is None:
+        raise SudokuError("the tokenizer has no <eos> token, which ends every Sudoku answer")
+    return eos
+
+
+def _diffusion(engine, ids: torch.Tensor, steps: int | None, generator, plan=None) -> tuple[torch.Tensor, list[float]]:
     knobs = {} if steps is None else {"max_denoising_steps": steps}
-    out = engine.generate(ids, max_new_tokens=ANSWER_TOKENS, return_dict=True, generator=generator, **knobs)
+    out = engine.generate(ids, max_new_tokens=ANSWER_TOKENS, return_dict=True, generator=generator, plan=plan,
+                          **knobs)
     new = out.sequences[:, ids.shape[1]:]
     # the canvases that hold the 81 cells (one when canvas_length >= 81)
     used = max(1, min(len(out.steps_per_canvas), math.ceil(81 / engine.config.canvas_length)))
@@ -109,11 +152,11 @@ def _autoregressive(engine, ids: torch.Tensor, stop_ids) -> tuple[torch.Tensor, 
 
 
 def solve(engine, puzzles: Sequence[Sequence[int]], *, steps: int | None = None, batch_size: int = 64,
-          seed: int = 0, baseline: str | None = None) -> list[tuple[Grid | None, float]]:
+          seed: int = 0, baseline: str | None = None, clamp_givens: bool = False) -> list[tuple[Grid | None, float]]:
     """(grid or None, steps per canvas) per puzzle; None when the answer is not 81 digits 1-9."""
     return [(cells if all(cells) else None, used)
             for cells, used in predict(engine, puzzles, steps=steps, batch_size=batch_size, seed=seed,
-                                       baseline=baseline)]
+                                       baseline=baseline, clamp_givens=clamp_givens)]
 
 
 # --- scoring -----------------------------------------------------------------------------------------
@@ -149,7 +192,7 @@ def score(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], predictions: Seq
 
 def evaluate(engine, puzzle_file: str | Path | Sequence[tuple[Sequence[int], Sequence[int]]], *,
              steps: int | None = None, batch_size: int = 64, seed: int = 0, baseline: str | None = None,
-             limit: int | None = None) -> dict:
+             limit: int | None = None, clamp_givens: bool = False) -> dict:
     """Score the model on a puzzle file (or a list of (puzzle, solution) pairs).
 
     Keys: num_puzzles, solved_rate (exact grid = the solution), valid_rate (a valid completion of the puzzle;
@@ -162,11 +205,11 @@ def evaluate(engine, puzzle_file: str | Path | Sequence[tuple[Sequence[int], Seq
         raise SudokuError("no puzzles to evaluate")
     start = time.perf_counter()
     predictions = predict(engine, [p for p, _ in pairs], steps=steps, batch_size=batch_size, seed=seed,
-                          baseline=baseline)
+                          baseline=baseline, clamp_givens=clamp_givens)
     seconds = time.perf_counter() - start
     result = score(pairs, predictions)
     result.update({
-        "mode": "autoregressive" if baseline == "ar" else "diffusion",
+        "mode": "autoregressive" if baseline == "ar" else ("diffusion, givens clamped" if clamp_givens else "diffusion"),
         "max_denoising_steps": None if baseline else (steps or engine.generation_config.max_denoising_steps),
         "seed": seed, "batch_size": batch_size, "seconds": round(seconds, 3),
         "puzzles_per_s": round(len(pairs) / seconds, 3) if seconds > 0 else None,
