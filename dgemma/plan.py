@@ -173,7 +173,8 @@ def make_plan(cfg: ModelConfig, *, quant: str | None = None, group_size: int | N
 
 def plan_with(plan: Plan, concurrency: int) -> Plan:
     return make_plan(plan.config, quant=plan.quant, group_size=plan.group_size, dtype=plan.dtype,
-                     context=plan.context, concurrency=concurrency, prompt=plan.prompt, prefill_chunk=plan.prefill_chunk)
+                     context=plan.context, concurrency=concurrency, prompt=plan.prompt,
+                     prefill_chunk=plan.prefill_chunk)
 
 
 def render(plan: Plan, budgets_gib=(18, 24, 80)) -> list[str]:

@@ -19,7 +19,8 @@ def add_quantize_parser(subparsers) -> None:
     p.add_argument("--scheme", choices=SCHEMES, required=True,
                    help="int8: per output channel; int4: group-wise, packed two per byte")
     p.add_argument("--group-size", type=positive_int, default=None,
-                   help=f"int4 inputs per scale/zero pair (default {DEFAULT_GROUP_SIZE}; must divide every input width)")
+                   help=f"int4 inputs per scale/zero pair (default {DEFAULT_GROUP_SIZE}; must divide every input "
+                        "width)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.set_defaults(func=cmd_quantize)
 

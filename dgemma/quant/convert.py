@@ -2,7 +2,7 @@
 
 Nothing is ever held whole: for each source shard the output header is computed from the source header
 alone (every output shape follows from the input shape and the scheme), written first, and then each
-tensor is read from the file ROWS_PER_READ rows at a time, quantized, and written at its precomputed
+tensor is read from the file SLICE_BYTES at a time (whole rows), quantized, and written at its precomputed
 offset. Peak memory is one slice (tens of MB) plus Python, whatever the shard or model size
 (tests/test_quant_convert.py measures it). Every other file of SRC (config.json, tokenizer,
 generation_config.json, chat template, card) is copied unchanged; the scheme goes into each shard's

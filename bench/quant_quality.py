@@ -1,0 +1,143 @@
+"""Quality of int8 / int4 weights against full precision on the bundled trained models (issue 7, item 4).
+
+    python bench/quant_quality.py                       # default model; Sudoku too when dgemma/models/sudoku exists
+    python bench/quant_quality.py --examples 64 --prompts 24 --puzzles 100 --threads 2
+
+For each scheme the full-precision checkpoint is converted with `dgemma quantize` (group 64 for int4, or
+--group-size) into a temporary directory and loaded with `dgemma.load`, so the measured path is the shipped one.
+
+* logits: held-out chat examples (functions of Python stdlib modules the default model never saw: the trainer's
+  held-out split, `dgemma.train.corpus.is_heldout`). Prompt -> encoder; the answer's first canvas, corrupted by
+  uniform replacement at t in {0.3, 0.7} (fixed seed, the same canvas for every model), -> decoder logits.
+  top-1 agreement = share of canvas positions where argmax equals full precision's; KL = mean over positions
+  of KL(p_full || p_quant) in nats, both softmaxes in fp32.
+* steps: `generate` with the checkpoint's own adaptive settings (EntropyBound, stability / confidence stop) on
+  held-out prompts, the same seed per prompt for every model: mean denoising steps per committed canvas.
+* Sudoku (if the model exists): `dgemma.sudoku.evaluate` on generated puzzles (fixed seed): solved_rate and
+  mean steps per canvas.
+Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import dgemma  # noqa: E402
+from dgemma.quant.convert import quantize_checkpoint  # noqa: E402
+from dgemma.train.corpus import examples, is_heldout, stdlib_modules  # noqa: E402
+
+DEFAULT = ROOT / "dgemma" / "models" / "default"
+SUDOKU = ROOT / "dgemma" / "models" / "sudoku"
+
+
+def heldout_chats(count: int, seed: int = 0) -> list[list[dict]]:
+    rng, out = random.Random(seed), []
+    for module, source in stdlib_modules():
+        if is_heldout(module):
+            out += [ex["messages"] for ex in examples(module, source, rng, 1200) if "messages" in ex]
+    random.Random(seed).shuffle(out)
+    return out[:count]
+
+
+@torch.inference_mode()
+def canvas_logits(engine, chats, levels=(0.3, 0.7), seed=0):
+    """Decoder logits [n, L, V] on corrupted answer canvases (the same canvases for every engine)."""
+    tok, L, V = engine.tokenizer, engine.config.canvas_length, engine.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for messages in chats:
+        prompt = torch.tensor([tok.encode_chat(messages[:1], add_generation_prompt=True)])
+        answer = tok.encode(messages[1]["content"], add_bos=False)[:L]
+        answer += [engine.config.eos_token_id[0]] * (L - len(answer))
+        for t in levels:
+            canvas = torch.tensor([answer])
+            noise = torch.rand(1, L, generator=g) < t
+            canvas = torch.where(noise, torch.randint(0, V, (1, L), generator=g), canvas)
+            cache = engine.new_cache(1)
+            engine.encode(prompt, cache)
+            out.append(engine.denoise(canvas, cache)[0].float())
+    return torch.stack(out)
+
+
+def compare(full: torch.Tensor, quant: torch.Tensor) -> dict:
+    logp, logq = full.log_softmax(-1), quant.log_softmax(-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    return {"top1_agreement": round(float((full.argmax(-1) == quant.argmax(-1)).float().mean()), 4),
+            "kl_mean": round(float(kl.mean()), 5), "kl_p99": round(float(kl.flatten().quantile(0.99)), 4)}
+
+
+def mean_steps(engine, chats, max_new_tokens: int) -> float:
+    steps = []
+    for i, messages in enumerate(chats):
+        ids = torch.tensor([engine.tokenizer.encode_chat(messages[:1], add_generation_prompt=True)])
+        out = engine.generate(ids, max_new_tokens=max_new_tokens, generator=torch.Generator().manual_seed(i),
+                              sampling="fast", return_dict=True)
+        steps += [int(s[0]) for s in out.steps_per_canvas]
+    return sum(steps) / len(steps)
+
+
+def sudoku_scores(engine, count: int) -> dict:
+    from dgemma.sudoku.evaluate import evaluate
+    from dgemma.sudoku.puzzles import iter_puzzles
+    result = evaluate(engine, list(iter_puzzles(count, seed=12345)), seed=0)
+    return {"solved_rate": result["solved_rate"], "cell_accuracy": round(result["cell_accuracy"], 4),
+            "mean_steps_per_canvas": round(result["mean_steps_per_canvas"], 3)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(DEFAULT), help="full-precision text model (default: the bundled one)")
+    p.add_argument("--sudoku-model", default=str(SUDOKU), help="Sudoku model; skipped when it does not exist")
+    p.add_argument("--examples", type=int, default=48, help="held-out examples for the logit comparison")
+    p.add_argument("--prompts", type=int, default=16, help="held-out prompts for steps per canvas")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--puzzles", type=int, default=100)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    chats = heldout_chats(max(args.examples, args.prompts))
+    rows, start = {}, time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, path in (("text", Path(args.model)), ("sudoku", Path(args.sudoku_model))):
+            if not (path / "config.json").exists():
+                print(f"{label}: {path} does not exist; skipped", file=sys.stderr)
+                continue
+            engines = {"full": dgemma.load(path, quiet=True)}
+            for scheme in ("int8", "int4"):
+                dst = Path(tmp) / f"{label}-{scheme}"
+                quantize_checkpoint(path, dst, scheme, args.group_size if scheme == "int4" else None, log=None)
+                engines[scheme] = dgemma.load(dst, quiet=True)
+            if label == "text":
+                ref = canvas_logits(engines["full"], chats[:args.examples])
+                for name, eng in engines.items():
+                    row = compare(ref, canvas_logits(eng, chats[:args.examples]))
+                    row["mean_steps_per_canvas"] = round(mean_steps(eng, chats[:args.prompts], args.max_new_tokens), 3)
+                    rows[f"text/{name}"] = row
+            else:
+                for name, eng in engines.items():
+                    rows[f"sudoku/{name}"] = sudoku_scores(eng, args.puzzles)
+    print(f"{'model/weights':<16}{'top-1 agree':>12}{'KL mean':>10}{'KL p99':>9}{'steps/canvas':>14}{'solved':>8}")
+    for name, r in rows.items():
+        print(f"{name:<16}{r.get('top1_agreement', ''):>12}{r.get('kl_mean', ''):>10}{r.get('kl_p99', ''):>9}"
+              f"{r['mean_steps_per_canvas']:>14}{r.get('solved_rate', ''):>8}")
+    print(json.dumps({"bench": "quant_quality", "examples": args.examples, "prompts": args.prompts,
+                      "puzzles": args.puzzles, "group_size": args.group_size, "threads": torch.get_num_threads(),
+                      "seconds": round(time.perf_counter() - start, 1), "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
