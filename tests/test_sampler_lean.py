@@ -20,6 +20,8 @@ from dgemma.sampling.lean import _chunks, default_chunk, step_lean
 FIELDS = ("tokens", "argmax", "sc_logits", "history", "stopped", "done", "num_steps_taken", "entropy", "confidence",
           "accepted")
 FAST = S.StepConfig(num_steps=6, sample=S.sample_inverse_cdf)
+REFERENCE_RNG = S.StepConfig(num_steps=6, sample=S.sample_reference)
+MODES = pytest.mark.parametrize("cfg", [FAST, REFERENCE_RNG], ids=["fast", "reference_rng"])
 
 
 def assert_same_state(a: S.DenoiseState, b: S.DenoiseState) -> None:
@@ -37,6 +39,7 @@ def both(logits, state, cfg, seed, chunk):
     return a, b
 
 
+@MODES
 @pytest.mark.parametrize("rows,length,vocab,chunk", [
     (1, 1, 7, 4),  # one position in all
     (2, 16, 512, 5),  # chunk does not divide B*L
@@ -45,14 +48,14 @@ def both(logits, state, cfg, seed, chunk):
     (2, 4, 40000, 1),  # chunk 1 is taken as 2: one-row reductions over V >= 32768 would round differently
     (2, 5, 33333, 2),
 ])
-def test_step_lean_equals_step(rows, length, vocab, chunk):
+def test_step_lean_equals_step(rows, length, vocab, chunk, cfg):
     g = torch.Generator().manual_seed(rows * 1000 + length)
-    state = S.init_state(S.init_canvas(rows, length, vocab, g), FAST)
+    state = S.init_state(S.init_canvas(rows, length, vocab, g), cfg)
     logits = torch.randn(rows, length, vocab, generator=g) * 4
-    a, b = both(logits, state, FAST, 1, chunk)  # first step: sc_logits None
+    a, b = both(logits, state, cfg, 1, chunk)  # first step: sc_logits None
     assert_same_state(a, b)
     sc = torch.randn(rows, length, vocab, generator=g)
-    a, b = both(logits, dataclasses.replace(state, sc_logits=sc), FAST, 2, chunk)  # later step, nothing frozen
+    a, b = both(logits, dataclasses.replace(state, sc_logits=sc), cfg, 2, chunk)  # later step, nothing frozen
     assert_same_state(a, b)
 
 
@@ -69,9 +72,10 @@ def test_entropy_in_column_blocks(monkeypatch):
     assert_same_state(a, b)
 
 
-def test_frozen_rows_and_rows_at_different_steps():
+@pytest.mark.parametrize("sample", [S.sample_inverse_cdf, S.sample_reference], ids=["fast", "reference_rng"])
+def test_frozen_rows_and_rows_at_different_steps(sample):
     rows, length, vocab = 4, 8, 3001
-    cfg = S.StepConfig(num_steps=6, t_min=0.0, t_max=1.2, sample=S.sample_inverse_cdf)
+    cfg = S.StepConfig(num_steps=6, t_min=0.0, t_max=1.2, sample=sample)
     g = torch.Generator().manual_seed(0)
     state = S.init_state(S.init_canvas(rows, length, vocab, g), cfg)
     state = dataclasses.replace(state, done=torch.tensor([True, False, True, False]),
@@ -85,10 +89,11 @@ def test_frozen_rows_and_rows_at_different_steps():
     assert torch.equal(b.sc_logits[[0, 2]], state.sc_logits[[0, 2]])  # frozen rows keep their previous ℓ̃
 
 
-def test_multi_step_loops_are_identical():
+@pytest.mark.parametrize("sample", [S.sample_inverse_cdf, S.sample_reference], ids=["fast", "reference_rng"])
+def test_multi_step_loops_are_identical(sample):
     """Whole canvases with the default stop rule, logits depending on the canvas: the same trajectory, step by step."""
     rows, length, vocab = 3, 12, 2053
-    cfg = S.StepConfig(num_steps=10, t_min=0.05, t_max=0.3, sample=S.sample_inverse_cdf)  # cold: rows stop early
+    cfg = S.StepConfig(num_steps=10, t_min=0.05, t_max=0.3, sample=sample)  # cold: rows stop early
     table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(9)) * 6
 
     def run(fn):
@@ -117,13 +122,19 @@ def test_step_lean_in_place_contract_and_reference_fallback():
     copy = kept.clone()
     step_lean(kept, state, FAST, torch.Generator().manual_seed(1), chunk=4, inplace=False)
     assert torch.equal(kept, copy)
-    # the reference-RNG primitive is not chunked: step itself runs, logits untouched, same state as step
-    ref_cfg = dataclasses.replace(FAST, sample=S.sample_reference)
+    # any other sampler is not chunked: step itself runs, logits untouched, same state as step
+    other = dataclasses.replace(FAST, sample=lambda probs, generator=None: S.sample_reference(probs, generator))
     raw_copy = raw.clone()
-    a = S.step(raw, state, ref_cfg, torch.Generator().manual_seed(2))
-    b = step_lean(raw, state, ref_cfg, torch.Generator().manual_seed(2), chunk=4)
+    a = S.step(raw, state, other, torch.Generator().manual_seed(2))
+    b = step_lean(raw, state, other, torch.Generator().manual_seed(2), chunk=4)
     assert_same_state(a, b)
     assert torch.equal(raw, raw_copy)
+    # invalid logits fail as torch.multinomial fails in the reference step
+    bad = raw.clone()
+    bad[1, 2] = float("nan")
+    for fn in (S.step, step_lean):
+        with pytest.raises(RuntimeError, match="probability tensor contains"):
+            fn(bad.clone(), state, REFERENCE_RNG, torch.Generator().manual_seed(2))
     with pytest.raises(ValueError):
         step_lean(raw, state, FAST, chunk=0)
     with pytest.raises(ValueError):
@@ -196,6 +207,12 @@ def test_step_lean_peak_memory():
     lean = peak_bytes(lambda: step_lean(b, state, FAST, torch.Generator().manual_seed(1), chunk=chunk))
     assert ref >= 3 * buffer, (ref, buffer)  # measured 5.0x
     assert lean <= buffer * chunk / (rows * length) + (2 << 20) + (1 << 16), (lean, buffer)  # work + scratch
+    # reference-RNG mode: the exponential noise for every entry is one more [B,L,V] buffer, and nothing else
+    a, b = logits.clone(), logits.clone()
+    ref = peak_bytes(lambda: S.step(a, state, REFERENCE_RNG, torch.Generator().manual_seed(1)))
+    lean = peak_bytes(lambda: step_lean(b, state, REFERENCE_RNG, torch.Generator().manual_seed(1), chunk=chunk))
+    assert ref >= 3 * buffer, (ref, buffer)
+    assert lean <= buffer + buffer * chunk / (rows * length) + (2 << 20) + (1 << 16), (lean, buffer)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -217,7 +234,7 @@ def test_chunked_soft_embedding_peak_memory(dtype):
 
 def test_canvas_loop_lean_path_equals_the_plain_step(monkeypatch):
     """canvas_loop runs step_lean + chunked soft_embedding; swapping in the plain `step` and the whole-canvas
-    soft embedding changes no token: fast mode and reference-RNG mode (which step_lean hands to step)."""
+    soft embedding changes no token: fast mode and reference-RNG mode."""
     from conftest import TINY_CONFIG
 
     import dgemma.engine.generate as G

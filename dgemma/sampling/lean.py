@@ -19,8 +19,14 @@ How the bits stay equal. Every vocabulary-sized quantity in `step` is a per-posi
   * the fast sampler's uniform numbers are drawn for all B*L positions up front with the exact call
     `sample_inverse_cdf` makes (torch.rand(B, L, 1)); nothing else draws before it, and the renoise randint
     comes after, as in `step`. So chunking never changes the random stream.
-The reference-RNG primitive (`sample_reference`: one torch.multinomial over all [B*L, V] probabilities) cannot be
-split without changing its stream, so for any cfg.sample other than `sample_inverse_cdf` this falls back to `step`.
+  * the reference-RNG primitive (`sample_reference`) is one torch.multinomial(p, 1) over all [B*L, V]
+    probabilities. For one sample torch draws it as argmax(p / q) with q = empty_like(p).exponential_(1), after
+    checks that draw nothing (no inf/NaN/negative entries, no all-zero row). So the lean step makes that exact
+    exponential_ call on one [B*L, V] fp32 buffer up front (RNG 1: the same size, dtype and generator, hence the same
+    numbers), then per chunk divides the softmax by its rows of q and takes the argmax: the same elementwise
+    division and per-row argmax, without multinomial's extra passes and the step's other full-size temporaries.
+    That one buffer is the price of the reference's random stream; fast mode needs none.
+Any other cfg.sample falls back to `step`.
 
 Why overwriting the logits in place is safe: ℓ is only ever used as ℓ / T (§6.2) and the engine's canvas loop
 passes the decoder's fresh output straight into the step and never reads it again. A caller that needs the raw
@@ -40,7 +46,10 @@ import torch
 from torch import Tensor
 
 from . import constraints as con
-from .sampler import DenoiseState, StepConfig, _advance, _check_logits, _temperature, sample_inverse_cdf, step
+from .sampler import DenoiseState, StepConfig, _advance, _check_logits, _temperature, sample_inverse_cdf, \
+    sample_reference, step
+
+INVALID_PROBS = "probability tensor contains either `inf`, `nan` or element < 0"  # torch.multinomial's words
 
 CHUNK_BYTES = 16 << 20  # default work buffer: 16 MiB = 16 positions at V = 262,144, 128 at V = 32,768
 BLOCK_BYTES = 2 << 20  # scratch for the entropy's clamped log-probs, a column block of the chunk
@@ -67,11 +76,12 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
 
     logits [B,L,V] fp32, OVERWRITTEN with ℓ̃ (inplace=True, the default) and returned as the new state's sc_logits
     (a non-contiguous input is copied first). chunk: positions of the flattened B*L canvas per chunk, None =
-    `default_chunk(V)`; 1 is taken as 2. Only fast mode (cfg.sample is `sample_inverse_cdf`) is chunked; any other
-    sampler (the reference-RNG `sample_reference`) runs `step` unchanged, as its single multinomial draw over all
-    positions cannot be split without changing the random stream (logits are then left untouched).
+    `default_chunk(V)`; 1 is taken as 2. Fast mode (`sample_inverse_cdf`) and reference-RNG mode (`sample_reference`,
+    which adds one [B*L, V] buffer of exponential noise, see the module docstring) are chunked; any other sampler
+    runs `step` unchanged (logits are then left untouched).
     constraints: as for `step`; the class masks are applied chunk by chunk (elementwise, so the same bits)."""
-    if cfg.sample is not sample_inverse_cdf:
+    reference_rng = cfg.sample is sample_reference
+    if cfg.sample is not sample_inverse_cdf and not reference_rng:
         return step(logits, state, cfg, generator, constraints)
     _check_logits(logits, state)
     num_rows, length, vocab = logits.shape
@@ -87,10 +97,14 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
     n_pos, dev = num_rows * length, logits.device
     x_all = logits.view(n_pos, vocab)  # becomes ℓ̃, chunk by chunk
     old_sc = None if state.sc_logits is None else state.sc_logits.reshape(n_pos, vocab)  # a view when contiguous
-    # per position: temperature, frozen flag, uniform number (drawn exactly as sample_inverse_cdf draws it: RNG 1)
+    # per position: temperature, frozen flag, and RNG draw 1 exactly as the sampler makes it: one uniform number
+    # per position (sample_inverse_cdf), or multinomial's exponential noise for every entry (sample_reference)
     temp = _temperature(state, cfg).repeat_interleave(length)[:, None]
     frozen = state.done.repeat_interleave(length)[:, None]
-    u = torch.rand(num_rows, length, 1, generator=generator, device=dev).view(n_pos, 1)
+    if reference_rng:
+        q = torch.empty(n_pos, vocab, dtype=torch.float32, device=dev).exponential_(1, generator=generator)
+    else:
+        u = torch.rand(num_rows, length, 1, generator=generator, device=dev).view(n_pos, 1)
 
     proposal = torch.empty(n_pos, dtype=torch.long, device=dev)
     argmax = torch.empty(n_pos, dtype=torch.long, device=dev)
@@ -108,13 +122,15 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
         con.mask_rows(x, constraints, start, end)  # -inf outside the allowed class, before ÷T as in `step`
         x.div_(temp[start:end])  # ℓ̃ = ℓ / T in place: the same IEEE division as `logits / T`
         torch.argmax(x, dim=-1, out=argmax[start:end])
-        # fast sampler (sample_inverse_cdf): p = softmax(ℓ̃) -> confidence = max p; cdf = cumsum p (in place);
-        # id = first index with cdf > u * total
-        torch.ops.aten._softmax.out(x, -1, False, out=work)
+        torch.ops.aten._softmax.out(x, -1, False, out=work)  # p = softmax(ℓ̃); confidence = max p
         torch.amax(work, dim=-1, out=confidence[start:end])
-        work.cumsum_(dim=-1)
-        ids = torch.searchsorted(work, u[start:end] * work[:, -1:], right=True)
-        proposal[start:end] = ids.squeeze(-1).clamp_(max=vocab - 1)
+        if reference_rng:  # multinomial's draw: id = argmax(p / q), q this chunk's exponential noise
+            noise = q[start:end]
+            torch.argmax(torch.div(work, noise, out=noise), dim=-1, out=proposal[start:end])
+        else:  # inverse CDF: cdf = cumsum p (in place); id = first index with cdf > u * total
+            work.cumsum_(dim=-1)
+            ids = torch.searchsorted(work, u[start:end] * work[:, -1:], right=True)
+            proposal[start:end] = ids.squeeze(-1).clamp_(max=vocab - 1)
         # token_entropy(ℓ̃), op for op: lse = logsumexp(ℓ̃) (ATen's own sequence: amax, inf -> 0, sub, exp, sum, log,
         # add), log_p = ℓ̃ - lse, p = softmax(log_p), H = -sum(clamp(log_p) * p). log_p is recomputed per column
         # block into the scratch instead of being kept whole.
@@ -130,6 +146,10 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
         torch.sum(work, dim=-1, out=entropy[start:end]).neg_()
         if old_sc is not None:  # frozen rows keep their previous ℓ̃ (step's torch.where, written into the buffer)
             torch.where(frozen[start:end], old_sc[start:end], x, out=x)
+    if reference_rng:
+        del q
+        if not bool(torch.isfinite(confidence).all()):  # a NaN/inf anywhere in a row makes its max non-finite
+            raise RuntimeError(INVALID_PROBS)
     view = (num_rows, length)
     return _advance(state, cfg, generator, vocab, proposal.view(view), argmax.view(view), entropy.view(view),
                     confidence.view(view), logits, constraints)
