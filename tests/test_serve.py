@@ -204,7 +204,12 @@ BAD_CHAT = [
     ({"temperature": 5}, 400, "temperature"),
     ({"max_denoise_steps": 3}, 400, "max_denoise_steps"),
     ({"logprobs": True}, 400, "logprobs"),
-    ({"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"response_format": {"type": "xml"}}, 400, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string",
+                                                                                        "pattern": "a+"}}}},
+     400, "response_format"),
+    ({"response_format": {"type": "json_object"}, "stop": ["}"]}, 400, "response_format"),
     ({"tool_choice": "required"}, 400, "tool_choice"),
     ({"dgemma_drafts": True}, 400, "dgemma_drafts"),
     ({"chat_template_kwargs": {"template": "{{ x }}"}}, 400, "chat_template_kwargs"),
@@ -225,7 +230,8 @@ def test_bad_chat_requests(url):
         assert_error(http.get("/v1/models/other"), 404, "model")
         for change, param in (({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [10**7]}, "prompt"),
                               ({"prompt": []}, "prompt"), ({"prompt": {"a": 1}}, "prompt"), ({"echo": True}, "echo"),
-                              ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix")):
+                              ({"best_of": 3}, "best_of"), ({"suffix": "x", "prompt": [5, 6]}, "prompt"),
+                              ({"suffix": "x", "stop": ["y"]}, "stop")):
             body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, **FAST, **change}
             assert_error(http.post("/v1/completions", json=body), 400, param)
         assert http.post("/v1/chat/completions", json=OK).status_code == 200  # still serving
@@ -386,3 +392,39 @@ def test_a_failing_generation_is_reported_not_fatal(model_dir):
 def test_serve_binds_loopback_by_default():
     args = build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.api_key is None
+
+
+# -- structured output and infill (issue 8's server side) ------------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 130},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+          "required": ["name", "age", "tags"]}
+
+
+def test_response_format_json_schema_and_json_object(client):
+    """Even the random model's answer is valid JSON that validates: the layout is clamped, not hoped for."""
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for seed in (0, 1):
+        reply = chat(client, response_format=fmt, seed=seed)
+        jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
+        assert reply.choices[0].finish_reason == "stop"
+    text, chunks = stream_chat(client, response_format=fmt, seed=0)
+    assert json.loads(text) == json.loads(chat(client, response_format=fmt, seed=0).choices[0].message.content)
+    assert isinstance(json.loads(chat(client, response_format={"type": "json_object"}).choices[0].message.content),
+                      dict)
+
+
+def test_completion_suffix_is_an_infill(client):
+    prefix, suffix = "def add(a, b):\n", "\n    return total\n"
+    reply = client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=12, seed=3,
+                                      extra_body=dict(FAST))
+    middle = reply.choices[0].text
+    assert reply.choices[0].finish_reason == "stop" and 0 < reply.usage.completion_tokens <= 12
+    again = client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=12, seed=3,
+                                      extra_body=dict(FAST))
+    assert again.choices[0].text == middle  # seeded
+    streamed = client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=12, seed=3,
+                                         extra_body=dict(FAST), stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == middle

@@ -29,8 +29,6 @@ def chat_job(engine, req: ChatCompletionRequest, default_max_tokens) -> Job:
     _common_checks(req)
     if req.logprobs or req.top_logprobs:
         raise _unsupported("logprobs", "logprobs")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise _unsupported(f"response_format {req.response_format.get('type')!r} (only 'text')", "response_format")
     if req.tool_choice not in (None, "auto", "none"):
         raise _unsupported("tool_choice other than 'auto' or 'none'", "tool_choice")
     if None not in (req.max_tokens, req.max_completion_tokens) and req.max_tokens != req.max_completion_tokens:
@@ -47,12 +45,29 @@ def chat_job(engine, req: ChatCompletionRequest, default_max_tokens) -> Job:
                                                      enable_thinking=thinking, tools=tools)
     except ValueError as e:  # ChatFormatError: says which message or tool is wrong
         raise ApiError(400, str(e), param="tools" if str(e).startswith("tools") else "messages") from None
-    return _options(engine, req, ids, req.max_completion_tokens or req.max_tokens, default_max_tokens, "messages")
+    job = _options(engine, req, ids, req.max_completion_tokens or req.max_tokens, default_max_tokens, "messages")
+    if req.response_format is not None:
+        _structured(engine, job, req.response_format, req.max_completion_tokens or req.max_tokens)
+    return job
+
+
+def _structured(engine, job: Job, response_format: dict, max_tokens) -> None:
+    """response_format json_object / json_schema -> a JSON plan in the job's options (valid by construction)."""
+    from ..engine.structured import structured_options
+
+    options = {**job.options, "response_format": response_format}
+    if max_tokens is None:  # the layout decides the length, not the server's default
+        options.pop("max_tokens")
+    try:
+        job.options = structured_options(engine, options)
+        engine.check_context(len(job.prompt_ids), job.options["max_tokens"])
+    except ValueError as e:  # SchemaError too: says which schema keyword or value is unsupported
+        raise ApiError(400, f"response_format: {e}", param="response_format", code="invalid_value") from None
 
 
 def completion_job(engine, req: CompletionRequest, default_max_tokens) -> Job:
     _common_checks(req)
-    for name, value, ok in (("echo", req.echo, False), ("suffix", req.suffix, None), ("logprobs", req.logprobs, None)):
+    for name, value, ok in (("echo", req.echo, False), ("logprobs", req.logprobs, None)):
         if value != ok:
             raise _unsupported(name, name)
     if req.best_of not in (None, 1):
@@ -62,6 +77,15 @@ def completion_job(engine, req: CompletionRequest, default_max_tokens) -> Job:
         if len(prompt) != 1:
             raise ApiError(400, f"{len(prompt)} prompts: one prompt per request is supported", param="prompt")
         prompt = prompt[0]
+    if req.suffix is not None:  # infill: the middle between prompt and suffix (engine/infill.py)
+        if not isinstance(prompt, str):
+            raise ApiError(400, "suffix (infill) needs a text prompt, not token ids", param="prompt")
+        if req.stop_list():
+            raise ApiError(400, "stop strings cannot be combined with suffix: the middle is bounded by the suffix",
+                           param="stop")
+        job = _options(engine, req, engine.prompt_ids(prompt), req.max_tokens, default_max_tokens, "prompt")
+        job.infill = (prompt, req.suffix)
+        return job
     if isinstance(prompt, str):
         ids = engine.prompt_ids(prompt)
     else:

@@ -4,7 +4,8 @@ Types are strict (no "5" for 5, no true for 1) and unknown fields are refused, a
 diffusion knob is an error rather than silently ignored. OpenAI fields that mean nothing to a diffusion sampler
 (temperature, top_p, penalties, user, metadata, ...) are accepted, range-checked and ignored: the sampler's
 temperature follows its own schedule (t_max -> t_min per canvas). Fields whose answer would be wrong if ignored
-(n > 1, logprobs, logit_bias, JSON response formats, forced tool choice, echo, suffix, best_of > 1) give a 400.
+(n > 1, logprobs, logit_bias, forced tool choice, echo, best_of > 1) give a 400. `response_format` json_object /
+json_schema (chat) and `suffix` (completions: infill) are served by jobs.py.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..engine.stream import Done, Draft, stream_ids
+from ..engine.stream import Done, Draft, Text, stream_ids
+from ..text.parse import ParsedOutput
 
 
 class Overloaded(Exception):
@@ -39,6 +40,7 @@ class Job:
     prompt_ids: list[int]
     options: dict = field(default_factory=dict)  # keyword options of engine.stream.stream_ids
     drafts: bool = False  # deliver Draft events (the worker always steps one denoising step at a time)
+    infill: tuple[str, str] | None = None  # (prefix, suffix): the completion is the middle (runs as one turn)
 
 
 class Ticket:
@@ -83,6 +85,20 @@ class Ticket:
             self._events.clear()
             self._events.append(Cancelled("request cancelled"))
             self._ready.set()
+
+
+def infill_events(engine, job: Job):
+    """An infill request's events: the whole middle in one turn (its candidate lengths race as batch rows, so it
+    is not stepped with the other requests yet), then Done."""
+    prefix, suffix = job.infill
+    o = dict(job.options)
+    stop_ids = set(engine.require_tokenizer().stop_ids)
+    result = engine.infill(prefix, suffix, max_middle_tokens=o.pop("max_tokens"), **{
+        k: v for k, v in o.items() if v is not None and k not in ("stop", "eos_token_id")})
+    yield Text(result.middle)
+    ids = [i for i in result.middle_ids if i not in stop_ids]
+    yield Done("stop", ParsedOutput(None, result.middle), len(job.prompt_ids), len(ids), ids,
+               result.steps_per_canvas, result.wall_s, result.wall_s)
 
 
 @dataclass
@@ -165,7 +181,8 @@ class SerialWorker:
             return self._finish(slot)
         try:
             if slot.events is None:
-                slot.events = stream_ids(self.engine, slot.job.prompt_ids, drafts=True, **slot.job.options)
+                slot.events = infill_events(self.engine, slot.job) if slot.job.infill else \
+                    stream_ids(self.engine, slot.job.prompt_ids, drafts=True, **slot.job.options)
             event = next(slot.events)
         except StopIteration:
             return self._finish(slot)
