@@ -436,7 +436,7 @@ def test_png_writer_round_trips(tmp_path):
 def test_time_budget_fixes_the_step_count_after_calibration(work, tmp_path):
     from safetensors.torch import load_file
 
-    from dgemma.train.train import CALIBRATION_STEPS, fit_steps_to_budget
+    from dgemma.train.config import CALIBRATION_STEPS, fit_steps_to_budget
 
     # pure arithmetic: median step time, 10% + 10 s kept back, capped by steps, never below the current step
     cfg = base_config(work, tmp_path / "x", steps=10_000, warmup_steps=20, time_budget=110.0)
