@@ -100,9 +100,9 @@ MEASURE = textwrap.dedent("""
 # (vocab, prompt, batch, quant, dtype): the sampler's vocabulary buffers dominate (the regime that sets how many
 # canvases fit). Prefill-dominated runs (vocab 4096, 3000-token prompt) measured 0.81-1.12x of the plan depending
 # on the harness, not yet explained, so they are not asserted here.
-CASES = [(32768, 512, 1, "none", "float32"), (32768, 512, 2, "int4", "bfloat16")]
-SLOW_CASES = [(32768, 512, 2, "int8", "float32"), (4096, 1000, 4, "none", "float32"),
-              (32768, 512, 1, "none", "bfloat16")]
+CASES = [(32768, 512, 1, "none", "float32")]  # ~6 s; the others take 8-13 s each on 2 cores
+SLOW_CASES = [(32768, 512, 2, "int4", "bfloat16"), (32768, 512, 2, "int8", "float32"),
+              (4096, 1000, 4, "none", "float32"), (32768, 512, 1, "none", "bfloat16")]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
