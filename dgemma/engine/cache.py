@@ -59,3 +59,73 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+
+class StackedCaches:
+    """Several caches side by side as ONE batch: rows of different requests, each at its own context length.
+
+    Reads stack: `context(layer)` puts each cache's stored entries right-aligned in [R,Hk,S,D] (S = the most any
+    cache holds for that layer), so a shorter row's missing slots sit on the left, masked exactly like left
+    padding; slot j of a row at length P then holds position P - S + j on every layer kind (sliding caches keep
+    their last min(P, window-1) entries, which are the right-aligned ones). `length` is the [R] tensor of each
+    row's next position, which the decoder (per-row canvas positions) and the encoder (per-row start) read.
+
+    Writes split: `write`/`extend` hand each cache its own rows, so every cache keeps trimming its sliding layers
+    to its window. `counts` [R] (one per row) are the true new tokens per row of a right-padded encoder batch
+    (prompts of different lengths encoded together); only those are written. Rows of one cache share a count.
+    Stacking copies the stored K/V once per layer per view; build a new view when a cache changed."""
+
+    def __init__(self, caches: list[KVCache], counts: list[int] | None = None):
+        self.caches = list(caches)
+        self.sizes = [c.batch_size for c in self.caches]
+        self.batch_size = sum(self.sizes)
+        self.config = self.caches[0].config
+        self.counts = counts
+        if counts is not None and len(counts) != len(self.caches):
+            raise ValueError(f"need one count per cache ({len(self.caches)}), got {len(counts)}")
+        self.length = torch.tensor([c.length for c, n in zip(self.caches, self.sizes) for _ in range(n)],
+                                   dtype=torch.long)
+        self._stacked: dict[int, tuple | None] = {}
+
+    def context(self, layer: int):
+        if layer not in self._stacked:
+            self._stacked[layer] = self._stack(layer)
+        return self._stacked[layer]
+
+    def _stack(self, layer: int):
+        parts = [c.context(layer) for c in self.caches]
+        first = next((p for p in parts if p is not None), None)
+        if first is None:
+            return None
+        widths = [0 if p is None else p[0].shape[2] for p in parts]
+        width = max(widths)
+        if all(w == width for w in widths) and all(p[2] is None for p in parts):
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), None
+        keys, values, valid = [], [], []
+        for part, size, w in zip(parts, self.sizes, widths):
+            pad = width - w
+            for out, i in ((keys, 0), (values, 1)):
+                shape = (size, first[i].shape[1], pad, first[i].shape[3])
+                blank = first[i].new_zeros(shape)
+                out.append(blank if part is None else torch.cat([blank, part[i]], dim=2))
+            mask = torch.zeros(size, width, dtype=torch.bool, device=first[0].device)
+            if part is not None:
+                mask[:, pad:] = True if part[2] is None else part[2]
+            valid.append(mask)
+        return torch.cat(keys), torch.cat(values), torch.cat(valid)
+
+    def _split(self, t: torch.Tensor, dim: int = 0):
+        return torch.split(t, self.sizes, dim=dim)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for i, (cache, ki, vi) in enumerate(zip(self.caches, self._split(k), self._split(v))):
+            n = ki.shape[2] if self.counts is None else self.counts[i]
+            cache.write(layer, ki[:, :, :n], vi[:, :, :n])
+
+    def extend(self, num_new: int, valid: torch.Tensor | None) -> None:
+        parts = [None] * len(self.caches) if valid is None else self._split(valid)
+        for i, (cache, part) in enumerate(zip(self.caches, parts)):
+            n = num_new if self.counts is None else self.counts[i]
+            part = None if part is None else part[:, :n]
+            cache.extend(n, None if part is None or bool(part.all()) else part)
+        self._stacked.clear()

@@ -3,7 +3,8 @@
 It is an ordinary causal Gemma-4 forward (spec §4.7): query at position q sees key k iff k <= q, and on
 sliding layers also k > q - window (1024 keys including itself). Padded key slots (left padding in a batch)
 are masked. New tokens continue at positions cache.length .. cache.length+T-1, pad slots included, as the
-reference does (spec §6.6). The same function serves prompt prefill and canvas commits (stage, then commit).
+reference does (spec §6.6); cache.length may be a [B] tensor (each row continues its own context). The same
+function serves prompt prefill and canvas commits (stage, then commit).
 """
 
 from __future__ import annotations
@@ -11,20 +12,21 @@ from __future__ import annotations
 import torch
 
 
-def encoder_mask(num_context: int, num_new: int, start: int, window: int | None,
+def encoder_mask(num_context: int, num_new: int, start, window: int | None,
                  key_valid: torch.Tensor | None, device) -> torch.Tensor:
     """bool [B or 1, 1, T, S+T], True = attend. Keys are the S cached entries (positions start-S..start-1)
-    followed by the T new tokens. A query always sees itself, so a fully padded row cannot produce NaNs
-    (its output is never read: pad slots are masked as keys for every later query)."""
-    q_pos = start + torch.arange(num_new, device=device)
-    k_pos = start - num_context + torch.arange(num_context + num_new, device=device)
-    allowed = k_pos[None, :] <= q_pos[:, None]
+    followed by the T new tokens. `start` is an int, or a [B] tensor when rows continue from different
+    context lengths (a stacked batch of caches, engine/cache.py). A query always sees itself, so a fully padded
+    row cannot produce NaNs (its output is never read: pad slots are masked as keys for every later query)."""
+    start = torch.as_tensor(start, device=device).reshape(-1, 1)  # [B or 1, 1]
+    q_pos = start + torch.arange(num_new, device=device)  # [B or 1, T]
+    k_pos = start - num_context + torch.arange(num_context + num_new, device=device)  # [B or 1, S+T]
+    allowed = k_pos[:, None, :] <= q_pos[:, :, None]
     if window is not None:
-        allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
-    allowed = allowed[None]
+        allowed = allowed & (k_pos[:, None, :] > q_pos[:, :, None] - window)
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, :]
-        allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]
+        allowed = allowed | (k_pos[:, None, :] == q_pos[:, :, None])
     return allowed[:, None]
 
 
@@ -37,9 +39,11 @@ def encode(model, tokens: torch.Tensor, cache, valid: torch.Tensor | None = None
     cfg = model.config
     B, T = tokens.shape
     assert tokens.dtype == torch.int64, f"tokens must be int64, got {tokens.dtype}"
-    start = cache.length
+    start = cache.length  # an int, or [B] per-row lengths (rows continuing different contexts)
+    if isinstance(start, torch.Tensor):
+        start = start.to(tokens.device)
     x = model.embed(tokens)
-    positions = (start + torch.arange(T, device=tokens.device))[None]
+    positions = torch.as_tensor(start, device=tokens.device).reshape(-1, 1) + torch.arange(T, device=tokens.device)
     rope = model.rope(positions, x.dtype)
     masks = {}
     for i, layer in enumerate(model.layers):
