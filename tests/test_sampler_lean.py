@@ -254,7 +254,8 @@ def test_canvas_loop_lean_path_equals_the_plain_step(monkeypatch):
         return out.sequences, torch.stack(out.steps_per_canvas)
 
     lean = {s: run(s) for s in ("fast", "reference")}
-    monkeypatch.setattr(G, "step_lean", step)
+    import dgemma.engine.scheduler as S
+    monkeypatch.setattr(S, "step_lean", step)  # the canvas loop's sampler step (engine/scheduler.py Rows.step)
     monkeypatch.setattr(module, "soft_embedding", lambda sc, sc_mask=None, chunk=None: soft_embedding(module, sc))
     for sampling, (seqs, steps) in lean.items():
         got_seqs, got_steps = run(sampling)

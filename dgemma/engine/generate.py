@@ -9,7 +9,8 @@
         committed <- argmax, truncated after the first stop id  # yields a `Commit` event
         stop if every row has finished; else encode(committed)   # commit = causal pass, same positions
 
-It is a Python generator of events so that `generate` (collect everything) and streaming front-ends run
+The loop lives in engine/scheduler.py (a `Rows` alone in a `Scheduler`; the server puts many requests' Rows in
+one scheduler so they share decoder forwards). It is a Python generator of events so that `generate` (collect everything) and streaming front-ends run
 the same code. The random stream (canvas init, then per step multinomial + randint) is the reference's,
 so with the same seed and the reference sampling primitive the tokens are the reference's.
 An optional `plan` (a `CanvasPlan`) constrains it: before each canvas the plan gives that canvas's
@@ -20,52 +21,19 @@ Infill, in-place edits and JSON output are all plans over this one loop.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from ..config import GenerationConfig
-from ..sampling import (CanvasConstraints, DenoiseState, StepConfig, init_canvas, init_state, sample_inverse_cdf,
-                        sample_reference, step_lean, truncate_at_stop_ids)
+from ..sampling import StepConfig, sample_inverse_cdf, sample_reference
+from .cache import KVCache
+from .scheduler import SC_CHUNK, CanvasPlan, Commit, Rows, Step, run_alone  # noqa: F401  (re-exported)
 
 # "reference": the reference's exact random stream (same seed -> same tokens); "fast": the same distributions
 # from one uniform number per position (the default of the text API, the CLI and the server)
 SAMPLERS = {"reference": sample_reference, "fast": sample_inverse_cdf}
-SC_CHUNK = 64  # positions per self-conditioning chunk: smaller re-reads E too often on CPU (measured)
-from .cache import KVCache
-
-
-class CanvasPlan(Protocol):
-    """What constrains the canvas loop (see the module docstring). `committed` holds the tokens of the canvases
-    committed so far in this call ([B,L] each, after repair and stop-id truncation)."""
-
-    def for_canvas(self, canvas_index: int, committed: list[torch.Tensor]) -> CanvasConstraints | None: ...
-
-    def commit(self, canvas_index: int, argmax: torch.Tensor, processed: torch.Tensor | None) -> torch.Tensor:
-        """argmax [B,L] and the last step's ℓ̃ [B,L,V] (None if no step ran) -> the tokens to commit [B,L]."""
-        ...
-
-
-@dataclass
-class Step:
-    """After one denoising step of canvas `canvas_index` (state.argmax is the draft, state.confidence its shading)."""
-
-    canvas_index: int
-    state: DenoiseState
-
-
-@dataclass
-class Commit:
-    """A finished canvas: `tokens` [B,L] after stop-id truncation; `finished` [B] rows that have hit a stop id."""
-
-    canvas_index: int
-    tokens: torch.Tensor
-    finished: torch.Tensor
-    num_steps: torch.Tensor  # [B] decoder steps each row used on this canvas
 
 
 def step_config(gen: GenerationConfig, accept=None, sampling: str = "reference") -> StepConfig:
@@ -85,46 +53,12 @@ def canvas_loop(module, input_ids: torch.Tensor, gen: GenerationConfig, cfg: Ste
                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
                 cache: KVCache | None = None, plan: CanvasPlan | None = None) -> Iterator[Step | Commit]:
     """Run generation for input_ids [B,T] (left-padded rows marked False in attention_mask [B,T]); `plan`
-    constrains each canvas (rows with no free position start done: no decoder step is spent on them)."""
-    mcfg = module.config
-    B = input_ids.shape[0]
-    L, V = mcfg.canvas_length, mcfg.vocab_size
-    device = input_ids.device
-    cache = cache if cache is not None else KVCache(mcfg, B)
-    valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.to(torch.bool)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    to_encode = input_ids
-    committed: list[torch.Tensor] = []
-    # inference mode is entered per computation, never across a `yield`: the caller's code between events
-    # must not run inside it
-    for canvas_index in range(math.ceil(gen.max_new_tokens / L)):
-        with torch.inference_mode():
-            module.encode(to_encode, cache, valid=valid)
-            noise = init_canvas(B, L, V, generator, device)
-            c = None if plan is None else plan.for_canvas(canvas_index, committed)
-            if c is None:
-                state = init_state(noise, cfg)
-            else:
-                c.check((B, L), V)
-                c.check_ids(V)
-                state = init_state(c.start_canvas(noise), cfg)
-                nothing_free = c.fully_clamped()  # such rows stop before their first step (frozen, 0 steps)
-                state = dataclasses.replace(state, stopped=nothing_free, done=nothing_free)
-        while not bool(state.done.all()):  # one host sync per step, outside the model
-            with torch.inference_mode():
-                # both pieces work position-chunk by position-chunk: no extra full [B,L,V] fp32 buffer
-                soft = None if state.sc_logits is None else module.soft_embedding(state.sc_logits, chunk=SC_CHUNK)
-                state = step_lean(module.denoise(state.tokens, cache, soft=soft), state, cfg, generator,
-                                  constraints=c)
-            yield Step(canvas_index, state)
-        with torch.inference_mode():
-            argmax = state.argmax if plan is None else plan.commit(canvas_index, state.argmax, state.sc_logits)
-            tokens, finished = truncate_at_stop_ids(argmax, gen.eos_token_id or (), gen.pad_token_id, finished)
-        committed.append(tokens)
-        yield Commit(canvas_index, tokens, finished, state.num_steps_taken)
-        if bool(finished.all()):
-            break
-        to_encode, valid = tokens, None
+    constrains each canvas (rows with no free position start done: no decoder step is spent on them).
+    The rows run alone in the scheduler (engine/scheduler.py); the next canvas is only encoded when the caller
+    asks for the event after a Commit."""
+    rows = Rows(module, input_ids, gen, cfg, attention_mask=attention_mask, generator=generator, cache=cache,
+                plan=plan)
+    return run_alone(module, rows)
 
 
 @dataclass

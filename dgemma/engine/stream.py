@@ -19,7 +19,8 @@ import torch
 
 from ..text.parse import OutputSplitter, ParsedOutput, StopStream
 from .cache import KVCache
-from .generate import Commit, canvas_loop, step_config
+from .generate import step_config
+from .scheduler import Commit, Rows, run_alone
 
 
 @dataclass
@@ -73,81 +74,114 @@ class Done:
                 "tokens_per_s": round(self.tokens_per_s, 2)}
 
 
-def stream_ids(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = None,
-               stop: Sequence[str] | None = None, seed: int | None = None, drafts: bool = True,
-               cache: KVCache | None = None, cached_len: int = 0, accept=None, sampling: str = "fast",
-               plan=None, **knobs) -> Iterator:
-    """Stream one request. prompt_ids are the full prompt; when `cache` already holds its first
-    `cached_len` tokens only the rest is encoded (multi-turn chat reuses its prefix this way).
-    sampling="fast" (default) draws one uniform per position; "reference" reproduces the reference's stream."""
+class RowText:
+    """One request's events -> what its client sees: Draft per step (if asked), Text as canvases commit (exact
+    max_tokens, stop ids, stop strings, thinking/answer split), and `finish()` -> Done. Used by `stream_ids`
+    (a request alone) and by the batched server worker (many requests' Rows in one scheduler) alike."""
+
+    def __init__(self, tok, prompt_len: int, limit: int, stop_ids: set[int], stop: Sequence[str], drafts: bool):
+        self.tok, self.prompt_len, self.limit, self.stop_ids, self.drafts = tok, prompt_len, limit, stop_ids, drafts
+        self.started = time.perf_counter()
+        self.decoder, self.splitter, self.stopper = tok.stream(skip_special=False), OutputSplitter(), StopStream(stop)
+        self.completion: list[int] = []
+        self.steps: list[int] = []
+        self.first_text: float | None = None
+        self.reason: str | None = None  # set once the request has all it needs ("stop" or "length")
+        self.step_index = 0
+        self.answer: list[str] = []  # answer text as emitted
+        self._pieces: list[Text] = []
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None
+
+    def _route(self, deltas) -> None:
+        """Deltas from the splitter -> Text pieces; answer text passes the stop strings first."""
+        for delta in deltas:
+            text = delta.text
+            if delta.kind == "answer":
+                text, _ = self.stopper.feed(text)
+            if text:
+                if self._pieces and self._pieces[-1].kind == delta.kind:
+                    self._pieces[-1].text += text
+                else:
+                    self._pieces.append(Text(text, delta.kind))
+
+    def on_event(self, event, row: int = 0) -> list:
+        """A Step or Commit of the canvas loop (batch row `row`) -> the Draft / Text events it causes."""
+        if not isinstance(event, Commit):
+            self.step_index += 1
+            if not self.drafts:
+                return []
+            ids = event.state.argmax[row].tolist()
+            return [Draft(event.canvas_index, self.step_index, self.tok.decode(ids, skip_special=False), ids,
+                          event.state.confidence[row].tolist())]
+        self.step_index = 0
+        self.steps.append(int(event.num_steps[row]))
+        for token in event.tokens[row].tolist():
+            if len(self.completion) >= self.limit:
+                break
+            self.completion.append(token)
+            self._route(self.splitter.feed(self.decoder.push([token])))
+            if self.stopper.stopped or token in self.stop_ids:
+                self.reason = "stop"
+                break
+        if self.reason is None and len(self.completion) >= self.limit:
+            self.reason = "length"
+        if self.reason is not None and not self.stopper.stopped:  # release what the decoders held back
+            self._route(self.splitter.feed(self.decoder.flush()))
+            self._route(self.splitter.finish())
+            held = self.stopper.flush()  # a partial stop string that never completed is ordinary text
+            if held:
+                self._pieces.append(Text(held, "answer"))
+        out, self._pieces = self._pieces, []
+        for piece in out:
+            if self.first_text is None:
+                self.first_text = time.perf_counter() - self.started
+            if piece.kind == "answer":
+                self.answer.append(piece.text)
+        return out
+
+    def finish(self) -> Done:
+        # the answer is what was emitted: the splitter also saw the text past a stop string, which was held back
+        output = self.splitter.result()
+        output = ParsedOutput(output.thinking, "".join(self.answer), output.tool_calls)
+        reason, completion = self.reason, self.completion
+        if reason == "stop" and output.tool_calls and completion and \
+                completion[-1] == self.tok.special.tool_response_start:
+            reason = "tool_calls"
+        return Done(reason or "length", output, self.prompt_len, len(completion), completion, self.steps,
+                    self.first_text, time.perf_counter() - self.started)
+
+
+def open_request(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = None,
+                 stop: Sequence[str] | None = None, seed: int | None = None, drafts: bool = True,
+                 cache: KVCache | None = None, cached_len: int = 0, accept=None, sampling: str = "fast",
+                 plan=None, **knobs) -> tuple[Rows, RowText]:
+    """One request -> its canvas-loop Rows (settings, seeded generator, cache) and its RowText; nothing runs yet.
+    Options as in `stream_ids`; bad ones raise here, before the request takes a place anywhere."""
     tok = engine.require_tokenizer()
-    started = time.perf_counter()
     gen = engine.generation_settings(**knobs, **({} if max_tokens is None else {"max_new_tokens": max_tokens}))
     stop_ids = set(gen.eos_token_id) if gen.eos_token_id is not None else set(tok.stop_ids)
-    limit = gen.max_new_tokens
-    engine.check_context(len(prompt_ids), limit)
+    engine.check_context(len(prompt_ids), gen.max_new_tokens)
     generator = None
     if seed is not None:
         generator = torch.Generator(engine.device).manual_seed(seed)
     suffix = torch.tensor([list(prompt_ids)[cached_len:]], dtype=torch.int64, device=engine.device)
     cache = cache if cache is not None else engine.new_cache(1)
-    decoder, splitter, stopper = tok.stream(skip_special=False), OutputSplitter(), StopStream(stop or ())
-    completion, steps, first_text, reason, step_index = [], [], None, None, 0
-    pieces: list[Text] = []
-    answer: list[str] = []  # answer text as emitted
+    rows = Rows(engine.module, suffix, gen, step_config(gen, accept, sampling), generator=generator, cache=cache,
+                plan=plan)  # plan: constrained canvases (engine/structured.py)
+    return rows, RowText(tok, len(prompt_ids), gen.max_new_tokens, stop_ids, stop or (), drafts)
 
-    def route(deltas) -> None:
-        """Deltas from the splitter -> Text pieces; answer text passes the stop strings first."""
-        for delta in deltas:
-            text = delta.text
-            if delta.kind == "answer":
-                text, _ = stopper.feed(text)
-            if text:
-                if pieces and pieces[-1].kind == delta.kind:
-                    pieces[-1].text += text
-                else:
-                    pieces.append(Text(text, delta.kind))
 
-    for event in canvas_loop(engine.module, suffix, gen, step_config(gen, accept, sampling), generator=generator,
-                             cache=cache, plan=plan):  # plan: constrained canvases (engine/structured.py)
-        if not isinstance(event, Commit):
-            step_index += 1
-            if drafts:
-                ids = event.state.argmax[0].tolist()
-                yield Draft(event.canvas_index, step_index, tok.decode(ids, skip_special=False), ids,
-                            event.state.confidence[0].tolist())
-            continue
-        step_index = 0
-        steps.append(int(event.num_steps[0]))
-        for token in event.tokens[0].tolist():
-            if len(completion) >= limit:
-                break
-            completion.append(token)
-            route(splitter.feed(decoder.push([token])))
-            if stopper.stopped or token in stop_ids:
-                reason = "stop"
-                break
-        if reason is None and len(completion) >= limit:
-            reason = "length"
-        if reason is not None and not stopper.stopped:  # release what the decoders held back
-            route(splitter.feed(decoder.flush()))
-            route(splitter.finish())
-            held = stopper.flush()  # a partial stop string that never completed is ordinary text
-            if held:
-                pieces.append(Text(held, "answer"))
-        for piece in pieces:
-            if first_text is None:
-                first_text = time.perf_counter() - started
-            if piece.kind == "answer":
-                answer.append(piece.text)
-            yield piece
-        pieces.clear()
-        if reason is not None:
+def stream_ids(engine, prompt_ids: Sequence[int], **options) -> Iterator:
+    """Stream one request. prompt_ids are the full prompt; when `cache` already holds its first
+    `cached_len` tokens only the rest is encoded (multi-turn chat reuses its prefix this way).
+    sampling="fast" (default) draws one uniform per position; "reference" reproduces the reference's stream.
+    Options: max_tokens, stop, seed, drafts, cache, cached_len, accept, sampling, plan, generation knobs."""
+    rows, text = open_request(engine, prompt_ids, **options)
+    for event in run_alone(engine.module, rows):
+        yield from text.on_event(event)
+        if text.done:
             break
-    # the answer is what was emitted: the splitter also saw the text past a stop string, which was held back
-    output = splitter.result()
-    output = ParsedOutput(output.thinking, "".join(answer), output.tool_calls)
-    if reason == "stop" and output.tool_calls and completion and completion[-1] == tok.special.tool_response_start:
-        reason = "tool_calls"
-    yield Done(reason or "length", output, len(prompt_ids), len(completion), completion, steps, first_text,
-               time.perf_counter() - started)
+    yield text.finish()
