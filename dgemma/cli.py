@@ -175,9 +175,11 @@ def cmd_serve(args) -> int:
     engine.require_tokenizer()
     name = args.served_model_name or Path(engine.directory).name
     print(f"dgemma serve: model {name!r} on http://{args.host}:{args.port}/v1 "
-          f"(max concurrency {args.max_concurrency}, queue {args.max_queue})", file=sys.stderr)
+          f"(max concurrency {args.max_concurrency}, queue {args.max_queue}, {args.scheduling} scheduling)",
+          file=sys.stderr)
     run(engine, host=args.host, port=args.port, model_name=name, api_key=api_key,
-        max_concurrency=args.max_concurrency, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens)
+        max_concurrency=args.max_concurrency, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
+        scheduling=args.scheduling)
     return 0
 
 
@@ -245,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
     p.add_argument("--default-max-tokens", type=positive_int, default=None,
                    help="max_tokens when a request gives none (default: the model's generation_config)")
+    p.add_argument("--scheduling", choices=("batched", "serial"), default="batched",
+                   help="batched (default): running requests share decoder forwards; serial: they take turns "
+                        "(the slow reference)")
     p.set_defaults(func=cmd_serve)
 
     from .canvas_cli import add_canvas_parsers

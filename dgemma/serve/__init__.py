@@ -2,7 +2,8 @@
 
     http.py      app factory, routes, events -> OpenAI JSON / server-sent events
     schemas.py   request bodies (strict) and OpenAI-style errors
-    worker.py    the thread that owns the Engine; admission (429), cancellation; replaceable by a batched scheduler
+    worker.py    the thread that owns the Engine; admission (429), cancellation; SerialWorker (turns, the reference)
+    batched.py   BatchedWorker (the default): running requests share decoder forwards (engine/scheduler.py)
 """
 
 from __future__ import annotations

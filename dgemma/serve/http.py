@@ -38,6 +38,8 @@ from .jobs import chat_job, completion_job
 from .schemas import MAX_BODY_BYTES, ApiError, ChatCompletionRequest, CompletionRequest, parse_body
 from .worker import Cancelled, Job, Overloaded, SerialWorker
 
+WORKERS = {"batched": "BatchedWorker", "serial": "SerialWorker"}  # --scheduling: shared forwards, or turns
+
 MAX_PIECE_DELAY_S = 0.02  # pacing: at most this long between two deltas of already committed text
 PUBLIC_PATHS = ("/", "/health")  # served without the API key
 # the page runs its own inline script and talks to this server only
@@ -47,9 +49,15 @@ _PIECE = re.compile(r"\s*\S{1,12}|\s+")  # word-sized deltas (long words split);
 
 
 def create_app(engine, *, model_name: str, api_key: str | None = None, worker=None, max_concurrency: int = 8,
-               max_queue: int = 64, default_max_tokens: int | None = None) -> FastAPI:
-    """The app for one loaded Engine. `worker` defaults to a SerialWorker; anything with its interface works."""
-    worker = worker or SerialWorker(engine, max_concurrency=max_concurrency, max_queue=max_queue)
+               max_queue: int = 64, default_max_tokens: int | None = None, scheduling: str = "batched") -> FastAPI:
+    """The app for one loaded Engine. `worker` defaults to a BatchedWorker (scheduling="serial": the SerialWorker
+    reference); anything with their interface works."""
+    if worker is None:
+        if scheduling not in WORKERS:
+            raise ValueError(f"scheduling must be one of {sorted(WORKERS)}, got {scheduling!r}")
+        from .batched import BatchedWorker
+        kind = BatchedWorker if scheduling == "batched" else SerialWorker
+        worker = kind(engine, max_concurrency=max_concurrency, max_queue=max_queue)
 
     @asynccontextmanager
     async def lifespan(app):

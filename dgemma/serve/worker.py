@@ -11,9 +11,10 @@ issue 6 item 3) can replace `SerialWorker` without touching it:
                                      timeout; raises the generation's error, or Cancelled after cancel()
     ticket.cancel()                  idempotent: work stops within one denoising step and the slot is freed
 
-`SerialWorker` interleaves its running requests: it advances each by one event (one denoising step) in turn, so
-every admitted request makes progress and a short answer is not stuck behind a long one. The forwards are not
-shared yet: throughput equals one request at a time.
+`BatchedWorker` (serve/batched.py, the default) puts every running request's rows in one scheduler, so they share
+decoder forwards. `SerialWorker` (the slow reference) interleaves its running requests: it advances each by one
+event (one denoising step) in turn, so every admitted request makes progress and a short answer is not stuck behind
+a long one, but throughput equals one request at a time.
 """
 
 from __future__ import annotations
@@ -101,14 +102,11 @@ def infill_events(engine, job: Job):
                result.steps_per_canvas, result.wall_s, result.wall_s)
 
 
-@dataclass
-class _Running:
-    ticket: Ticket
-    job: Job
-    events: object = None  # the stream_ids generator, created in the worker thread
+class Worker:
+    """Admission, queueing, cancellation and the thread's life; subclasses say how admitted requests advance:
+    `_entry(ticket, job)` makes a running entry, `_turn(entries)` advances the running ones (it calls `_finish`
+    for those that are over), `_close(entry)` releases an entry's resources."""
 
-
-class SerialWorker:
     def __init__(self, engine, *, max_concurrency: int = 8, max_queue: int = 64):
         if max_concurrency < 1 or max_queue < 0:
             raise ValueError(f"need max_concurrency >= 1 and max_queue >= 0, got {max_concurrency}, {max_queue}")
@@ -116,7 +114,7 @@ class SerialWorker:
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
         self._cond = threading.Condition()
         self._waiting: deque[tuple[Ticket, Job]] = deque()
-        self._running: list[_Running] = []
+        self._running: list = []
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -162,18 +160,52 @@ class SerialWorker:
                 if self._stopping:
                     break
                 while self._waiting and len(self._running) < self.max_concurrency:
-                    self._running.append(_Running(*self._waiting.popleft()))
+                    self._running.append(self._entry(*self._waiting.popleft()))
                 turn = list(self._running)
-            for slot in turn:
-                self._advance(slot)
+            self._turn(turn)
         with self._cond:
             left = [r.ticket for r in self._running] + [t for t, _ in self._waiting]
-            for slot in self._running:
-                if slot.events is not None:
-                    slot.events.close()
+            for entry in self._running:
+                self._close(entry)
             self._running, self._waiting = [], deque()
         for ticket in left:
             ticket.push(RuntimeError("the server shut down before this request finished"))
+
+    def _finish(self, entry) -> None:
+        self._close(entry)
+        with self._cond:
+            if entry in self._running:
+                self._running.remove(entry)
+
+    def _entry(self, ticket: Ticket, job: Job):
+        raise NotImplementedError
+
+    def _turn(self, entries: list) -> None:
+        raise NotImplementedError
+
+    def _close(self, entry) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class _Running:
+    ticket: Ticket
+    job: Job
+    events: object = None  # the stream_ids generator, created in the worker thread
+
+
+class SerialWorker(Worker):
+    """The slow reference: each running request has its own canvas loop; they take turns, one event each."""
+
+    _entry = _Running
+
+    def _turn(self, entries: list) -> None:
+        for slot in entries:
+            self._advance(slot)
+
+    def _close(self, slot: _Running) -> None:
+        if slot.events is not None:
+            slot.events.close()
 
     def _advance(self, slot: _Running) -> None:
         """One event (at most one denoising step) of one request."""
@@ -194,9 +226,3 @@ class SerialWorker:
         slot.ticket.push(event)
         if isinstance(event, Done):
             self._finish(slot)
-
-    def _finish(self, slot: _Running) -> None:
-        if slot.events is not None:
-            slot.events.close()
-        with self._cond:
-            self._running.remove(slot)
