@@ -60,12 +60,11 @@ class Attention(nn.Module):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q kᵀ · 1.0 + mask) v with grouped-query heads. q [B,H,T,D]; k, v [B,Hk,S,D] -> [B,H,T,D]."""
-    if k.shape[1] != q.shape[1]:
-        group = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    """softmax(q kᵀ · 1.0 + mask) v with grouped-query heads. q [B,H,T,D]; k, v [B,Hk,S,D] -> [B,H,T,D].
+
+    SDPA's enable_gqa reads each K/V head for its group of query heads in place: no repeat_interleave copy of the
+    cache (measured on CPU: the same bits, ~4x faster for a 256-query step against 288 keys)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def attend_reference(q, k, v, mask):
