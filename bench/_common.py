@@ -227,6 +227,26 @@ class StepCost:
         return flops, nbytes
 
 
+# --- random weights -----------------------------------------------------------------------------------------
+def random_weights(module: torch.nn.Module, generator: torch.Generator, embed_std: float,
+                   one_d: tuple[float, float], scalars: tuple[float, float] | None) -> None:
+    """In place: matrices ~ N(0, 1/fan_in), the embedding ~ N(0, embed_std^2), every 1-D weight ~ U(one_d), the
+    layer_scalar buffers ~ U(scalars) (None: 1). Vision weights are left alone."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():  # tied weights are listed once
+            if "vision" in name:
+                continue
+            if name.endswith("embed_tokens.weight"):
+                p.normal_(0.0, embed_std, generator=generator)
+            elif p.ndim == 1:
+                p.uniform_(*one_d, generator=generator)
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5, generator=generator)
+        for name, b in module.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.uniform_(*scalars, generator=generator) if scalars else b.fill_(1.0)
+
+
 # --- instrumentation ----------------------------------------------------------------------------------------
 class Timers:
     """Wraps methods of live objects with timers (instance attributes that shadow the class methods; removed

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import DTYPES, PeakMemory, StepCost, Timers, hardware, read_config, sync  # noqa: E402
+from _common import DTYPES, PeakMemory, StepCost, Timers, hardware, random_weights, read_config, sync  # noqa: E402
 
 from dgemma.config import ModelConfig  # noqa: E402
 from dgemma.engine.engine import Engine  # noqa: E402
@@ -58,17 +58,7 @@ def build(raw: dict, dtype: torch.dtype, device: torch.device, seed: int) -> Eng
     finally:
         torch.set_default_dtype(default)
     module = module.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("embed_tokens.weight"):
-                p.normal_(0.0, 0.02, generator=g)
-            elif p.ndim == 1:
-                p.uniform_(0.5, 1.5, generator=g)
-            else:
-                p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)
-        for _, b in module.named_buffers():
-            b.fill_(1.0)
+    random_weights(module, torch.Generator(device=device).manual_seed(seed), 0.02, (0.5, 1.5), None)
     return Engine(module.eval().requires_grad_(False))
 
 

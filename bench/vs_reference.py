@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import DTYPES, NAMED_CONFIGS, PeakMemory, StepCost, Timers, hardware, matmul_peak_gflops, median, \
-    read_config, sync  # noqa: E402
+    random_weights, read_config, sync  # noqa: E402
 
 import dgemma  # noqa: E402
 
@@ -75,20 +75,7 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
     """Weights at a scale where every piece of the math matters: matrices ~ N(0, 1/fan_in), the embedding
     ~ N(0, 0.3^2), every 1-D weight (norms, router.scale, per_expert_scale) and the layer_scalar buffers
     ~ U(0.25, 1.75) instead of the reference's all-ones initialisation. Vision weights are left alone."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # tied weights are listed once
-            if "vision" in name:
-                continue
-            if name.endswith("embed_tokens.weight"):
-                p.normal_(0.0, 0.3, generator=g)
-            elif p.ndim == 1:
-                p.uniform_(0.25, 1.75, generator=g)
-            else:
-                p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)
-        for name, b in model.named_buffers():
-            if name.endswith("layer_scalar"):
-                b.uniform_(0.25, 1.75, generator=g)
+    random_weights(model, torch.Generator().manual_seed(seed), 0.3, (0.25, 1.75), (0.25, 1.75))
 
 
 def build(raw: dict, seed: int, dtype: torch.dtype, device: torch.device, directory: Path):
