@@ -111,7 +111,9 @@ class DiffusionGemma(nn.Module):
 
     def head(self, normed: torch.Tensor) -> torch.Tensor:
         """Tied head + fp32 soft-cap on ALREADY final-normed states (what `encode(return_hidden=True)` returns)."""
-        return softcap(normed @ self.embed_tokens.weight.t(), self.config.final_logit_softcapping)
+        product = normed @ self.embed_tokens.weight.t()
+        inplace = not (torch.is_grad_enabled() and product.requires_grad)
+        return softcap(product, self.config.final_logit_softcapping, inplace=inplace)
 
     # --- the two passes (implemented in encoder.py / decoder.py) -----------------------------------
     def encode(self, tokens, cache, valid=None, return_hidden=False):

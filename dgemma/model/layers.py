@@ -84,9 +84,15 @@ class GatedMLP(nn.Module):
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
 
 
-def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """cap * tanh(logits / cap), in fp32 (spec §4.6). `cap=None` only casts."""
+def softcap(logits: torch.Tensor, cap: float | None, inplace: bool = False) -> torch.Tensor:
+    """cap * tanh(logits / cap), in fp32 (spec §4.6). `cap=None` only casts.
+
+    inplace=True overwrites an fp32 `logits` (the head passes its fresh product when no gradient is needed): the
+    same three IEEE operations, but one [B,L,V] buffer at the peak instead of three (2 GiB each for 8 canvases at
+    V = 262,144). Autograd cannot take it (tanh's backward reads its output, which the multiply would overwrite)."""
     logits = logits.float()
     if cap is None:
         return logits
+    if inplace:
+        return logits.div_(cap).tanh_().mul_(cap)
     return torch.tanh(logits / cap) * cap
