@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="max_denoising_steps per canvas (default: the model's)")
     p.add_argument("--allow-eos", action="store_true", help="let requests stop at end-of-sequence")
     p.add_argument("--device", default=None, help="server --device (default cpu)")
+    p.add_argument("--scheduling", choices=("batched", "serial"), default="batched",
+                   help="server --scheduling: batched (shared decoder forwards, the default) or serial (turns)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a request may wait for the server's next bytes before it fails (default 600)")
     args = p.parse_args(argv)
@@ -100,6 +102,7 @@ def start_server(args, model: str | None, log) -> tuple[subprocess.Popen, str]:
            "--max-concurrency", str(max_clients), "--max-queue", str(max_clients)]
     cmd += ["--model", model] if model else []
     cmd += ["--device", args.device] if args.device else []
+    cmd += ["--scheduling", args.scheduling]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                                          os.environ.get("PYTHONPATH", "")])}
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -245,8 +248,8 @@ def main(argv=None) -> int:
     print(json.dumps({"bench": "serve_load", "model": args.config or args.model or "bundled default",
                       "hardware": f"{cpu_model()}, {os.cpu_count()} logical CPUs", "device": args.device or "cpu",
                       "max_tokens": args.max_tokens, "steps": args.steps, "ignore_eos": not args.allow_eos,
-                      "requests_per_client": args.requests, "worker": health, "levels": levels,
-                      "speedup": speedup}))
+                      "requests_per_client": args.requests, "scheduling": args.scheduling, "worker": health,
+                      "levels": levels, "speedup": speedup}))
     return 0
 
 
