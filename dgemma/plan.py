@@ -5,9 +5,10 @@ Components (bytes), each computed from what dgemma's code allocates:
   does), every parameter and buffer counted at its dtype: exact for what loading allocates.
 * kv_cache_per_request: K and V of every layer at `context` positions; sliding layers keep only their last
   window-1 entries (engine/cache.py), full layers everything.
-* sampler_per_canvas: the vocabulary-sized buffers of one canvas at their peak, the tied head + soft-cap: the
-  kept self-conditioning logits, the fp32 logits and two soft-cap temporaries = 4 fp32 [L, V] buffers
-  (`sampler_bytes`); the lean sampler step works in place with one shared 16 MiB chunk (sampling/lean.py).
+* sampler_per_canvas: the vocabulary-sized buffers of one canvas at their peak, the tied head: the kept
+  self-conditioning logits and the fp32 logits, soft-capped in place (model/layers.softcap), plus the head's
+  product in the weight dtype when that is not fp32 = 2 to 2.5 fp32 [L, V] buffers (`sampler_bytes`); the lean
+  sampler step works in place with one shared 16 MiB chunk (sampling/lean.py).
 * activation_peak: the largest non-vocabulary working set: max of (a) the prompt prefill, one encoder pass
   over `prompt` tokens (mixture of experts: the routed copies of the tokens, the experts' outputs, their
   concatenation and two fp32 weighted copies, K per token; attention: the keys and values concatenated to
@@ -122,13 +123,14 @@ def vocab_unit(cfg: ModelConfig) -> int:
     return cfg.canvas_length * cfg.vocab_size * 4
 
 
-def sampler_bytes(cfg: ModelConfig) -> int:
+def sampler_bytes(cfg: ModelConfig, itemsize: int = 4) -> int:
     """Vocabulary-sized peak of one canvas, at the tied head: the kept self-conditioning logits plus the head's
-    fp32 logits and two soft-cap temporaries (tanh(x / cap) * cap) = 4 fp32 [L, V] buffers (measured the same
-    for bf16 and fp32 weights: the head's bf16 output is freed once copied to fp32). The sampler step itself
-    (2 buffers + one shared chunk, see `step_bytes`) and the soft embedding (1 + a [L, V] weight-dtype
-    buffer) stay below that."""
-    return 4 * vocab_unit(cfg)
+    fp32 logits, soft-capped in place = 2 fp32 [L, V] buffers, plus the head's product in the weight dtype while
+    it is copied to fp32 (bf16: half a buffer; fp32 weights: the product IS the fp32 logits). The sampler step
+    itself (2 buffers + one shared chunk, see `Plan.total_bytes`) and the chunked soft embedding stay at or
+    below that."""
+    unit = vocab_unit(cfg)
+    return 2 * unit + (unit * itemsize // 4 if itemsize < 4 else 0)
 
 
 def pass_activation_bytes(cfg: ModelConfig, tokens: int, context: int, itemsize: int, causal: bool) -> int:
@@ -166,7 +168,7 @@ def make_plan(cfg: ModelConfig, *, quant: str | None = None, group_size: int | N
     piece = max(1, min(prompt, prefill_chunk or prompt))
     return Plan(cfg, quant, group_size, dtype, context, prompt, prefill_chunk, concurrency,
                 weight_bytes(cfg, quant, group_size, dtype), kv_cache_bytes(cfg, context, itemsize),
-                sampler_bytes(cfg),
+                sampler_bytes(cfg, itemsize),
                 pass_activation_bytes(cfg, piece, max(prompt - piece, 0), itemsize, causal=True),
                 pass_activation_bytes(cfg, concurrency * cfg.canvas_length, context, itemsize, causal=False))
 
