@@ -2,7 +2,9 @@
 (playwright), it streams a reply from the server's own endpoint, draws the canvas while it is denoised and ends
 with exactly the text the API gives for the same seed.
 
-The browser test is marked `browser` and skips, saying why, where playwright or a Chromium is missing. With
+The browser test is marked `browser` and skips, saying why, where playwright or a Chromium is missing. Under CI
+(CI=true) as root with apt, its setup first installs Debian's `chromium` package (a package registry, like PyPI
+for playwright, which is in the test extra), so CI runs it for real. With
 DGEMMA_WEB_SCREENSHOT=path.png it runs on the bundled default model instead of the tiny random one and saves a
 screenshot of a second reply mid-denoising, below the first (docs/web.png is one)."""
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 
 import pytest
 from conftest import running
@@ -50,9 +53,28 @@ def test_the_page_is_served_without_key_and_without_external_resources(engine):
         assert httpx.get(base + "/nope").status_code == 401
 
 
+def install_chromium_in_ci() -> str | None:
+    """CI only (CI=true, root, apt-get): install Debian's chromium; -> a note of what failed, or None."""
+    if os.environ.get("CI") != "true" or any(map(shutil.which, SYSTEM_BROWSERS)):
+        return None
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "CI: cannot install chromium here (needs root and apt-get)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                                                  "chromium"]):
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"CI: {' '.join(command)} failed: {e}"
+        if done.returncode:
+            return f"CI: {' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-300:]}"
+    return None
+
+
 def launch_browser(playwright):
     """Playwright's own Chromium if installed (`playwright install chromium`), else a system Chromium."""
-    errors = []
+    failed = install_chromium_in_ci()
+    errors = [failed] if failed else []
     for path in (None, *filter(None, map(shutil.which, SYSTEM_BROWSERS))):
         try:
             return playwright.chromium.launch(executable_path=path, args=["--no-sandbox"])
