@@ -68,14 +68,18 @@ class Plan:
 
     def max_concurrency(self, budget_bytes: float) -> int:
         """Most concurrent canvases (each its own request and cache) whose total fits `budget_bytes`."""
-        per = self.kv_cache_per_request + self.sampler_per_canvas
+        per = self.kv_cache_per_request + self.sampler_per_canvas  # a lower bound on each canvas's cost
         room = budget_bytes - self.weight_bytes
         if room < self.prefill_activations + self.kv_cache_per_request:
             return 0
-        n = int(room // per) + 1
-        while n > 0 and plan_with(self, n).total_bytes > budget_bytes:
-            n -= 1
-        return n
+        lo, hi = 0, int(room // per) + 1  # total_bytes grows with n: binary search the last n that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if plan_with(self, mid).total_bytes <= budget_bytes:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def as_dict(self) -> dict:
         return {"quant": self.quant or "none", "group_size": self.group_size,
