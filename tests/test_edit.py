@@ -1,4 +1,4 @@
-"""In-place edits (dgemma/engine/edit.py): only the span changes; line spans; the old span seeds the canvas."""
+"""In-place edits (dgemma/random_engine/edit.py): only the span changes; line spans; the old span seeds the canvas."""
 
 from __future__ import annotations
 
@@ -9,16 +9,6 @@ from dgemma.cli import main
 from dgemma.engine.edit import edit_lengths, line_span
 
 TEXT = "line one\nline two é\nline three\n\nline five\n"
-
-
-@pytest.fixture
-def model_dir(random_model_dir):
-    return random_model_dir
-
-
-@pytest.fixture
-def engine(random_engine):
-    return random_engine
 
 
 def test_line_span():
@@ -35,16 +25,16 @@ def test_line_span():
 
 @pytest.mark.parametrize("first,last,options", [(2, 3, {}), (1, 1, {"strength": 1.0}), (5, 5, {"strength": 0.0}),
                                                 (4, 4, {"instruction": "Write a haiku."})])
-def test_edit_changes_only_the_span(engine, first, last, options):
+def test_edit_changes_only_the_span(random_engine, first, last, options):
     start, end = line_span(TEXT, first, last)
-    r = engine.edit(TEXT, start, end, max_denoising_steps=3, seed=1, num_candidates=2, **options)
+    r = random_engine.edit(TEXT, start, end, max_denoising_steps=3, seed=1, num_candidates=2, **options)
     after = TEXT[end:]
     assert r.text == TEXT[:start] + r.new_span + after
     assert r.text.startswith(TEXT[:start]) and r.text.endswith(after)
     assert r.old_span == TEXT[start:end]
 
 
-def test_strength_zero_starts_from_the_old_span(engine):
+def test_strength_zero_starts_from_the_old_span(random_engine):
     """With nothing renoised the first decoder step reads the old span in place (observed through the plan)."""
     from dgemma.engine import infill as I
 
@@ -56,10 +46,10 @@ def test_strength_zero_starts_from_the_old_span(engine):
         seen["start"] = self.start.clone()
 
     start, end = line_span(TEXT, 2, 2)
-    old_ids = engine.tokenizer.encode(TEXT[start:end], add_bos=False)
+    old_ids = random_engine.tokenizer.encode(TEXT[start:end], add_bos=False)
     I.InfillPlan.__init__ = spy
     try:
-        engine.edit(TEXT, start, end, strength=0.0, span_tokens=len(old_ids), max_denoising_steps=2, seed=0)
+        random_engine.edit(TEXT, start, end, strength=0.0, span_tokens=len(old_ids), max_denoising_steps=2, seed=0)
     finally:
         I.InfillPlan.__init__ = original
     assert seen["start"][0, : len(old_ids)].tolist() == old_ids
@@ -70,24 +60,24 @@ def test_edit_lengths_centre_on_the_old_length():
     assert edit_lengths(1, 5) == [1, 2]
 
 
-def test_bad_edits_are_refused(engine):
+def test_bad_edits_are_refused(random_engine):
     with pytest.raises(ValueError, match="outside the text"):
-        engine.edit(TEXT, 5, 500)
+        random_engine.edit(TEXT, 5, 500)
     with pytest.raises(ValueError, match="strength"):
-        engine.edit(TEXT, 0, 4, strength=2)
+        random_engine.edit(TEXT, 0, 4, strength=2)
 
 
-def test_cli_edit(model_dir, tmp_path, capsys):
+def test_cli_edit(random_model_dir, tmp_path, capsys):
     f = tmp_path / "t.txt"
     f.write_text(TEXT)
-    assert main(["edit", str(f), "--lines", "2-3", "--model", str(model_dir), "--steps", "2", "--seed", "0",
+    assert main(["edit", str(f), "--lines", "2-3", "--model", str(random_model_dir), "--steps", "2", "--seed", "0",
                  "--candidates", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("line one\n") and out.endswith("\n\nline five\n")
-    assert main(["edit", str(f), "--lines", "7-9", "--model", str(model_dir)]) == 2
+    assert main(["edit", str(f), "--lines", "7-9", "--model", str(random_model_dir)]) == 2
     assert "outside" in capsys.readouterr().err
-    assert main(["edit", str(f), "--lines", "two", "--model", str(model_dir)]) == 2
+    assert main(["edit", str(f), "--lines", "two", "--model", str(random_model_dir)]) == 2
     assert "--lines" in capsys.readouterr().err
-    assert main(["edit", str(f), "--lines", "1", "--model", str(model_dir), "--steps", "2", "--in-place",
+    assert main(["edit", str(f), "--lines", "1", "--model", str(random_model_dir), "--steps", "2", "--in-place",
                  "--candidates", "1"]) == 0
     assert f.read_text().endswith("\nline two é\nline three\n\nline five\n")

@@ -1,4 +1,4 @@
-"""Infill (dgemma/engine/infill.py): prefix and suffix come back byte-identical, the suffix is clamped in the canvas,
+"""Infill (dgemma/random_engine/infill.py): prefix and suffix come back byte-identical, the suffix is clamped in the canvas,
 the middle holds no special token, and the junction score picks the right length when the model knows the answer."""
 
 from __future__ import annotations
@@ -15,16 +15,6 @@ from dgemma.engine.infill import InfillPlan, candidate_lengths, middle_class, ro
 FAST = {"max_denoising_steps": 3, "seed": 0}
 
 
-@pytest.fixture
-def model_dir(random_model_dir):
-    return random_model_dir
-
-
-@pytest.fixture
-def engine(random_engine):
-    return random_engine
-
-
 @pytest.mark.parametrize("prefix,suffix,options", [
     ("def main():\n    ", "\n    return 0\n", {}),
     ("", "tail only ü", {"middle_tokens": 5}),
@@ -32,26 +22,26 @@ def engine(random_engine):
     ("A causal encoder ", " the prompt. " * 30, {"num_candidates": 2}),  # suffix longer than a canvas
     ("x = [", "]\n", {"middle_tokens": 80}),  # the middle spans two canvases
 ])
-def test_prefix_and_suffix_are_byte_identical(engine, prefix, suffix, options):
-    r = engine.infill(prefix, suffix, **FAST, **options)
+def test_prefix_and_suffix_are_byte_identical(random_engine, prefix, suffix, options):
+    r = random_engine.infill(prefix, suffix, **FAST, **options)
     assert r.text == prefix + r.middle + suffix
     assert r.text.startswith(prefix) and r.text.endswith(suffix)
     assert len(r.middle_ids) == r.middle_tokens
-    tok = engine.tokenizer
+    tok = random_engine.tokenizer
     assert not set(r.middle_ids) & (tok.added_id_set | set(tok.stop_ids))
     assert r.candidates[0][0] == r.middle_tokens
     if "middle_tokens" in options:
         assert r.middle_tokens == options["middle_tokens"]
 
 
-def test_suffix_and_eos_are_clamped_in_the_committed_canvases(engine):
-    tok, L = engine.tokenizer, engine.config.canvas_length
+def test_suffix_and_eos_are_clamped_in_the_committed_canvases(random_engine):
+    tok, L = random_engine.tokenizer, random_engine.config.canvas_length
     suffix_ids = tok.encode(" the prompt; the same weights", add_bos=False)
     lengths = [10, 30, 70]
-    plan = InfillPlan(lengths, suffix_ids, tok.eos_id, L, middle_class(tok, engine.config.vocab_size))
-    gen = engine.generation_settings(max_new_tokens=plan.num_canvases * L, eos_token_id=[], max_denoising_steps=3)
+    plan = InfillPlan(lengths, suffix_ids, tok.eos_id, L, middle_class(tok, random_engine.config.vocab_size))
+    gen = random_engine.generation_settings(max_new_tokens=plan.num_canvases * L, eos_token_id=[], max_denoising_steps=3)
     ctx = torch.tensor([tok.encode("A causal encoder")] * 3)
-    commits = [e for e in canvas_loop(engine.module, ctx, gen, step_config(gen, sampling="fast"),
+    commits = [e for e in canvas_loop(random_engine.module, ctx, gen, step_config(gen, sampling="fast"),
                                       generator=torch.Generator().manual_seed(0), plan=plan) if isinstance(e, Commit)]
     tokens = torch.cat([c.tokens for c in commits], dim=1)
     clamped = plan.layout >= 0
@@ -93,14 +83,14 @@ class KnowingModel(torch.nn.Module):
         return self.logits[None].expand(tokens.shape[0], -1, -1).clone()
 
 
-def test_junction_score_picks_the_true_length(engine):
-    tok = engine.tokenizer
+def test_junction_score_picks_the_true_length(random_engine):
+    tok = random_engine.tokenizer
     middle_ids = tok.encode(" denoise a canvas of tokens in parallel", add_bos=False)
     suffix = ". Each step samples every position"
     suffix_ids = tok.encode(suffix, add_bos=False)
-    L = engine.config.canvas_length
+    L = random_engine.config.canvas_length
     truth = middle_ids + suffix_ids + [tok.eos_id] * (L - len(middle_ids) - len(suffix_ids))
-    knowing = Engine(KnowingModel(engine.config, truth), tokenizer=tok)
+    knowing = Engine(KnowingModel(random_engine.config, truth), tokenizer=tok)
     n = len(middle_ids)
     r = knowing.infill("The same weights", suffix, middle_tokens=[n - 2, n, n + 3, n + 9], seed=0,
                        max_denoising_steps=4)
@@ -108,20 +98,20 @@ def test_junction_score_picks_the_true_length(engine):
     assert r.candidates[0][1] > r.candidates[1][1]
 
 
-def test_bad_input_is_refused(engine):
+def test_bad_input_is_refused(random_engine):
     with pytest.raises(ValueError, match="middle_tokens"):
-        engine.infill("a", "b", middle_tokens=0)
+        random_engine.infill("a", "b", middle_tokens=0)
     with pytest.raises(ValueError, match="strings"):
-        engine.infill(None, "b")
+        random_engine.infill(None, "b")
 
 
-def test_cli_infill(model_dir, tmp_path, capsys):
+def test_cli_infill(random_model_dir, tmp_path, capsys):
     (tmp_path / "a.py").write_text("def main():\n    ")
     (tmp_path / "b.py").write_text("\n    return 0\n")
-    assert main(["infill", "--model", str(model_dir), "--prefix-file", str(tmp_path / "a.py"), "--suffix-file",
+    assert main(["infill", "--model", str(random_model_dir), "--prefix-file", str(tmp_path / "a.py"), "--suffix-file",
                  str(tmp_path / "b.py"), "--steps", "2", "--seed", "0", "--full"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("def main():\n    ") and out.endswith("\n    return 0\n")
-    assert main(["infill", "--model", str(model_dir), "--prefix-file", str(tmp_path / "missing"),
+    assert main(["infill", "--model", str(random_model_dir), "--prefix-file", str(tmp_path / "missing"),
                  "--suffix-file", str(tmp_path / "b.py")]) == 2
     assert "missing" in capsys.readouterr().err
