@@ -35,7 +35,7 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[experts], experts
 
 
-GROUPED_MM = {"auto": None, "on": True, "off": False}  # auto: wherever the op takes these tensors
+GROUPED_MODES = ("auto", "on", "off")  # auto (the default) and on both mean: wherever the op takes the tensors
 _grouped_mode = "auto"  # set by `set_grouped_dispatch` (the runner's choice, never the model files')
 
 
@@ -43,16 +43,15 @@ def set_grouped_dispatch(mode: str) -> None:
     """"auto"/"on": one grouped GEMM wherever torch._grouped_mm takes the tensors (CUDA: bf16; CPU: any float
     dtype), else the per-expert loop; "off": always the loop (the slow reference; tests and benches)."""
     global _grouped_mode
-    if mode not in GROUPED_MM:
-        raise ValueError(f"grouped dispatch mode must be one of {sorted(GROUPED_MM)}, got {mode!r}")
+    if mode not in GROUPED_MODES:
+        raise ValueError(f"grouped dispatch mode must be one of {sorted(GROUPED_MODES)}, got {mode!r}")
     _grouped_mode = mode
 
 
 def grouped_dispatch(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether `Experts.forward` can and should use `torch._grouped_mm` for these tensors: the op exists, the
     dtypes agree, rows are 16-byte aligned (its stride rule), and the mode asks for it."""
-    forced = GROUPED_MM[_grouped_mode]
-    if forced is False or not hasattr(torch, "_grouped_mm"):
+    if _grouped_mode == "off" or not hasattr(torch, "_grouped_mm"):
         return False
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # e.g. float64 (tests): the loop
         return False
