@@ -93,11 +93,10 @@ def infill_events(engine, job: Job):
     is not stepped with the other requests yet), then Done."""
     prefix, suffix = job.infill
     o = dict(job.options)
-    stop_ids = set(engine.require_tokenizer().stop_ids)
     result = engine.infill(prefix, suffix, max_middle_tokens=o.pop("max_tokens"), **{
         k: v for k, v in o.items() if v is not None and k not in ("stop", "eos_token_id")})
     yield Text(result.middle)
-    ids = [i for i in result.middle_ids if i not in stop_ids]
+    ids = result.middle_ids  # free positions only: their token class excludes every stop id (infill.middle_class)
     yield Done("stop", ParsedOutput(None, result.middle), len(job.prompt_ids), len(ids), ids,
                result.steps_per_canvas, result.wall_s, result.wall_s)
 
