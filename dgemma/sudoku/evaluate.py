@@ -117,7 +117,7 @@ def predict(engine, puzzles: Sequence[Sequence[int]], *, steps: int | None = Non
 
 
 def _eos(tokenizer) -> int:
-    eos = tokenizer.special.eos if tokenizer.special.eos is not None else tokenizer.eos_id
+    eos = tokenizer.plain_eos_id
     if eos is None:
         raise SudokuError("the tokenizer has no <eos> token, which ends every Sudoku answer")
     return eos

@@ -129,6 +129,12 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    @property
+    def plain_eos_id(self) -> int | None:
+        """The `<eos>` token itself (what ends a raw answer and fills a response's canvases), else the configured
+        eos (`eos_id` may name `<turn|>` instead, spec §8); None when the vocabulary has neither."""
+        return self.special.eos if self.special.eos is not None else self.eos_id
+
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 

@@ -79,7 +79,7 @@ def _string(record: dict, key: str, where: str) -> str:
 def record_ids(record: dict, tokenizer, where: str, raw_default: bool = False) -> tuple[list[int], list[int], int]:
     """One JSONL record -> (prompt ids, answer ids, end id). See the module docstring for the formats."""
     special = tokenizer.special
-    eos = special.eos if special.eos is not None else tokenizer.eos_id
+    eos = tokenizer.plain_eos_id
     turn_end = special.turn_end if special.turn_end is not None else eos
     if eos is None:
         raise DataError(f"{where}: the tokenizer has no <eos> token; training needs it to pad responses")
@@ -146,8 +146,7 @@ def load_examples(paths: str | Path | Iterable[str | Path], tokenizer, *, canvas
     if on_too_long not in TOO_LONG:
         raise ValueError(f"on_too_long must be one of {TOO_LONG}, got {on_too_long!r}")
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    special = tokenizer.special
-    fill = special.eos if special.eos is not None else tokenizer.eos_id
+    fill = tokenizer.plain_eos_id
     examples, skipped = [], {"truncated": [], "dropped": []}
     for path in paths:
         for where, record in read_jsonl(path):
