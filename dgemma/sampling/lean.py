@@ -2,9 +2,11 @@
 
 `step` holds several fp32 [B,L,V] tensors at once (ℓ̃, its softmax, the CDF, the entropy's log-probs, softmax and
 product, the self-conditioning merge): about 256 MiB each per canvas row at V = 262,144, L = 256. `step_lean`
-produces the SAME DenoiseState, bit for bit, in fast sampling mode (cfg.sample is `sample_inverse_cdf`) with
+produces the SAME DenoiseState, bit for bit, in both sampling modes (cfg.sample `sample_inverse_cdf` or
+`sample_reference`) with
 
-    peak extra memory ~ one fp32 [chunk, V] work buffer + one [chunk, block] scratch + O(B*L) per-position outputs
+    peak extra memory ~ one fp32 [chunk, V] work buffer (two in reference-RNG mode: the noise) + one [chunk, block]
+    scratch + O(B*L) per-position outputs
 
 besides the input logits, which it overwrites with ℓ̃ = ℓ / T and returns as `sc_logits` (no second [B,L,V] copy).
 
@@ -21,11 +23,12 @@ How the bits stay equal. Every vocabulary-sized quantity in `step` is a per-posi
     comes after, as in `step`. So chunking never changes the random stream.
   * the reference-RNG primitive (`sample_reference`) is one torch.multinomial(p, 1) over all [B*L, V]
     probabilities. For one sample torch draws it as argmax(p / q) with q = empty_like(p).exponential_(1), after
-    checks that draw nothing (no inf/NaN/negative entries, no all-zero row). So the lean step makes that exact
-    exponential_ call on one [B*L, V] fp32 buffer up front (RNG 1: the same size, dtype and generator, hence the same
-    numbers), then per chunk divides the softmax by its rows of q and takes the argmax: the same elementwise
-    division and per-row argmax, without multinomial's extra passes and the step's other full-size temporaries.
-    That one buffer is the price of the reference's random stream; fast mode needs none.
+    checks that draw nothing (no inf/NaN/negative entries, no all-zero row). That exponential_ fills q entry by
+    entry in memory order, so drawing q chunk by chunk (each chunk's rows, in order, into one reused [chunk, V]
+    buffer) consumes the generator exactly as the one big call does (RNG 1: the same numbers); `noise.exponential_`
+    draws them bit for bit as torch's serial loop would, about twice as fast. Per chunk the softmax is then divided
+    by its rows of q and the argmax taken: the same elementwise division and per-row argmax, without multinomial's
+    extra passes, its [B*L, V] noise tensor and the step's other full-size temporaries.
 Any other cfg.sample falls back to `step`.
 
 Why overwriting the logits in place is safe: ℓ is only ever used as ℓ / T (§6.2) and the engine's canvas loop
@@ -45,7 +48,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from . import constraints as con
+from . import constraints as con, noise
 from .sampler import DenoiseState, StepConfig, _advance, _check_logits, _temperature, sample_inverse_cdf, \
     sample_reference, step
 
@@ -77,7 +80,7 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
     logits [B,L,V] fp32, OVERWRITTEN with ℓ̃ (inplace=True, the default) and returned as the new state's sc_logits
     (a non-contiguous input is copied first). chunk: positions of the flattened B*L canvas per chunk, None =
     `default_chunk(V)`; 1 is taken as 2. Fast mode (`sample_inverse_cdf`) and reference-RNG mode (`sample_reference`,
-    which adds one [B*L, V] buffer of exponential noise, see the module docstring) are chunked; any other sampler
+    which adds a [chunk, V] buffer of exponential noise, see the module docstring) are chunked; any other sampler
     runs `step` unchanged (logits are then left untouched).
     constraints: as for `step`; the class masks are applied chunk by chunk (elementwise, so the same bits)."""
     reference_rng = cfg.sample is sample_reference
@@ -101,9 +104,7 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
     # per position (sample_inverse_cdf), or multinomial's exponential noise for every entry (sample_reference)
     temp = _temperature(state, cfg).repeat_interleave(length)[:, None]
     frozen = state.done.repeat_interleave(length)[:, None]
-    if reference_rng:
-        q = torch.empty(n_pos, vocab, dtype=torch.float32, device=dev).exponential_(1, generator=generator)
-    else:
+    if not reference_rng:
         u = torch.rand(num_rows, length, 1, generator=generator, device=dev).view(n_pos, 1)
 
     proposal = torch.empty(n_pos, dtype=torch.long, device=dev)
@@ -115,6 +116,7 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
     work_all = torch.empty(rows, vocab, dtype=torch.float32, device=dev)  # the one [chunk, V] buffer
     block = max(1, min(vocab, BLOCK_BYTES // (4 * rows)))
     scratch_all = torch.empty(rows, block, dtype=torch.float32, device=dev)
+    noise_all = torch.empty(rows, vocab, dtype=torch.float32, device=dev) if reference_rng else None
     fmin = torch.finfo(torch.float32).min
     for start, end in ranges:
         n = end - start
@@ -124,9 +126,9 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
         torch.argmax(x, dim=-1, out=argmax[start:end])
         torch.ops.aten._softmax.out(x, -1, False, out=work)  # p = softmax(ℓ̃); confidence = max p
         torch.amax(work, dim=-1, out=confidence[start:end])
-        if reference_rng:  # multinomial's draw: id = argmax(p / q), q this chunk's exponential noise
-            noise = q[start:end]
-            torch.argmax(torch.div(work, noise, out=noise), dim=-1, out=proposal[start:end])
+        if reference_rng:  # multinomial's draw: id = argmax(p / q), q this chunk's rows of the exponential noise
+            q = noise.exponential_(noise_all[:n], generator)
+            torch.argmax(torch.div(work, q, out=q), dim=-1, out=proposal[start:end])
         else:  # inverse CDF: cdf = cumsum p (in place); id = first index with cdf > u * total
             work.cumsum_(dim=-1)
             ids = torch.searchsorted(work, u[start:end] * work[:, -1:], right=True)
@@ -147,7 +149,6 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
         if old_sc is not None:  # frozen rows keep their previous ℓ̃ (step's torch.where, written into the buffer)
             torch.where(frozen[start:end], old_sc[start:end], x, out=x)
     if reference_rng:
-        del q
         if not bool(torch.isfinite(confidence).all()):  # a NaN/inf anywhere in a row makes its max non-finite
             raise RuntimeError(INVALID_PROBS)
     view = (num_rows, length)
