@@ -53,6 +53,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--no-tf32", dest="tf32", action="store_false",
+                   help="on CUDA, keep fp32 matmuls in full fp32 (default: TF32 tensor cores, ~10 mantissa bits)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output directory")
     g.add_argument("--eval-every", type=int, default=0)
@@ -89,7 +91,8 @@ def config_from_args(args):
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         eval_every=args.eval_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
-        seed=args.seed, dtype=args.dtype, device=args.device, resume=args.resume, progress=not args.no_progress,
+        seed=args.seed, dtype=args.dtype, tf32=args.tf32, device=args.device, resume=args.resume,
+        progress=not args.no_progress,
         time_budget=args.time_budget)
 
 

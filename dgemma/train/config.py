@@ -51,6 +51,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     dtype: str = "float32"  # bfloat16 = autocast with fp32 master weights
+    tf32: bool = True  # on CUDA, fp32 matmuls/convolutions use TF32 tensor cores (no effect on CPU)
     device: str | None = None  # default cuda when available
     resume: bool = False  # continue from the latest checkpoint in `out` (start fresh if there is none)
     progress: bool = True

@@ -211,6 +211,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     this; only rank 0 writes files."""
     began = time.perf_counter()
     rank, world, device = _distributed(cfg)
+    if device.type == "cuda":  # process-wide switches: the trainer owns its process (the CLI, torchrun)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     checkpoint = _checkpoints(out)[-1] if cfg.resume and _checkpoints(out) else None
