@@ -72,6 +72,27 @@ def test_entropy_in_column_blocks(monkeypatch):
     assert_same_state(a, b)
 
 
+def test_argmax_shortcuts_keep_argmaxs_first_index():
+    """The lean step's two cheaper argmaxes against torch.argmax: torch.max(dim) on ℓ̃ (ties, -0.0 == +0.0, -inf
+    rows, NaN), and the int32 view on p / q >= +0 (ties, zeros, inf); with a zero in q the float argmax runs."""
+    from dgemma.sampling.lean import _argmax_nonnegative
+
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0], [-0.0, 0.0, -1.0, -0.0], [-inf, -inf, -inf, -inf], [1.0, nan, 5.0, nan],
+                      [-2.0, -1.0, -1.0, -3.0], [0.0, -0.0, 0.0, -5.0]])
+    values, index = torch.max(x, dim=-1)
+    assert torch.equal(index, torch.argmax(x, dim=-1))
+    finite = ~values.isnan()
+    assert torch.equal(values[finite], torch.amax(x, dim=-1)[finite])
+    ratio = torch.tensor([[0.0, 2.5, 1.0, 2.5], [0.0, 0.0, 0.0, 0.0], [1.0, inf, inf, 3.0], [1e-40, 3e-40, 3e-40, 0.0]])
+    out = torch.empty(4, dtype=torch.long)
+    _argmax_nonnegative(ratio, True, out)
+    assert torch.equal(out, torch.argmax(ratio, dim=-1))
+    ratio[1, 2] = nan  # 0 / 0: only possible with a zero in q, when the float argmax runs
+    _argmax_nonnegative(ratio, False, out)
+    assert out[1] == 2
+
+
 @pytest.mark.parametrize("sample", [S.sample_inverse_cdf, S.sample_reference], ids=["fast", "reference_rng"])
 def test_frozen_rows_and_rows_at_different_steps(sample):
     rows, length, vocab = 4, 8, 3001

@@ -71,6 +71,14 @@ def _chunks(num_positions: int, chunk: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
+def _argmax_nonnegative(ratio: Tensor, no_zero_noise: bool, out: Tensor) -> None:
+    """out <- argmax(ratio, -1) for ratio = p / q, p a softmax (finite, >= +0) and q > 0 noise: then every entry is a
+    finite float >= +0, whose bit pattern as an int32 orders exactly as the float does (equal floats, equal ints), so
+    the int32 argmax (several times faster on CPU) picks the same first maximal index. A zero in q (u = 0 exactly,
+    odds 2^-53 an entry) can make 0/0 = NaN, which argmax treats as the maximum: then the float argmax runs."""
+    torch.argmax(ratio.view(torch.int32) if no_zero_noise else ratio, dim=-1, out=out)
+
+
 @torch.no_grad()
 def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: torch.Generator | None = None,
               chunk: int | None = None, inplace: bool = True,
@@ -117,18 +125,25 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
     block = max(1, min(vocab, BLOCK_BYTES // (4 * rows)))
     scratch_all = torch.empty(rows, block, dtype=torch.float32, device=dev)
     noise_all = torch.empty(rows, vocab, dtype=torch.float32, device=dev) if reference_rng else None
+    maxes_all = torch.empty(rows, 1, dtype=torch.float32, device=dev)
     fmin = torch.finfo(torch.float32).min
+    # frozen rows keep their previous ℓ̃ (step's torch.where); with none frozen that pass is skipped (a free check on
+    # the CPU; elsewhere the where always runs, so that no step waits on the device)
+    merge = old_sc is not None and (dev.type != "cpu" or bool(state.done.any()))
     for start, end in ranges:
         n = end - start
         x, work, scratch = x_all[start:end], work_all[:n], scratch_all[:n]
         con.mask_rows(x, constraints, start, end)  # -inf outside the allowed class, before ÷T as in `step`
         x.div_(temp[start:end])  # ℓ̃ = ℓ / T in place: the same IEEE division as `logits / T`
-        torch.argmax(x, dim=-1, out=argmax[start:end])
+        # argmax and row max in one reduction: torch.max(dim) also returns the FIRST maximal index (first NaN, if any)
+        # as argmax does, at a third of its cost; its values are amax's (the logsumexp below reuses them)
+        maxes = maxes_all[:n]
+        torch.max(x, dim=-1, keepdim=True, out=(maxes, argmax[start:end, None]))
         torch.ops.aten._softmax.out(x, -1, False, out=work)  # p = softmax(ℓ̃); confidence = max p
         torch.amax(work, dim=-1, out=confidence[start:end])
         if reference_rng:  # multinomial's draw: id = argmax(p / q), q this chunk's rows of the exponential noise
             q = noise.exponential_(noise_all[:n], generator)
-            torch.argmax(torch.div(work, q, out=q), dim=-1, out=proposal[start:end])
+            _argmax_nonnegative(torch.div(work, q, out=q), bool(q.amin() > 0), proposal[start:end])
         else:  # inverse CDF: cdf = cumsum p (in place); id = first index with cdf > u * total
             work.cumsum_(dim=-1)
             ids = torch.searchsorted(work, u[start:end] * work[:, -1:], right=True)
@@ -136,7 +151,6 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
         # token_entropy(ℓ̃), op for op: lse = logsumexp(ℓ̃) (ATen's own sequence: amax, inf -> 0, sub, exp, sum, log,
         # add), log_p = ℓ̃ - lse, p = softmax(log_p), H = -sum(clamp(log_p) * p). log_p is recomputed per column
         # block into the scratch instead of being kept whole.
-        maxes = torch.amax(x, dim=-1, keepdim=True)
         maxes.masked_fill_(maxes.abs() == float("inf"), 0)
         lse = torch.sub(x, maxes, out=work).exp_().sum(dim=-1, keepdim=True).log_().add_(maxes)
         torch.sub(x, lse, out=work)
@@ -146,7 +160,7 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
             log_p = torch.sub(x[:, c0:c1], lse, out=scratch[:, : c1 - c0]).clamp_(min=fmin)
             work[:, c0:c1].mul_(log_p)  # p * log_p == log_p * p (IEEE multiplication commutes)
         torch.sum(work, dim=-1, out=entropy[start:end]).neg_()
-        if old_sc is not None:  # frozen rows keep their previous ℓ̃ (step's torch.where, written into the buffer)
+        if merge:  # written into the buffer
             torch.where(frozen[start:end], old_sc[start:end], x, out=x)
     if reference_rng:
         if not bool(torch.isfinite(confidence).all()):  # a NaN/inf anywhere in a row makes its max non-finite

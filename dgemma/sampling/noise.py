@@ -75,17 +75,22 @@ def _fill(out: Tensor, numpy_gen: np.random.Generator) -> None:
     total = out.numel()
     size = min(total, SUB_ENTRIES)
     work, bits = torch.empty(size, dtype=torch.float64), torch.empty(size, dtype=torch.int64)
-    minus_scale = torch.tensor(-1.0 / (1 << 53), dtype=torch.float64)  # 0-dim float64: the product is float64
+    one, zero = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    below = torch.tensor(HALF - GUARD - 1, dtype=torch.int64)
     for start in range(0, total, SUB_ENTRIES):
         n = min(SUB_ENTRIES, total - start)
         words = torch.from_numpy(numpy_gen.integers(0, 1 << 64, size=n, dtype=np.uint64).view(np.int64))
-        words.bitwise_and_((1 << 53) - 1)  # the 53 random bits of u
-        u = torch.mul(words, minus_scale, out=work[:n]).log1p_()  # log1p(-u); -u is exact in float64
-        dst = torch.mul(u, -1.0, out=out[start:start + n])  # float32(-1.0 * log1p(-u)), as the loop computes it
-        # |low 29 mantissa bits - halfway| <= GUARD, as one unsigned window test: (low + GUARD - HALF) mod 2^29
-        near = torch.add(u.view(torch.int64), GUARD - HALF, out=bits[:n]).bitwise_and_((1 << 29) - 1)
-        if int(near.amin()) <= 2 * GUARD:  # rounding too close to call (rare): the C library decides
-            for i in torch.nonzero(near <= 2 * GUARD).flatten().tolist():
+        words.bitwise_and_((1 << 53) - 1)  # v: the 53 random bits, u = v * 2^-53
+        # log(1 - u) == log1p(-u) up to the last float64 bits (both exact inputs: 1 - u = (2^53 - v) * 2^-53), and
+        # log is the cheaper kernel; the float64 ops before it are exact, whatever their order or fusion
+        y = torch.add(one, work[:n].copy_(words), alpha=-1.0 / (1 << 53), out=work[:n]).log_()
+        # float32(0 - y): the loop's float32(-1.0 * log1p(-u)), +0.0 included (u = 0: log(1) = +0, 0 - 0 = +0)
+        dst = torch.sub(zero, y, out=out[start:start + n])
+        # the fp32 rounding is too close to call when the low 29 mantissa bits of y lie within GUARD of halfway:
+        # (HALF - GUARD - 1 - bits) mod 2^29 >= 2^29 - 1 - 2 * GUARD exactly then (one max instead of a window test)
+        far = torch.sub(below, y.view(torch.int64), out=bits[:n]).bitwise_and_((1 << 29) - 1)
+        if int(far.amax()) >= (1 << 29) - 1 - 2 * GUARD:  # rare: the C library's log1p decides, as in torch's loop
+            for i in torch.nonzero(far >= (1 << 29) - 1 - 2 * GUARD).flatten().tolist():
                 dst[i] = -math.log1p(-(int(words[i]) * 2.0 ** -53))
 
 
