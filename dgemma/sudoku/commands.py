@@ -16,7 +16,7 @@ BUNDLED = Path(__file__).resolve().parent.parent / "models" / "sudoku"
 TRAIN_HINT = ("train it: `dgemma sudoku tokenizer TOK` (the tokenizer), `dgemma sudoku generate --count 20000 "
               "--seed 1000 --variants 10 --format train --out train.jsonl` (the data), then `dgemma train --config "
               "CONFIG.json --tokenizer TOK --data train.jsonl --out dgemma/models/sudoku` (a config with "
-              "canvas_length 96 and vocab_size >= 1270; see the README); or pass --model DIR")
+              "canvas_length 96 and vocab_size >= 460; see the README); or pass --model DIR")
 
 
 def _load(args):
