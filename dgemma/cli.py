@@ -59,7 +59,8 @@ def _load_engine(args):
     if not path.exists():
         raise FileNotFoundError(f"model directory {path} does not exist; pass --model DIR (a DiffusionGemma "
                                 "checkpoint in Hugging Face layout)")
-    return load(path, dtype=args.dtype, device=args.device, quiet=True)
+    return load(path, dtype=args.dtype, device=args.device, quiet=True, preset=args.preset,
+                int8_dynamic=args.int8_dynamic)
 
 
 def _engine_options(args, engine) -> dict:
@@ -188,6 +189,8 @@ def _add_model_flags(p) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: as stored)")
+    from .engine.presets import add_speed_flags
+    add_speed_flags(p)
 
 
 def _add_sampling_flags(p) -> None:

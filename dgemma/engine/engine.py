@@ -23,6 +23,8 @@ class Engine:
         self.config: ModelConfig = module.config
         self.directory = directory
         self.generation_config = generation_config or GenerationConfig()
+        self.checkpoint_generation_config = self.generation_config  # what use_preset starts from
+        self.preset = "exact"
         self.tokenizer = tokenizer
 
     def require_tokenizer(self):
@@ -82,6 +84,24 @@ class Engine:
         """Re-denoise text[start:end] in place (instruction=, strength=) -> EditResult (.text); see engine/edit.py."""
         from .edit import edit
         return edit(self, text, start, end, **options)
+
+    def use_preset(self, name: str | None) -> "Engine":
+        """Make a speed preset (dgemma/engine/presets.py) this engine's generation defaults: every later call,
+        request and command uses it unless it passes its own knobs. "exact" (or None) restores the checkpoint's
+        settings. Returns the engine."""
+        from .presets import preset_knobs
+        knobs = preset_knobs(name)
+        self.generation_config = self.checkpoint_generation_config
+        self.generation_config = self.generation_settings(**knobs)
+        self.preset = name or "exact"
+        return self
+
+    def use_int8_dynamic(self, on: bool = True) -> "Engine":
+        """Dynamic int8 matmuls on CPU (dgemma/quant/dynamic.py): faster and approximate; on=False puts the float
+        modules back exactly. Returns the engine."""
+        from ..quant import dynamic
+        (dynamic.apply if on else dynamic.restore_float)(self.module)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -165,11 +185,14 @@ class Engine:
         return input_ids.to(torch.int64).to(self.device)
 
 
-def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device=None, quiet: bool = False) -> Engine:
-    """Load a DiffusionGemma model directory (Hugging Face layout) into an Engine."""
+def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device=None, quiet: bool = False,
+         preset: str | None = None, int8_dynamic: bool = False) -> Engine:
+    """Load a DiffusionGemma model directory (Hugging Face layout) into an Engine. preset: a speed preset as the
+    generation defaults (`Engine.use_preset`); int8_dynamic: `Engine.use_int8_dynamic` (CPU, float32)."""
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     module = load_module(path, dtype=dtype, device=device, quiet=quiet, prepare=swap_for_checkpoint)
     tokenizer = Tokenizer.from_dir(path) if (Path(path) / "tokenizer.json").exists() else None
-    return Engine(module, Path(path), GenerationConfig.from_dir(path), tokenizer)
+    engine = Engine(module, Path(path), GenerationConfig.from_dir(path), tokenizer).use_preset(preset)
+    return engine.use_int8_dynamic() if int8_dynamic else engine

@@ -86,6 +86,9 @@ class DiffusionGemma(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
+        # Optional callable normed [..., D] -> head product [..., V] (dgemma.quant.dynamic's int8 head); None:
+        # the tied embedding's float product. A runtime choice, never saved.
+        self.head_product = None
 
     # --- pieces both passes use -------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -111,7 +114,10 @@ class DiffusionGemma(nn.Module):
 
     def head(self, normed: torch.Tensor) -> torch.Tensor:
         """Tied head + fp32 soft-cap on ALREADY final-normed states (what `encode(return_hidden=True)` returns)."""
-        product = normed @ self.embed_tokens.weight.t()
+        if self.head_product is not None:
+            product = self.head_product(normed)
+        else:
+            product = normed @ self.embed_tokens.weight.t()
         inplace = not (torch.is_grad_enabled() and product.requires_grad)
         return softcap(product, self.config.final_logit_softcapping, inplace=inplace)
 

@@ -28,7 +28,8 @@ def _load(args):
             raise FileNotFoundError(f"model directory {path} has no config.json; pass a DiffusionGemma model "
                                     "directory (Hugging Face layout) trained on the Sudoku format")
         raise FileNotFoundError(f"no bundled Sudoku model at {path}: it has not been trained yet; {TRAIN_HINT}")
-    engine = load(path, dtype=args.dtype, device=args.device, quiet=True)
+    engine = load(path, dtype=args.dtype, device=args.device, quiet=True, preset=args.preset,
+                  int8_dynamic=args.int8_dynamic)
     if engine.tokenizer is None:
         raise FileNotFoundError(f"{path} has no tokenizer.json; the Sudoku model needs its tokenizer "
                                 "(`dgemma sudoku tokenizer DIR` writes one)")
@@ -135,6 +136,8 @@ def _model_flags(p) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: as stored)")
+    from ..engine.presets import add_speed_flags
+    add_speed_flags(p)
 
 
 def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:

@@ -1,0 +1,153 @@
+"""Dynamic int8 matmuls on CPU: a speed option (`--int8-dynamic`), approximate, never the default.
+
+Weights are quantized once, per output channel, to int8 and packed for the CPU's int8 GEMM (FBGEMM/oneDNN
+through torch's quantized-linear ops); each call quantizes its activations on the fly (one scale per call, from
+the activations' range; 8 bits on CPUs with VNNI, else 7) and accumulates in int32. Measured on the bundled
+default model's held-out canvases: decoder top-1 agreement 98.1%, mean KL 0.0012 nats (7-bit: 97.4%, 0.004). On this project's 2-core Xeon (AVX512-VNNI) a 256 x 1024 by
+1024 x 4096 product ran at 255 GOP/s against 78 GFLOP/s in fp32 (same machine, same moment).
+
+What runs in int8: the same projections `dgemma quantize` stores quantized (`modules.QUANTIZED`: attention,
+dense MLP, self-conditioning MLP, the stacked experts, one packed matrix per expert) plus the tied LM head's
+product (a packed int8 copy of the embedding; the token lookup and the self-conditioning soft embedding keep
+reading the float table). The routers, norms and the sampler stay in fp32. The float modules are kept inside the
+swapped ones (`.reference`), so `restore_float` undoes the swap exactly and tests compare against them.
+
+The packed weights are plain attributes, not parameters or buffers: the state dict, `dgemma quantize` and
+checkpoints never see them. The torch ops behind this are marked deprecated in torch 2.13 (they still ship and
+run); `check_available` says so clearly if a later torch drops them.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..model.layers import gelu_tanh
+from ..model.moe import Experts
+from .modules import is_quantized
+
+
+class DynamicInt8Error(ValueError):
+    """The model or the machine cannot run dynamic int8 matmuls; the message says why and what to do."""
+
+
+def check_available() -> None:
+    ops = getattr(torch.ops, "quantized", None)
+    if ops is None or not all(hasattr(ops, op) for op in ("linear_prepack", "linear_dynamic")):
+        raise DynamicInt8Error("this torch build has no quantized linear ops (torch.ops.quantized.linear_dynamic); "
+                               "run without --int8-dynamic")
+    if not {"fbgemm", "x86", "onednn"} & set(torch.backends.quantized.supported_engines):
+        raise DynamicInt8Error("no x86 int8 GEMM engine in this torch build (needs fbgemm, x86 or onednn); "
+                               "run without --int8-dynamic")
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] float weight -> packed int8 (symmetric, one scale per output row)."""
+    w = weight.detach().float().contiguous()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
+    with warnings.catch_warnings():  # the deprecation notice of quantized tensors (see the module docstring)
+        warnings.filterwarnings("ignore", message=".*quantize_per_channel.*deprecated", category=UserWarning)
+        q = torch.quantize_per_channel(w, scales, torch.zeros(w.shape[0], dtype=torch.int64), 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(q, None)
+
+
+def _has_vnni() -> bool:
+    """x86 with VNNI (int8 dot products accumulated in int32): the GEMM cannot saturate, so activations can use
+    all 8 bits. Without it the int16 intermediate sums can overflow, and activations get 7 bits (reduce_range)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+REDUCE_RANGE = not _has_vnni()
+
+
+def matmul(x: torch.Tensor, packed) -> torch.Tensor:
+    """x [..., in] -> x @ W.t() [..., out] in fp32 through the int8 GEMM (activations quantized per call)."""
+    return torch.ops.quantized.linear_dynamic(x.float().contiguous(), packed, REDUCE_RANGE)
+
+
+class DynamicInt8Linear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise DynamicInt8Error("dynamic int8 linear layers here take no bias (DiffusionGemma has none)")
+        self.reference = linear
+        self.packed = pack(linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul(x, self.packed).to(x.dtype)
+
+
+class DynamicInt8Experts(Experts):
+    """The stacked experts with one packed int8 matrix per expert and projection (Experts' loop dispatch)."""
+
+    def __init__(self, experts: Experts):
+        nn.Module.__init__(self)
+        self.reference = experts
+        self.packed_gate_up = [pack(w) for w in experts.gate_up_proj]
+        self.packed_down = [pack(w) for w in experts.down_proj]
+
+    @property
+    def gate_up_proj(self):  # Experts.forward reads the expert count from it
+        return self.reference.gate_up_proj
+
+    @property
+    def down_proj(self):
+        return self.reference.down_proj
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = matmul(x, self.packed_gate_up[e]).chunk(2, dim=-1)
+        return matmul(gelu_tanh(gate) * up, self.packed_down[e]).to(x.dtype)
+
+
+class _Head:
+    """The tied head's product `normed @ embed.t()` through a packed int8 copy of the embedding."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.packed = pack(weight)
+
+    def __call__(self, normed: torch.Tensor) -> torch.Tensor:
+        return matmul(normed, self.packed)
+
+
+def apply(model: nn.Module) -> nn.Module:
+    """Swap the int8 stand-ins into a float32 CPU model, in place; returns the model. Inference only."""
+    check_available()
+    w = model.embed_tokens.weight
+    if w.device.type != "cpu" or w.dtype != torch.float32:
+        raise DynamicInt8Error(f"dynamic int8 runs on CPU float32 models; this one is {w.dtype} on {w.device.type} "
+                               "(load with --dtype float32 --device cpu, or drop --int8-dynamic)")
+    if any(isinstance(m, (DynamicInt8Linear, DynamicInt8Experts)) for m in model.modules()):
+        raise DynamicInt8Error("the model already runs dynamic int8 matmuls")
+    swapped = 0
+    for name, child in list(model.named_modules()):
+        if isinstance(child, nn.Linear) and type(child) is nn.Linear and is_quantized(f"{name}.weight"):
+            new = DynamicInt8Linear(child)
+        elif type(child) is Experts and is_quantized(f"{name}.gate_up_proj"):
+            new = DynamicInt8Experts(child)
+        else:
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        swapped += 1
+    if not swapped:
+        raise DynamicInt8Error("found no float projections to swap (a weight-only quantized checkpoint already "
+                               "runs its own int kernels); load a full-precision model for --int8-dynamic")
+    model.head_product = _Head(w)
+    return model
+
+
+def restore_float(model: nn.Module) -> nn.Module:
+    """Undo `apply`: the float modules back in place, the float head product."""
+    for name, child in list(model.named_modules()):
+        if isinstance(child, (DynamicInt8Linear, DynamicInt8Experts)):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, child.reference)
+    model.head_product = None
+    return model
