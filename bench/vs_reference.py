@@ -135,10 +135,11 @@ class Bench:
         self.timers.events.clear()
         with PeakMemory(self.device) as mem:
             sync(self.device)
-            t0 = time.perf_counter()
+            ticks0, t0 = cpu_ticks(), time.perf_counter()
             out = self.generate(side, new_tokens, steps)
             sync(self.device)
-            t1 = time.perf_counter()
+            t1, ticks1 = time.perf_counter(), cpu_ticks()
+        others, steal = other_cpu(ticks0, ticks1)
         events = list(self.timers.events)
         enc = sorted((e for e in events if e[0] == "encoder"), key=lambda e: e[1])
         enc_time = sum(e[2] - e[1] for e in enc)
@@ -159,6 +160,8 @@ class Bench:
             "peak": mem.peak,
             "sequences": out.sequences.cpu(),
             "tokens_per_forward": float(out.tokens_per_forward.float().mean()),
+            "other_cpu_pct": others,
+            "steal_pct": steal,
         }
 
 
@@ -171,6 +174,26 @@ def rounded(x):
     if isinstance(x, list):
         return [rounded(v) for v in x]
     return x
+
+
+def cpu_ticks() -> tuple[int, int, int, int] | None:
+    """(all CPU ticks, idle + iowait, steal, this process's ticks) from /proc (Linux), else None."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()  # after the command name: state, ppid, ..., utime, stime
+        return sum(ticks), ticks[3] + ticks[4], ticks[7], int(own[11]) + int(own[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def other_cpu(before, after) -> tuple[float | None, float | None]:
+    """-> (% of the machine's CPU time that OTHER processes used between the two samples, % stolen by the host)."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None, None
+    total, idle, steal, own = (b - a for a, b in zip(before, after))
+    return 100 * max(0, total - idle - steal - own) / total, 100 * steal / total
 
 
 def fmt(x, spec: str, scale: float = 1.0) -> str:
@@ -251,6 +274,9 @@ def main(argv=None) -> dict:
             "gbps": median([run_bytes / r["decoder_time"] / 1e9 for r in rs]),
             "steps_per_canvas": steps_done / num_canvases,
             "tokens_per_forward": median([r["tokens_per_forward"] for r in rs]),
+            # CPU time other processes (and the host, as steal) took during each run: a busy machine skews ratios
+            "other_cpu_pct_all": [None if r["other_cpu_pct"] is None else round(r["other_cpu_pct"], 1) for r in rs],
+            "steal_pct_all": [None if r["steal_pct"] is None else round(r["steal_pct"], 1) for r in rs],
         }
         # our self-conditioning pass is timed only if the loop calls module.soft_embedding (every step but
         # a canvas's first); if the engine ever stops doing so, ms_forward would silently miss it
@@ -286,6 +312,9 @@ def main(argv=None) -> dict:
         "mem_ratio": (sides["fast"]["peak_mem_bytes"] / ref_s["peak_mem_bytes"]
                       if ref_s["peak_mem_bytes"] > 0 else None),
         "tokens_identical": bool(identical),
+        # the most CPU time other processes took during any measured run (percent of all CPUs; None off Linux)
+        "max_other_cpu_pct": max((x for s in sides.values() for x in s["other_cpu_pct_all"] if x is not None),
+                                 default=None),
         "matmul_peak_gflops": peak,
         "matmul_peak_gflops_before_after": [peak_before, peak_after],
         "decoder_gflop_per_step": run_flops / (num_canvases * args.steps) / 1e9,
@@ -319,6 +348,12 @@ def print_table(r: dict, t_build: float) -> None:
               f"{s['ms_sampler']:9.1f}{fmt(s['ms_prefill'], '9.1f')}{fmt(s['ms_commit'], '9.1f')}"
               f"{s['ttfc_s']:8.3f}{s['tok_s']:9.1f}{s['peak_mem_bytes'] / 2 ** 20:10.1f}{s['gflops']:9.1f}"
               f"{s['pct_of_matmul_peak']:7.1f}{s['gbps']:7.2f}{s['tokens_per_forward']:8.2f}")
+    if r["max_other_cpu_pct"] is not None:
+        print("other processes' share of the CPUs during each run (%): " + "; ".join(
+            f"{LABELS[k]} {s['other_cpu_pct_all']}" for k, s in r["sides"].items()))
+        if r["max_other_cpu_pct"] > 10:
+            print(f"WARNING: other processes took up to {r['max_other_cpu_pct']:.0f}% of the CPUs during a run: "
+                  "the times and ratios are skewed; rerun on a quiet machine", file=sys.stderr)
     mem = "-" if r["mem_ratio"] is None else f"{r['mem_ratio']:.2f}"
     print(f"ratio reference/ours (wall): fast {r['ratio']:.2f}x, reference-RNG {r['ratio_reference_rng']:.2f}x; "
           f"per step: {r['ratio_step']:.2f}x / {r['ratio_step_reference_rng']:.2f}x; peak memory ours-fast/reference "
