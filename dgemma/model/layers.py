@@ -25,6 +25,71 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return out.type_as(x)
 
 
+class FusedRMSNorm(torch.autograd.Function):
+    """`rms_norm` for training: the same forward operations (the same bits for fp32/bf16/fp16 inputs), one graph
+    node, and an analytic backward that keeps only x and the inverse rms r [..., 1] (the autograd chain of
+    `rms_norm` records ~8 nodes and keeps fp32 copies and intermediates of x). With x̂ = x·r and g' = g·w
+    (g the output gradient in the compute dtype):
+        dx = r · (g' - x̂ · mean(g' · x̂))        dw = Σ_rows g · x̂
+    The compute dtype is fp32, or float64 for float64 inputs (where `rms_norm` rounds to fp32), so the backward
+    can be gradchecked. `rms_norm` stays the reference (tests compare values and gradients); inference never
+    comes here."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        compute = torch.promote_types(x.dtype, torch.float32)
+        xc = x if x.dtype == compute else x.to(compute)
+        inv = torch.pow(xc.pow(2).mean(-1, keepdim=True).add_(eps), -0.5)
+        out = torch.mul(xc, inv)
+        if weight is not None:
+            out.mul_(weight if weight.dtype == compute else weight.to(compute))
+        ctx.save_for_backward(x, inv, weight)
+        return out if x.dtype == compute else out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, inv, weight = ctx.saved_tensors
+        compute = inv.dtype
+        g = grad if grad.dtype == compute else grad.to(compute)
+        xhat = (x if x.dtype == compute else x.to(compute)) * inv
+        grad_w = None
+        if weight is not None:
+            if ctx.needs_input_grad[1]:
+                grad_w = (g * xhat).sum(tuple(range(g.dim() - 1)))
+                grad_w = grad_w if weight.dtype == compute else grad_w.to(weight.dtype)
+            g = g * (weight if weight.dtype == compute else weight.to(compute))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addcmul(g, xhat, (g * xhat).mean(-1, keepdim=True), value=-1.0).mul_(inv)
+            grad_x = grad_x if x.dtype == compute else grad_x.to(x.dtype)
+        return grad_x, grad_w, None
+
+
+FUSED_NORM_MODES = ("auto", "on", "off")
+_fused_norm_mode = "auto"  # set by `set_fused_norm` (tests and benches; the default suits training)
+
+
+def set_fused_norm(mode: str) -> None:
+    """"auto": `FusedRMSNorm` while autograd records on accelerators (where a step is bound by launching operators),
+    never on CPU, where training is bound by arithmetic and keeps the exact gradient bits of `rms_norm`'s autograd
+    chain (so CPU-trained models, the bundled ones included, reproduce to the bit); "on": on every device;
+    "off": never."""
+    global _fused_norm_mode
+    if mode not in FUSED_NORM_MODES:
+        raise ValueError(f"fused norm mode must be one of {sorted(FUSED_NORM_MODES)}, got {mode!r}")
+    _fused_norm_mode = mode
+
+
+def norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`rms_norm` values; when autograd records (training), through `FusedRMSNorm`'s one node where
+    `set_fused_norm`'s mode says so."""
+    if (_fused_norm_mode != "off" and torch.is_grad_enabled()
+            and (x.requires_grad or (weight is not None and weight.requires_grad))
+            and (_fused_norm_mode == "on" or x.device.type != "cpu")):
+        return FusedRMSNorm.apply(x, weight, eps)
+    return rms_norm(x, weight, eps)
+
+
 class RMSNorm(nn.Module):
     """Weighted RMSNorm with the checkpoint's `.weight` name; `has_weight=False` gives the scale-free variant."""
 
@@ -34,7 +99,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if has_weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return norm(x, self.weight, self.eps)
 
 
 def rope_frequencies(head_dim: int, theta: float, rotary_fraction: float = 1.0) -> torch.Tensor:

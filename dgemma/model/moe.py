@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import gelu_tanh, rms_norm
+from .layers import gelu_tanh, norm
 
 
 class Router(nn.Module):
@@ -28,7 +28,7 @@ class Router(nn.Module):
 
     def forward(self, h: torch.Tensor):
         """h [N,D] raw residual -> (weights [N,K] fp32, expert ids [N,K] int64)."""
-        r = rms_norm(h, None, self.eps) * self.scale * (h.shape[-1] ** -0.5)
+        r = norm(h, None, self.eps) * self.scale * (h.shape[-1] ** -0.5)
         probs = torch.softmax(self.proj(r), dim=-1, dtype=torch.float32)  # routing softmax in fp32
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True)
@@ -61,7 +61,29 @@ def grouped_dispatch(x: torch.Tensor, *weights: torch.Tensor) -> bool:
                (w.shape[-2] * w.element_size()) % 16 == 0 for w in weights)
 
 
+def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The expert matmuls' operands in the autocast dtype, as autocast itself would cast them for the loop's `@`
+    (torch._grouped_mm is not on autocast's list). Used where the grouped GEMM would not take the fp32 master
+    weights (CUDA takes bf16 only), so bf16 training keeps the one-call, no-host-sync dispatch; on CPU, which takes
+    fp32, nothing changes. The casts are differentiable: the gradients flow back to the fp32 master weights."""
+    low = torch.get_autocast_dtype(tensors[0].device.type)
+    return tuple(t if t.dtype == low or not t.is_floating_point() else t.to(low) for t in tensors)
+
+
+DENSE_MAX_RATIO = 4  # dense dispatch computes E/K times the expert FLOPs; beyond this ratio it is not worth it
+
+
+def dense_worthwhile(num_experts: int, top_k: int) -> bool:
+    """Whether `Experts.forward_dense` (every expert on every token) is a good trade: few experts per chosen one,
+    as in the small bundled configs (E=4, K=2: twice the expert FLOPs, which are a small part of a layer)."""
+    return num_experts <= DENSE_MAX_RATIO * top_k
+
+
 class Experts(nn.Module):
+    # The trainer's choice, set per instance, never saved: `forward` runs `forward_dense` (train.py sets it with
+    # --compile, and on CUDA in fp32, where torch._grouped_mm takes bf16 only and the loop syncs every layer)
+    dense = False
+
     def __init__(self, num_experts: int, hidden: int, intermediate: int):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
@@ -85,17 +107,23 @@ class Experts(nn.Module):
         The per-expert matmuls run either as ONE grouped GEMM over all experts (`torch._grouped_mm`: no host
         synchronisation, one call per projection; measured on CPU: the same bits as the loop and 5-25% faster
         on the small bench config; on an H200 3.98x the loop's step) or as a Python loop over the active experts
-        (one `.tolist()` of the counts). `grouped_dispatch` picks."""
+        (one `.tolist()` of the counts). `grouped_dispatch` picks. With `self.dense` (set by the trainer) it
+        runs `forward_dense` instead."""
+        if self.dense and type(self).expert is Experts.expert:
+            return self.forward_dense(x, weights, experts)
         N, K = experts.shape
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
         inputs = x[order // K]  # [N*K, D], grouped by expert
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(x.device.type) and not grouped_dispatch(inputs, gate_up, down):
+            inputs, gate_up, down = autocast_operands(inputs, gate_up, down)  # e.g. CUDA, fp32 master weights
         # a subclass that redefines `expert` (LoRA adapters) keeps the loop, which calls its `expert`
-        if type(self).expert is Experts.expert and grouped_dispatch(x, self.gate_up_proj, self.down_proj):
+        if type(self).expert is Experts.expert and grouped_dispatch(inputs, gate_up, down):
             offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-            gate, up = torch._grouped_mm(inputs, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-            grouped = torch._grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+            gate, up = torch._grouped_mm(inputs, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+            grouped = torch._grouped_mm(gelu_tanh(gate) * up, down.transpose(1, 2), offs=offsets)
         else:
             outputs, start = [], 0
             for e, n in enumerate(counts.tolist()):
@@ -107,6 +135,20 @@ class Experts(nn.Module):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return weighted[inverse].view(N, K, x.shape[-1]).sum(1).to(x.dtype)
+
+    def forward_dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, weighted by the [N,E] routing matrix (0 where not chosen): E/K times the
+        expert FLOPs of `forward`, but static shapes (torch.compile keeps it in one graph; the sort-based dispatch
+        has a data-dependent bincount, and torch._grouped_mm's compile-time check takes bf16 only), no sort, no
+        host sync, a third of the loop's operators. The same sum as `forward` in another order (fp32
+        accumulation, one rounding to x's dtype)."""
+        out_dtype, gate_up, down = x.dtype, self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(x.device.type):
+            x, gate_up, down = autocast_operands(x, gate_up, down)
+        gate, up = torch.matmul(x, gate_up.transpose(1, 2)).chunk(2, dim=-1)  # [E,N,I] each
+        y = torch.matmul(gelu_tanh(gate) * up, down.transpose(1, 2))  # [E,N,D]
+        dense = torch.zeros(x.shape[0], y.shape[0], dtype=weights.dtype, device=x.device).scatter(1, experts, weights)
+        return (y * dense.t()[..., None]).sum(0).to(out_dtype)
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Slow per-token loop: out[n] = sum_k w[n,k] * expert_{e[n,k]}(x[n]). The oracle for `forward`."""

@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"  # bfloat16 = autocast with fp32 master weights
     tf32: bool = True  # on CUDA, fp32 matmuls/convolutions use TF32 tensor cores (no effect on CPU)
+    compile: bool = False  # torch.compile each layer (one compiled layer function reused by all layers)
     device: str | None = None  # default cuda when available
     resume: bool = False  # continue from the latest checkpoint in `out` (start fresh if there is none)
     progress: bool = True

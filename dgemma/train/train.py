@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ModelConfig
-from ..model import DiffusionGemma, load_module
+from ..model import DiffusionGemma, load_module, moe
 from ..model.saving import init_weights, save_checkpoint
 from ..text import Tokenizer
 from .data import Order, ar_targets, collate, load_examples, mix, split_heldout
@@ -129,7 +129,33 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    # on CUDA the fused kernel: the same update in a couple of launches instead of a few dozen foreach ones
+    fused = bool(params) and all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+
+
+def choose_moe_dispatch(model: DiffusionGemma, cfg: TrainConfig, device: torch.device) -> bool:
+    """Few experts (moe.dense_worthwhile) and either --compile or CUDA in fp32 (no grouped GEMM there, so the
+    per-expert loop would sync with the host in every layer): every expert runs on every token (`Experts.dense`).
+    Returns whether it did."""
+    mc = model.config
+    dense = moe.dense_worthwhile(mc.num_experts, mc.top_k_experts) and (
+        cfg.compile or (device.type == "cuda" and DTYPES[cfg.dtype] == torch.float32))
+    for layer in model.layers:
+        layer.experts.dense = dense
+    return dense
+
+
+def compile_layers(model: DiffusionGemma) -> None:
+    """Regional compilation: every layer runs the same compiled `Layer.forward` (parameters are graph inputs, so
+    the 8 layers share each graph). A graph per layer kind (sliding/full head sizes) x pass (encoder, decoder with
+    and without grad): ~6 compilations, then reuse. State-dict keys do not change (checkpoints are unaffected)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
+    for layer in model.layers:
+        layer.compile()
 
 
 def _generation_config(cfg: TrainConfig, model_config: ModelConfig, tokenizer: Tokenizer) -> dict:
@@ -248,6 +274,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         start = state["step"]
+    choose_moe_dispatch(model, cfg, device)
+    if cfg.compile:
+        compile_layers(model)
     objective = Objective(model, cfg.loss)
     runner = objective
     if world > 1:
