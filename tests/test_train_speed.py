@@ -156,14 +156,21 @@ def test_trainer_picks_the_dense_dispatch_only_where_it_pays():
 
 
 def test_compile_flag_and_compiled_layers_keep_the_checkpoint_keys():
+    from dgemma.train import TrainConfig
     from dgemma.train.commands import add_train_parser, config_from_args
     from dgemma.train.train import compile_layers
 
     parser = argparse.ArgumentParser()
     add_train_parser(parser.add_subparsers(dest="command"))
     base = ["train", "--data", "a.jsonl", "--model", "m", "--out", "o"]
-    assert config_from_args(parser.parse_args(base + ["--compile"])).compile
-    assert not config_from_args(parser.parse_args(base)).compile
+    assert config_from_args(parser.parse_args(base + ["--compile"])).compile == "default"
+    assert config_from_args(parser.parse_args(base + ["--compile", "reduce-overhead"])).compile == "reduce-overhead"
+    assert config_from_args(parser.parse_args(base)).compile == ""
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--compile", "fastest"])
+    with pytest.raises(ValueError, match="compile must be"):
+        TrainConfig(data=("a",), out="o", init="full", model="m", compile="fastest")
+    assert TrainConfig(data=("a",), out="o", init="full", model="m", compile=True).compile == "default"
     model = DiffusionGemma(ModelConfig.from_dict(make_config()))
     keys = list(model.state_dict())
     compile_layers(model)  # lazy: nothing compiles until a layer runs

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..argtypes import positive_int
+from .config import COMPILE_MODES
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -55,9 +56,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--no-tf32", dest="tf32", action="store_false",
                    help="on CUDA, keep fp32 matmuls in full fp32 (default: TF32 tensor cores, ~10 mantissa bits)")
-    g.add_argument("--compile", action="store_true",
+    g.add_argument("--compile", nargs="?", const="default", default="", choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile the layers (fewer, fused kernels per step: for GPUs, where the step is bound "
-                        "by launching operators; the first steps compile, a few minutes)")
+                        "by launching operators; the first steps compile, minutes). MODE: torch.compile's mode, "
+                        f"one of {', '.join(COMPILE_MODES)} (default: default)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output directory")
     g.add_argument("--eval-every", type=int, default=0)

@@ -14,6 +14,7 @@ from .loss import LossConfig
 MODES = ("scratch", "full", "lora")
 CALIBRATION_STEPS = 20  # with a time budget, the step count is fixed after this many steps (the first 3 untimed)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile's `mode`
 # what a resumed run must share with the original for the resume to be exact (the rest may change, e.g. steps)
 SAME_ON_RESUME = ("init", "model", "config", "data", "eval_holdout", "batch_size", "grad_accum", "lr", "min_lr_ratio",
                   "warmup_steps", "weight_decay", "betas", "seed", "loss", "lora_rank", "lora_alpha", "lora_targets")
@@ -52,7 +53,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"  # bfloat16 = autocast with fp32 master weights
     tf32: bool = True  # on CUDA, fp32 matmuls/convolutions use TF32 tensor cores (no effect on CPU)
-    compile: bool = False  # torch.compile each layer (one compiled layer function reused by all layers)
+    compile: str = ""  # "": eager; else a torch.compile mode (COMPILE_MODES) for each layer (train.compile_layers)
     device: str | None = None  # default cuda when available
     resume: bool = False  # continue from the latest checkpoint in `out` (start fresh if there is none)
     progress: bool = True
@@ -85,6 +86,10 @@ class TrainConfig:
                              f"grad_clip={self.grad_clip}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if isinstance(self.compile, bool):  # compile=True: the default mode
+            object.__setattr__(self, "compile", "default" if self.compile else "")
+        if self.compile not in ("", *COMPILE_MODES):
+            raise ValueError(f"compile must be '' (off) or one of {COMPILE_MODES}, got {self.compile!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.time_budget < 0 or (self.time_budget and self.warmup_steps < CALIBRATION_STEPS):

@@ -146,16 +146,18 @@ def choose_moe_dispatch(model: DiffusionGemma, cfg: TrainConfig, device: torch.d
     return dense
 
 
-def compile_layers(model: DiffusionGemma) -> None:
+def compile_layers(model: DiffusionGemma, mode: str = "default") -> None:
     """Regional compilation: every layer runs the same compiled `Layer.forward` (parameters are graph inputs, so
     the 8 layers share each graph). A graph per layer kind (sliding/full head sizes) x pass (encoder, decoder with
     and without grad): ~6 compilations, then reuse. State-dict keys do not change (checkpoints are unaffected)."""
     import torch._dynamo
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
+    config = torch._dynamo.config
+    for name, at_least in (("recompile_limit", 64), ("accumulated_recompile_limit", 512)):  # torch >= 2.7 names
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), at_least))
     for layer in model.layers:
-        layer.compile()
+        layer.compile(mode=mode)
 
 
 def _generation_config(cfg: TrainConfig, model_config: ModelConfig, tokenizer: Tokenizer) -> dict:
@@ -276,7 +278,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         start = state["step"]
     choose_moe_dispatch(model, cfg, device)
     if cfg.compile:
-        compile_layers(model)
+        compile_layers(model, cfg.compile)
     objective = Objective(model, cfg.loss)
     runner = objective
     if world > 1:
