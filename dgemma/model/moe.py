@@ -137,18 +137,21 @@ class Experts(nn.Module):
         return weighted[inverse].view(N, K, x.shape[-1]).sum(1).to(x.dtype)
 
     def forward_dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token, weighted by the [N,E] routing matrix (0 where not chosen): E/K times the
-        expert FLOPs of `forward`, but static shapes (torch.compile keeps it in one graph; the sort-based dispatch
-        has a data-dependent bincount, and torch._grouped_mm's compile-time check takes bf16 only), no sort, no
-        host sync, a third of the loop's operators. The same sum as `forward` in another order (fp32
-        accumulation, one rounding to x's dtype)."""
+        """Every expert on every token as TWO plain GEMMs, weighted by the [N,E] routing matrix (0 where not chosen):
+            [N,D] x [D, E*2I] -> gelu(gate) * up [N,E,I] -> times w[n,e] -> [N, E*I] x [E*I, D] -> [N,D]
+        (the down projections of the experts stacked along I, so the second GEMM also sums over experts). E/K times
+        the expert FLOPs of `forward`, but static shapes (torch.compile keeps it in one graph; the sort-based
+        dispatch has a data-dependent bincount, and torch._grouped_mm's compile-time check takes bf16 only), no
+        sort, no host sync, no [E,N,D] intermediate. The same sum as `forward` with the routing weight applied
+        before the down projection instead of after it (fp32 routing weights; one rounding to x's dtype)."""
         out_dtype, gate_up, down = x.dtype, self.gate_up_proj, self.down_proj
         if torch.is_autocast_enabled(x.device.type):
             x, gate_up, down = autocast_operands(x, gate_up, down)
-        gate, up = torch.matmul(x, gate_up.transpose(1, 2)).chunk(2, dim=-1)  # [E,N,I] each
-        y = torch.matmul(gelu_tanh(gate) * up, down.transpose(1, 2))  # [E,N,D]
-        dense = torch.zeros(x.shape[0], y.shape[0], dtype=weights.dtype, device=x.device).scatter(1, experts, weights)
-        return (y * dense.t()[..., None]).sum(0).to(out_dtype)
+        E, I, D = down.shape[0], down.shape[2], down.shape[1]
+        gate, up = (x @ gate_up.reshape(E * 2 * I, D).t()).view(-1, E, 2 * I).chunk(2, dim=-1)  # [N,E,I] each
+        dense = torch.zeros(x.shape[0], E, dtype=weights.dtype, device=x.device).scatter(1, experts, weights)
+        hidden = (gelu_tanh(gate) * up * dense[..., None]).to(down.dtype)  # [N,E,I], weighted per expert
+        return (hidden.reshape(-1, E * I) @ down.transpose(1, 2).reshape(E * I, D)).to(out_dtype)
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Slow per-token loop: out[n] = sum_k w[n,k] * expert_{e[n,k]}(x[n]). The oracle for `forward`."""
