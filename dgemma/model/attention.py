@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import RMSNorm, apply_rope, rms_norm
+from .layers import RMSNorm, apply_rope, norm
 
 
 class Attention(nn.Module):
@@ -39,7 +39,7 @@ class Attention(nn.Module):
         raw_k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         raw_v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim) if self.v_proj is not None else raw_k
         k = apply_rope(self.k_norm(raw_k), cos, sin)
-        v = rms_norm(raw_v, None, self.eps)  # scale-free "v_norm"
+        v = norm(raw_v, None, self.eps)  # scale-free "v_norm" (rms_norm itself at inference)
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, cos, sin, context, mask):

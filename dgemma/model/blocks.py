@@ -20,7 +20,7 @@ from ..config import ModelConfig
 from .attention import Attention
 from .decoder import denoise, soft_embedding
 from .encoder import encode
-from .layers import GatedMLP, RMSNorm, rms_norm, rope_frequencies, rope_tables, softcap
+from .layers import GatedMLP, RMSNorm, norm, rope_frequencies, rope_tables, softcap
 from .moe import Experts, Router
 
 class Layer(nn.Module):
@@ -73,7 +73,7 @@ class SelfConditioning(GatedMLP):
         soft=None (first step of a canvas) skips the MLP: with zero input and no biases it outputs exactly 0."""
         if soft is not None:
             embeds = embeds + super().forward(self.pre_norm(soft))
-        return rms_norm(embeds, None, self.eps)
+        return norm(embeds, None, self.eps)  # rms_norm itself at inference
 
 
 class DiffusionGemma(nn.Module):
