@@ -20,5 +20,7 @@ python -m dgemma train --config "$CONFIG" --tokenizer "$OUT/tok" --data "$OUT/tr
   --raw --batch-size 256 --lr 1.5e-3 --warmup 200 --steps 1000000 --time-budget "$BUDGET" --save-every 500 \
   --eval-every 2000 --device cuda --seed 0 --out "$OUT/run"
 python -m dgemma sudoku generate --count 200 --givens 30-36 --seed 777 --out "$OUT/heldout.jsonl"
-python -m dgemma sudoku eval --puzzles "$OUT/heldout.jsonl" --model "$OUT/run/model" --device cuda
-python -m dgemma sudoku eval --puzzles "$OUT/heldout.jsonl" --model "$OUT/run/model" --device cuda --baseline ar
+python -m dgemma sudoku generate --count 200 --givens 25-45 --seed 778 --out "$OUT/bands.jsonl"
+# every model-card setting (plain, givens clamped, 16/96 steps, the AR baseline; the bands) in one model load
+python recipes/sudoku_report.py "$OUT/run/model" "$OUT/heldout.jsonl" "$OUT/bands.jsonl" --device cuda \
+  --out "$OUT/report.json"
