@@ -150,6 +150,7 @@ def quality(args, names) -> dict:
         engine.use_int8_dynamic(int8)
         answers, mean_steps = generate_answers(engine, prompts, preset)
         engine.use_int8_dynamic(False)  # score with the full-precision model
+        print(f"  quality: {label} done", file=sys.stderr, flush=True)
         nll = [answer_nll(engine, p, a) for p, a in zip(prompts, answers)]
         rows[label] = {"agreement": round(agreement(answers, exact), 4),
                        "answer_nll": round(sum(s for s, _ in nll) / max(sum(n for _, n in nll), 1), 4),
@@ -183,7 +184,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=str(DEFAULT), help="quality model (default: the bundled default model)")
-    p.add_argument("--prompts", type=int, default=24, help="held-out prompts for the quality rows")
+    p.add_argument("--prompts", type=int, default=16, help="held-out prompts for the quality rows")
     p.add_argument("--sudoku-model", default=None, help="a Sudoku model directory (Sudoku rows when given)")
     p.add_argument("--puzzles", type=int, default=100)
     p.add_argument("--puzzle-seed", type=int, default=777)

@@ -96,3 +96,33 @@ def test_rows_of_one_forward_get_their_own_context_and_positions(random_engine):
     together = scheduler._forward(rows)
     for i, r in enumerate(rows):
         torch.testing.assert_close(together[i:i + 1], module.denoise(r.state.tokens, r.cache), rtol=1e-4, atol=1e-4)
+
+
+def test_reference_rng_rows_take_the_whole_canvas_self_conditioning_product(random_engine):
+    """Reference-RNG mode promises the reference's tokens; its self-conditioning product is the whole canvas's,
+    as the reference computes it (the chunked one can differ in the last bits with one CPU thread)."""
+    from types import SimpleNamespace
+
+    from dgemma.engine.generate import step_config
+    from dgemma.engine.scheduler import SC_CHUNK, Rows
+
+    module, gen = random_engine.module, random_engine.generation_config
+    ids = torch.tensor([[2, 5, 6, 7]])
+    chunks = []
+    original = module.soft_embedding
+
+    def recording(sc, chunk=None):
+        chunks.append(chunk)
+        return original(sc, chunk=chunk)
+
+    module.soft_embedding = recording
+    try:
+        for sampling in ("reference", "fast"):
+            rows = Rows(module, ids, gen, step_config(gen, None, sampling), cache=random_engine.new_cache(1))
+            sc = torch.randn(1, random_engine.config.canvas_length, random_engine.config.vocab_size)
+            rows.state = SimpleNamespace(sc_logits=sc)  # all that soft() reads of the sampler state
+            soft = rows.soft(module)
+            assert torch.equal(soft, original(sc, chunk=chunks[-1]))
+    finally:
+        del module.soft_embedding
+    assert chunks == [None, SC_CHUNK]

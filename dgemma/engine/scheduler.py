@@ -34,8 +34,8 @@ from typing import Protocol
 import torch
 
 from ..config import GenerationConfig
-from ..sampling import (CanvasConstraints, DenoiseState, StepConfig, init_canvas, init_state, step_lean,
-                        truncate_at_stop_ids)
+from ..sampling import (CanvasConstraints, DenoiseState, StepConfig, init_canvas, init_state, sample_reference,
+                        step_lean, truncate_at_stop_ids)
 from .cache import KVCache, StackedCaches
 
 SC_CHUNK = 64  # positions per self-conditioning chunk: smaller re-reads E too often on CPU (measured)
@@ -116,7 +116,11 @@ class Rows:
     def soft(self, module) -> torch.Tensor | None:
         """Self-conditioning input for the next step (None on a canvas's first step)."""
         sc = self.state.sc_logits
-        return None if sc is None else module.soft_embedding(sc, chunk=SC_CHUNK)
+        if sc is None:
+            return None
+        # reference-RNG mode promises the reference's tokens: its whole-canvas product, since the chunked one can
+        # differ in the last bits with one CPU thread (different GEMM blocking; measured at V=32768, D=512)
+        return module.soft_embedding(sc, chunk=None if self.cfg.sample is sample_reference else SC_CHUNK)
 
     def step(self, logits: torch.Tensor) -> Step:
         """This Rows' slice of a decoder forward [B,L,V] -> its next sampler state (overwrites the logits)."""
