@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import dgemma  # noqa: E402
 from dgemma.quant.convert import quantize_checkpoint  # noqa: E402
+from dgemma.quant.schemes import QuantError  # noqa: E402
 from dgemma.train.corpus import examples, is_heldout, stdlib_modules  # noqa: E402
 
 DEFAULT = ROOT / "dgemma" / "models" / "default"
@@ -95,6 +96,22 @@ def sudoku_scores(engine, count: int) -> dict:
             "mean_steps_per_canvas": round(result["mean_steps_per_canvas"], 3)}
 
 
+def convert(src: Path, dst: Path, scheme: str, group_size: int) -> int | None:
+    """`dgemma quantize` into dst; int4 takes the largest group size <= group_size (halving) that divides every
+    input width of the model (the Sudoku model's expert width 96 takes 32). Returns the group size used."""
+    if scheme != "int4":
+        quantize_checkpoint(src, dst, scheme, None, log=None)
+        return None
+    while True:
+        try:
+            quantize_checkpoint(src, dst, scheme, group_size, log=None)
+            return group_size
+        except QuantError as e:
+            if "not a multiple of the int4 group size" not in str(e) or group_size <= 16:
+                raise
+            group_size //= 2
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT), help="full-precision text model (default: the bundled one)")
@@ -103,7 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=16, help="held-out prompts for steps per canvas")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--puzzles", type=int, default=100)
-    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size (halved until it divides the widths)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -116,9 +133,10 @@ def main(argv=None) -> int:
                 print(f"{label}: {path} does not exist; skipped", file=sys.stderr)
                 continue
             engines = {"full": dgemma.load(path, quiet=True)}
+            groups = {}
             for scheme in ("int8", "int4"):
                 dst = Path(tmp) / f"{label}-{scheme}"
-                quantize_checkpoint(path, dst, scheme, args.group_size if scheme == "int4" else None, log=None)
+                groups[scheme] = convert(path, dst, scheme, args.group_size)
                 engines[scheme] = dgemma.load(dst, quiet=True)
             if label == "text":
                 ref = canvas_logits(engines["full"], chats[:args.examples])
@@ -129,6 +147,8 @@ def main(argv=None) -> int:
             else:
                 for name, eng in engines.items():
                     rows[f"sudoku/{name}"] = sudoku_scores(eng, args.puzzles)
+            for name in groups:
+                rows[f"{label}/{name}"]["group_size"] = groups[name]
     print(f"{'model/weights':<16}{'top-1 agree':>12}{'KL mean':>10}{'KL p99':>9}{'steps/canvas':>14}{'solved':>8}")
     for name, r in rows.items():
         print(f"{name:<16}{r.get('top1_agreement', ''):>12}{r.get('kl_mean', ''):>10}{r.get('kl_p99', ''):>9}"
