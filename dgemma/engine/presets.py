@@ -1,10 +1,10 @@
 """Named speed presets: explicit bundles of sampler knobs that trade a measured amount of quality for speed.
 
 `exact` (the default everywhere) is the reference algorithm with the checkpoint's own generation settings. The
-others only change knobs a user could also set one by one (steps, acceptance rule, stop thresholds); explicit
-knobs given beside a preset win over it. Their measured cost, on the bundled models, is in bench/README.md
-(`python bench/presets.py`): tokens per second against the reference, agreement with the exact path, the
-answers' likelihood under the model, mean steps per canvas, and Sudoku scores when a Sudoku model is given.
+others only change knobs a user could also set one by one (steps, EntropyBound); explicit knobs given beside a
+preset win over it. Their measured cost is in the README's "Speed presets" table (`python bench/presets.py`):
+tokens per second against the reference, agreement with the exact path, the answers' likelihood under the model,
+mean steps per canvas, and Sudoku scores when a Sudoku model is given.
 
 Dynamic int8 matmuls (`--int8-dynamic`, dgemma/quant/dynamic.py) are a separate switch because they change the
 loaded model, not the sampler; presets combine with it.
@@ -47,4 +47,4 @@ def add_speed_flags(parser) -> None:
                              + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()))
     parser.add_argument("--int8-dynamic", action="store_true",
                         help="CPU float32 only: int8 matmuls with activations quantized on the fly (faster, "
-                             "approximate; see bench/README.md)")
+                             "approximate; the README's Speed presets table)")
