@@ -19,7 +19,7 @@ Variants: every preset of dgemma/engine/presets.py, each with and without `--int
   same position (its floor: the exact preset against itself with other seeds); answer NLL = mean negative
   log-likelihood per answer token under the full-precision model's own next-token head (how plausible the model
   finds the text; lower is better); mean steps per canvas; answer length.
-* Sudoku (optional --sudoku-model): dgemma.sudoku.evaluate with the variant's knobs on generated puzzles with
+* Sudoku (optional --sudoku-model): dgemma.sudoku.evaluate under the variant's preset on generated puzzles with
   30-36 givens (fixed seed): solved_rate, cell_accuracy, mean steps per canvas.
 Ends with one JSON line.
 """
@@ -72,11 +72,10 @@ def speed(args, names) -> dict:
                             t_max=T_MAX, sampler_config=EntropyBoundSamplerConfig(entropy_bound=ENTROPY_BOUND))
 
     def run_variant(preset):
-        # the variant's own knobs; no EOS stop, so every variant commits the same L tokens
-        knobs = preset_knobs(preset)
-        out = eng.generate(ids.clone(), max_new_tokens=L, eos_token_id=None, sampling="fast",
-                           generator=torch.Generator().manual_seed(args.seed), return_dict=True, **knobs)
-        return out
+        # the variant's own settings, as `--preset` gives them; no EOS stop, so every variant commits L tokens
+        eng.use_preset(preset)
+        return eng.generate(ids.clone(), max_new_tokens=L, eos_token_id=None, sampling="fast",
+                            generator=torch.Generator().manual_seed(args.seed), return_dict=True)
 
     walls = {"reference": []} | {label: [] for label, _, _ in variants(names)}
     steps = {}
@@ -119,9 +118,10 @@ def generate_answers(engine, prompts, preset: str, seed_offset: int = 0) -> tupl
     """One answer per prompt (stop ids cut off) and the mean steps per committed canvas."""
     stop = set(engine.tokenizer.stop_ids)
     answers, steps = [], []
+    engine.use_preset(preset)
     for i, prompt in enumerate(prompts):
         out = engine.generate(torch.tensor([prompt]), generator=torch.Generator().manual_seed(i + seed_offset),
-                              sampling="fast", return_dict=True, **preset_knobs(preset))
+                              sampling="fast", return_dict=True)
         new = out.sequences[0, len(prompt):].tolist()
         cut = next((k for k, t in enumerate(new) if t in stop), len(new))
         answers.append(new[:cut])
@@ -168,7 +168,7 @@ def sudoku(args, names) -> dict:
     rows = {}
     for label, preset, int8 in variants(names):
         engine.use_int8_dynamic(int8)
-        r = evaluate(engine, pairs, seed=0, knobs=preset_knobs(preset), batch_size=args.puzzles)
+        r = evaluate(engine.use_preset(preset), pairs, seed=0, batch_size=args.puzzles)
         engine.use_int8_dynamic(False)
         rows[label] = {"solved_rate": r["solved_rate"], "cell_accuracy": round(r["cell_accuracy"], 4),
                        "mean_steps_per_canvas": round(r["mean_steps_per_canvas"], 3)}

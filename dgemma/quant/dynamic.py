@@ -3,8 +3,9 @@
 Weights are quantized once, per output channel, to int8 and packed for the CPU's int8 GEMM (FBGEMM/oneDNN
 through torch's quantized-linear ops); each call quantizes its activations on the fly (one scale per call, from
 the activations' range; 8 bits on CPUs with VNNI, else 7) and accumulates in int32. Measured on the bundled
-default model's held-out canvases: decoder top-1 agreement 98.1%, mean KL 0.0012 nats (7-bit: 97.4%, 0.004). On this project's 2-core Xeon (AVX512-VNNI) a 256 x 1024 by
-1024 x 4096 product ran at 255 GOP/s against 78 GFLOP/s in fp32 (same machine, same moment).
+default model's held-out canvases: decoder top-1 agreement 98.1%, mean KL 0.0012 nats (7-bit: 97.4%, 0.004).
+On this project's 2-core Xeon (AVX512-VNNI) a 256 x 1024 by 1024 x 4096 product ran at 255 GOP/s against
+78 GFLOP/s in fp32 (same machine, same moment).
 
 What runs in int8: the same projections `dgemma quantize` stores quantized (`modules.QUANTIZED`: attention,
 dense MLP, self-conditioning MLP, the stacked experts, one packed matrix per expert) plus the tied LM head's
@@ -127,14 +128,13 @@ def apply(model: nn.Module) -> nn.Module:
         raise DynamicInt8Error("the model already runs dynamic int8 matmuls")
     swapped = 0
     for name, child in list(model.named_modules()):
-        if isinstance(child, nn.Linear) and type(child) is nn.Linear and is_quantized(f"{name}.weight"):
+        if type(child) is nn.Linear and is_quantized(f"{name}.weight"):
             new = DynamicInt8Linear(child)
         elif type(child) is Experts and is_quantized(f"{name}.gate_up_proj"):
             new = DynamicInt8Experts(child)
         else:
             continue
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        model.set_submodule(name, new)
         swapped += 1
     if not swapped:
         raise DynamicInt8Error("found no float projections to swap (a weight-only quantized checkpoint already "
@@ -147,7 +147,6 @@ def restore_float(model: nn.Module) -> nn.Module:
     """Undo `apply`: the float modules back in place, the float head product."""
     for name, child in list(model.named_modules()):
         if isinstance(child, (DynamicInt8Linear, DynamicInt8Experts)):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, child.reference)
+            model.set_submodule(name, child.reference)
     model.head_product = None
     return model

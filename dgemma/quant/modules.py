@@ -173,8 +173,7 @@ def swap_modules(module: nn.Module, scheme: str, group_size: int | None,
             continue
         device = next(child.parameters()).device
         new = new.to(device) if device.type != "meta" else new.to_empty(device="meta")
-        parent_name, _, attr = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, attr, new)
+        module.set_submodule(name, new)
         replaced[name] = child
     return replaced
 

@@ -89,11 +89,9 @@ def _text(value, where: str) -> str:
 
 # --- prediction --------------------------------------------------------------------------------------
 def predict(engine, puzzles: Sequence[Sequence[int]], *, steps: int | None = None, batch_size: int = 64,
-            seed: int = 0, baseline: str | None = None, clamp_givens: bool = False,
-            knobs: dict | None = None) -> list[tuple[Grid, float]]:
+            seed: int = 0, baseline: str | None = None, clamp_givens: bool = False) -> list[tuple[Grid, float]]:
     """(cells, steps) per puzzle: the model's 81 answer cells by position (0 = not a digit) and the denoising
-    steps per canvas it took (baseline 'ar': decoder forwards, i.e. tokens generated). `knobs`: more generation
-    options for the diffusion path (e.g. a preset's, dgemma.engine.presets.preset_knobs)."""
+    steps per canvas it took (baseline 'ar': decoder forwards, i.e. tokens generated)."""
     if baseline not in (None, *BASELINES):
         raise SudokuError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
     if baseline and clamp_givens:
@@ -113,7 +111,7 @@ def predict(engine, puzzles: Sequence[Sequence[int]], *, steps: int | None = Non
         else:
             plan = GivensPlan(batch, table, _eos(tokenizer), engine.config.canvas_length, engine.config.vocab_size,
                               engine.device) if clamp_givens else None
-            new, used = _diffusion(engine, ids, steps, generator, plan, knobs)
+            new, used = _diffusion(engine, ids, steps, generator, plan)
         results += [(answer_cells(row, table), s) for row, s in zip(new.tolist(), used)]
     return results
 
@@ -125,9 +123,8 @@ def _eos(tokenizer) -> int:
     return eos
 
 
-def _diffusion(engine, ids: torch.Tensor, steps: int | None, generator, plan=None,
-               knobs: dict | None = None) -> tuple[torch.Tensor, list[float]]:
-    knobs = dict(knobs or {}, **({} if steps is None else {"max_denoising_steps": steps}))
+def _diffusion(engine, ids: torch.Tensor, steps: int | None, generator, plan=None) -> tuple[torch.Tensor, list[float]]:
+    knobs = {} if steps is None else {"max_denoising_steps": steps}
     out = engine.generate(ids, max_new_tokens=ANSWER_TOKENS, return_dict=True, generator=generator, plan=plan,
                           **knobs)
     new = out.sequences[:, ids.shape[1]:]
@@ -195,7 +192,7 @@ def score(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], predictions: Seq
 
 def evaluate(engine, puzzle_file: str | Path | Sequence[tuple[Sequence[int], Sequence[int]]], *,
              steps: int | None = None, batch_size: int = 64, seed: int = 0, baseline: str | None = None,
-             limit: int | None = None, clamp_givens: bool = False, knobs: dict | None = None) -> dict:
+             limit: int | None = None, clamp_givens: bool = False) -> dict:
     """Score the model on a puzzle file (or a list of (puzzle, solution) pairs).
 
     Keys: num_puzzles, solved_rate (exact grid = the solution), valid_rate (a valid completion of the puzzle;
@@ -208,13 +205,12 @@ def evaluate(engine, puzzle_file: str | Path | Sequence[tuple[Sequence[int], Seq
         raise SudokuError("no puzzles to evaluate")
     start = time.perf_counter()
     predictions = predict(engine, [p for p, _ in pairs], steps=steps, batch_size=batch_size, seed=seed,
-                          baseline=baseline, clamp_givens=clamp_givens, knobs=knobs)
+                          baseline=baseline, clamp_givens=clamp_givens)
     seconds = time.perf_counter() - start
     result = score(pairs, predictions)
     result.update({
         "mode": "autoregressive" if baseline == "ar" else ("diffusion, givens clamped" if clamp_givens else "diffusion"),
-        "max_denoising_steps": None if baseline else (steps or (knobs or {}).get("max_denoising_steps")
-                                                      or engine.generation_config.max_denoising_steps),
+        "max_denoising_steps": None if baseline else (steps or engine.generation_config.max_denoising_steps),
         "seed": seed, "batch_size": batch_size, "seconds": round(seconds, 3),
         "puzzles_per_s": round(len(pairs) / seconds, 3) if seconds > 0 else None,
     })

@@ -217,8 +217,7 @@ def merge_lora(model):
     if not adapters:
         raise ValueError("this model has no LoRA adapters to merge")
     for qualified, module in adapters:
-        parent_name, _, name = qualified.rpartition(".")
-        setattr(model.get_submodule(parent_name), name, module.merged())
+        model.set_submodule(qualified, module.merged())
     return model
 
 
