@@ -199,3 +199,51 @@ def test_grouped_gemm_dispatch_equals_the_expert_loop(dtype):
     torch.testing.assert_close(grouped, loop, rtol=0, atol=0)  # CPU: the same products, bit for bit
     with pytest.raises(ValueError, match="grouped dispatch mode"):
         moe.set_grouped_dispatch("fast")
+
+
+def test_column_major_experts_same_bits_for_groups_of_two_or_more():
+    """store_column_major re-lays-out the expert matrices in place: same values, `w[e].t()` contiguous, and the
+    grouped GEMM and the loop give the row-major layout's bits when every active expert has >= 2 tokens (a single
+    token takes MKL's matrix-vector path, whose order of additions follows the layout)."""
+    experts = random_experts(8, 32, 16, seed=5)
+    weights, ids = routing(40, 8, 2, seed=6)
+    assert torch.bincount(ids.reshape(-1), minlength=8).min() >= 2
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(7))
+    before = {mode: _dispatch(experts, x, weights, ids, mode) for mode in ("on", "off")}
+    values = experts.gate_up_proj.clone()
+    experts.store_column_major()
+    assert experts.gate_up_proj.stride(1) == 1 and experts.down_proj.stride(1) == 1
+    assert experts.gate_up_proj[0].t().is_contiguous() and torch.equal(experts.gate_up_proj, values)
+    for mode, out in before.items():
+        torch.testing.assert_close(_dispatch(experts, x, weights, ids, mode), out, rtol=0, atol=0)
+    experts.store_column_major(False)
+    assert experts.gate_up_proj.is_contiguous() and torch.equal(experts.gate_up_proj, values)
+
+
+def test_scheduler_uses_column_major_only_for_fast_rows(random_engine):
+    """Fast-mode ticks run with column-major experts; a reference-mode row keeps the checkpoint's row-major
+    layout (its exact tokens depend on it); after generation the checkpoint's layout is back."""
+    from dgemma.engine.generate import canvas_loop, step_config
+
+    engine = random_engine
+    experts = [m for m in engine.module.modules() if type(m) is Experts]
+    assert experts
+    ids = torch.tensor([[2, 5, 6, 7]])
+    for sampling, column_major in (("fast", True), ("reference", False)):
+        gen = engine.generation_settings(max_denoising_steps=2)
+        loop = canvas_loop(engine.module, ids, gen, step_config(gen, sampling=sampling),
+                           generator=torch.Generator().manual_seed(0))
+        next(loop)  # the first step has run
+        assert all((m.gate_up_proj.stride(1) == 1) == column_major for m in experts), sampling
+        for _ in loop:
+            pass
+        assert all(m.gate_up_proj.is_contiguous() and m.down_proj.is_contiguous() for m in experts)
+
+
+def _dispatch(experts, x, weights, ids, mode):
+    from dgemma.model import moe
+    try:
+        moe.set_grouped_dispatch(mode)
+        return experts(x, weights, ids)
+    finally:
+        moe.set_grouped_dispatch("auto")
