@@ -235,6 +235,7 @@ def test_scheduler_uses_column_major_only_for_fast_rows(random_engine):
                            generator=torch.Generator().manual_seed(0))
         next(loop)  # the first step has run
         assert all((m.gate_up_proj.stride(1) == 1) == column_major for m in experts), sampling
+        assert not any(m.gate_up_proj.is_inference() or m.down_proj.is_inference() for m in experts)
         for _ in loop:
             pass
         assert all(m.gate_up_proj.is_contiguous() and m.down_proj.is_contiguous() for m in experts)

@@ -79,12 +79,29 @@ def dense_worthwhile(num_experts: int, top_k: int) -> bool:
     return num_experts <= DENSE_MAX_RATIO * top_k
 
 
+def _relayout_in_place(w: torch.Tensor, column_major: bool) -> torch.Tensor:
+    """[E,R,C] with each expert's block contiguous -> the same values in the other layout, in the SAME storage,
+    one expert at a time through an [R,C] scratch buffer: no second copy of the experts at any moment (a plain
+    .contiguous() would hold both, and the memory allocator keeps the freed one)."""
+    E, R, C = w.shape
+    assert w.stride(0) == R * C, "each expert's matrix must be one contiguous block"
+    strides = (R * C, 1, R) if column_major else (R * C, C, 1)
+    scratch = torch.empty(R, C, dtype=w.dtype, device=w.device)
+    base = w.storage_offset()
+    with torch.no_grad():
+        for e in range(E):
+            scratch.copy_(w[e])
+            w.as_strided((R, C), strides[1:], base + e * R * C).copy_(scratch)
+    return w.as_strided((E, R, C), strides, base)
+
+
 def expert_layout(module: nn.Module, column_major: bool) -> None:
     """`Experts.store_column_major` on every plain Experts of a CPU float32 model (the only case measured faster);
     quantized or adapter-wrapped experts keep their own storage. A no-op when the layout is already right."""
-    for m in module.modules():
-        if type(m) is Experts and m.gate_up_proj.device.type == "cpu" and m.gate_up_proj.dtype == torch.float32:
-            m.store_column_major(column_major)
+    with torch.inference_mode(False):  # normal tensors (autograd may use them later), even when called inside it
+        for m in module.modules():
+            if type(m) is Experts and m.gate_up_proj.device.type == "cpu" and m.gate_up_proj.dtype == torch.float32:
+                m.store_column_major(column_major)
 
 
 class Experts(nn.Module):
@@ -111,8 +128,7 @@ class Experts(nn.Module):
         for name in ("gate_up_proj", "down_proj"):
             w = getattr(self, name)
             if w.dim() == 3 and (w.stride(1) == 1) != column_major:
-                t = w.data.transpose(1, 2).contiguous().transpose(1, 2) if column_major else w.data.contiguous()
-                w.data = t
+                w.data = _relayout_in_place(w.data, column_major)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e applied to x [n,D] -> [n,D]."""
