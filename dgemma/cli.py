@@ -60,7 +60,7 @@ def _load_engine(args):
         raise FileNotFoundError(f"model directory {path} does not exist; pass --model DIR (a DiffusionGemma "
                                 "checkpoint in Hugging Face layout)")
     return load(path, dtype=args.dtype, device=args.device, quiet=True, preset=args.preset,
-                int8_dynamic=args.int8_dynamic)
+                int8_dynamic=args.int8_dynamic, compile=args.compile)
 
 
 def _engine_options(args, engine) -> dict:

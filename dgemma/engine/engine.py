@@ -26,6 +26,7 @@ class Engine:
         self.checkpoint_generation_config = self.generation_config  # what use_preset starts from
         self.preset = "exact"
         self.tokenizer = tokenizer
+        self.compiled: dict | None = None  # set by `compile`: mode, backend, MoE dispatch
 
     def require_tokenizer(self):
         if self.tokenizer is None:
@@ -101,6 +102,18 @@ class Engine:
         modules back exactly. Returns the engine."""
         from ..quant import dynamic
         (dynamic.apply if on else dynamic.restore_float)(self.module)
+        return self
+
+    def compile(self, mode: str | None = "default", *, backend: str = "inductor") -> "Engine":
+        """torch.compile the decoder step (dgemma/engine/compiled.py): mode "default", "reduce-overhead" (adds CUDA
+        graphs) or "max-autotune-no-cudagraphs"; None makes the module eager again, exactly. The first steps of
+        the first two canvases compile (seconds to minutes). Returns the engine; `compiled` describes the choice."""
+        from .compiled import check_mode, compile_step, uncompile_step
+        if mode is None:
+            uncompile_step(self.module)
+            self.compiled = None
+        else:
+            self.compiled = compile_step(self.module, check_mode(mode), backend=backend)
         return self
 
     @property
@@ -186,13 +199,16 @@ class Engine:
 
 
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device=None, quiet: bool = False,
-         preset: str | None = None, int8_dynamic: bool = False) -> Engine:
+         preset: str | None = None, int8_dynamic: bool = False, compile: str | None = None) -> Engine:
     """Load a DiffusionGemma model directory (Hugging Face layout) into an Engine. preset: a speed preset as the
-    generation defaults (`Engine.use_preset`); int8_dynamic: `Engine.use_int8_dynamic` (CPU, float32)."""
+    generation defaults (`Engine.use_preset`); int8_dynamic: `Engine.use_int8_dynamic` (CPU, float32); compile:
+    a torch.compile mode for the decoder step (`Engine.compile`; None: eager)."""
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     module = load_module(path, dtype=dtype, device=device, quiet=quiet, prepare=swap_for_checkpoint)
     tokenizer = Tokenizer.from_dir(path) if (Path(path) / "tokenizer.json").exists() else None
     engine = Engine(module, Path(path), GenerationConfig.from_dir(path), tokenizer).use_preset(preset)
-    return engine.use_int8_dynamic() if int8_dynamic else engine
+    if int8_dynamic:
+        engine.use_int8_dynamic()
+    return engine.compile(compile) if compile else engine

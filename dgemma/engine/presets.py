@@ -7,7 +7,8 @@ tokens per second against the reference, agreement with the exact path, the answ
 mean steps per canvas, and Sudoku scores when a Sudoku model is given.
 
 Dynamic int8 matmuls (`--int8-dynamic`, dgemma/quant/dynamic.py) are a separate switch because they change the
-loaded model, not the sampler; presets combine with it.
+loaded model, not the sampler; presets combine with it. So does `--compile [MODE]` (dgemma/engine/compiled.py: the
+same math, compiled).
 """
 
 from __future__ import annotations
@@ -41,10 +42,16 @@ def preset_knobs(name: str | None, **explicit) -> dict:
 
 
 def add_speed_flags(parser) -> None:
-    """--preset and --int8-dynamic on a command's argparse parser (generate, chat, serve, sudoku, ...)."""
+    """--preset, --int8-dynamic and --compile on a command's argparse parser (generate, chat, serve, sudoku, ...)."""
+    from .compiled import COMPILE_MODES
     parser.add_argument("--preset", choices=list(PRESETS), default="exact",
                         help="speed preset as the generation defaults (explicit knobs still win): "
                              + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()))
     parser.add_argument("--int8-dynamic", action="store_true",
                         help="CPU float32 only: int8 matmuls with activations quantized on the fly (faster, "
                              "approximate; the README's Speed presets table)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                        help="torch.compile the decoder step (for GPUs, where a step is bound by launching operators; "
+                             "the first steps of the first two canvases compile, minutes on a CPU). MODE: "
+                             f"{', '.join(COMPILE_MODES)} (default: default; reduce-overhead adds CUDA graphs). Before a "
+                             "positional argument write --compile=MODE")

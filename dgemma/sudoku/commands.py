@@ -29,7 +29,7 @@ def _load(args):
                                     "directory (Hugging Face layout) trained on the Sudoku format")
         raise FileNotFoundError(f"no bundled Sudoku model at {path}: it has not been trained yet; {TRAIN_HINT}")
     engine = load(path, dtype=args.dtype, device=args.device, quiet=True, preset=args.preset,
-                  int8_dynamic=args.int8_dynamic)
+                  int8_dynamic=args.int8_dynamic, compile=args.compile)
     if engine.tokenizer is None:
         raise FileNotFoundError(f"{path} has no tokenizer.json; the Sudoku model needs its tokenizer "
                                 "(`dgemma sudoku tokenizer DIR` writes one)")

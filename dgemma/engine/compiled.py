@@ -1,0 +1,228 @@
+"""The optional compiled decoder step (issue 5 item 3): torch.compile, chosen by the runner, never by the model files.
+
+On a GPU a denoising step of the real model is bound by launching operators (thousands of small kernels per
+step), not by reading weights; torch.compile fuses them, and mode "reduce-overhead" replays the whole step as CUDA
+graphs. `Engine.compile(mode)` (CLI `--compile [MODE]`, `dgemma.load(..., compile=MODE)`) installs the pieces below
+as instance attributes of the loaded module, and `Engine.compile(None)` removes them all (eager again, exactly):
+
+  module.denoise         -> `CompiledStep.denoise`: the model's own `denoise`, compiled (the cache is read first,
+                            as a tuple of per-layer contexts, so the compiled function has no side effects)
+  module.soft_embedding  -> `CompiledStep.soft_embedding`: the self-conditioning product, compiled
+  module.rope            -> `DeviceRope`: the inverse frequencies made once, on the model's device (the eager
+                            `rope` builds them on the CPU and copies them over each step; inside a compiled
+                            graph that would be a CPU computation, which makes inductor skip CUDA graphs)
+  experts.forward        -> `static_grouped_experts` (plain `Experts` only): the grouped dispatch with a
+                            static-size expert count (the eager `torch.bincount` has a data-dependent size, a
+                            graph break, and syncs with the host on CUDA); `forward_dense` where no grouped GEMM
+                            applies but few experts make it cheap; otherwise the eager forward (graph breaks)
+
+The one canvas loop (engine/scheduler.py) keeps calling `module.denoise` and `module.soft_embedding`, so it runs
+the compiled step without knowing it. Eager stays the default and the reference: tests check that the compiled
+logits equal the eager ones to fp32 tolerance and that generation gives the same tokens on tiny configs.
+
+Shapes: torch's automatic dynamic shapes. The first canvas compiles with static shapes; the next one (a longer
+context) recompiles once with the context lengths symbolic (the context length reaches the graph as a device
+tensor, and the cached K/V in one contiguous layout, made once per canvas), and every later canvas reuses that
+graph: no recompilation per canvas. Each step variant compiles on its own: the first step of a canvas (no
+self-conditioning) and the later ones, another batch size, and on CPU fp32 the two expert layouts that fast and
+reference sampling use (moe.expert_layout). With "reduce-overhead", CUDA graphs are recorded per distinct shape,
+so once per canvas index (a recording costs about two steps); the step's outputs are copied out of the graphs'
+memory pool (one [B,L,V] fp32 copy, ~0.1 ms on an H200 at V = 262,144), and the context K/V are copied into the
+graphs' static inputs each step. No host synchronisation happens inside the compiled step.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+
+from ..model import moe
+from ..model.layers import gelu_tanh, rope_frequencies, rope_tables
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile's `mode` (inductor)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)} "
+                         "(or None for eager)")
+    return mode
+
+
+# --- the MoE dispatch under compile -----------------------------------------------------------------------------
+@torch.library.custom_op("dgemma::grouped_mm", mutates_args=())
+def grouped_mm_opaque(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm as an opaque operator with a static output shape: the compiler's check of the op takes
+    bf16 only, while the CPU kernel takes fp32 too, so CPU fp32 keeps its grouped GEMM (the eager kernel) inside
+    one graph."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@grouped_mm_opaque.register_fake
+def _(a, b, offs):
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+def static_grouped_experts(experts: moe.Experts, x: torch.Tensor, weights: torch.Tensor,
+                           ids: torch.Tensor) -> torch.Tensor:
+    """`Experts.forward`'s grouped dispatch (same sort, same grouped GEMMs, same order of additions: the same bits
+    in eager) with a static-size count: each expert's end offset is a `searchsorted` of the sorted ids ([E]
+    whatever the routing), not `bincount` (whose size depends on the data). x [N,D]; weights [N,K]; ids [N,K]."""
+    N, K = ids.shape
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    sorted_ids, order = torch.sort(ids.reshape(-1), stable=True)
+    experts_range = torch.arange(gate_up.shape[0], device=ids.device, dtype=ids.dtype)
+    offsets = torch.searchsorted(sorted_ids, experts_range, right=True).to(torch.int32)
+    inputs = x[order // K]
+    mm = torch._grouped_mm if inputs.dtype == torch.bfloat16 else grouped_mm_opaque
+    gate, up = mm(inputs, gate_up.transpose(1, 2), offsets).chunk(2, dim=-1)
+    grouped = mm(gelu_tanh(gate) * up, down.transpose(1, 2), offsets)
+    weighted = grouped * weights.reshape(-1)[order, None]
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return weighted[inverse].view(N, K, x.shape[-1]).sum(1).to(x.dtype)
+
+
+def moe_dispatch(layer) -> str:
+    """The dispatch the compiled step uses for a layer's experts: "grouped" (static counts), "dense", or "eager"
+    (a subclass with its own math, e.g. LoRA or quantized experts, or no grouped GEMM and too many experts)."""
+    experts = layer.experts
+    if type(experts) is not moe.Experts:
+        return "eager"
+    w = experts.gate_up_proj
+    if moe.grouped_dispatch(w.new_empty(0, w.shape[-1]), w, experts.down_proj):
+        return "grouped"
+    return "dense" if moe.dense_worthwhile(w.shape[0], layer.router.top_k) else "eager"
+
+
+# --- rope on the device ------------------------------------------------------------------------------------------
+class DeviceRope:
+    """`DiffusionGemma.rope` with the inverse frequencies made once, on the module's device (the same values:
+    `rope_frequencies` then `rope_tables`, as the model does)."""
+
+    def __init__(self, module):
+        cfg, device = module.config, module.embed_tokens.weight.device
+        self.freqs = {}
+        for sliding in sorted({cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)}):
+            freqs = (rope_frequencies(cfg.head_dim, cfg.rope_theta_sliding) if sliding else
+                     rope_frequencies(cfg.global_head_dim, cfg.rope_theta_full, cfg.partial_rotary_factor))
+            self.freqs[sliding] = freqs.to(device)
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype):
+        return {sliding: rope_tables(positions, freqs, dtype) for sliding, freqs in self.freqs.items()}
+
+
+# --- the compiled step ---------------------------------------------------------------------------------------------
+class ContextView:
+    """What `denoise` reads from a cache (`context(i)`, `length`), resolved before the compiled call."""
+
+    def __init__(self, contexts: tuple, length):
+        self.contexts, self.length = contexts, length
+
+    def context(self, layer: int):
+        return self.contexts[layer]
+
+
+class CompiledStep:
+    """The compiled denoise and self-conditioning product of one module (see the module docstring)."""
+
+    def __init__(self, module, mode: str = "default", backend: str = "inductor", dynamic: bool | None = None):
+        self.module, self.mode, self.backend = module, check_mode(mode), backend
+        # CUDA graphs replay into a memory pool that the next replay overwrites: outputs are copied out
+        self.cudagraphs = mode == "reduce-overhead" and backend == "inductor"
+        options = {"mode": mode} if backend == "inductor" else {}
+        cls = type(module)
+        self._memo = None  # (weak reference to the cache, its length, its contexts) of the last step
+        self._denoise = torch.compile(lambda tokens, contexts, length, soft: cls.denoise(
+            module, tokens, ContextView(contexts, length), soft=soft), backend=backend, dynamic=dynamic, **options)
+        self._soft = torch.compile(functools.partial(cls.soft_embedding, module), backend=backend, dynamic=dynamic,
+                                   **options)
+
+    def denoise(self, tokens: torch.Tensor, cache, soft: torch.Tensor | None = None) -> torch.Tensor:
+        contexts = self._contexts(cache)
+        # the context length as a device tensor: a Python int would be baked into the graph (one recompile per
+        # canvas); `torch.full` launches a fill, with no host-to-device copy (no sync)
+        length = cache.length
+        if isinstance(length, torch.Tensor):  # per-row lengths (stacked caches) live on the CPU
+            length = length.to(tokens.device, non_blocking=True)
+        else:
+            length = torch.full((1,), length, dtype=torch.long, device=tokens.device)
+        return self._run(self._denoise, tokens, contexts, length, soft)
+
+    def _contexts(self, cache) -> tuple:
+        """The cache's per-layer contexts in one memory layout (contiguous): a KV cache holds transposed projections
+        after a prefill and trimmed views on sliding layers after a commit, and every layout would be its own
+        graph. A canvas's steps share one context, so the copies are made once per canvas (memo: cache, length)."""
+        memo = self._memo
+        if memo is not None and memo[0]() is cache and memo[1] == _length_key(cache.length):
+            return memo[2]
+        contexts = tuple(None if c is None else (_canonical(c[0]), _canonical(c[1]), c[2])
+                         for c in (cache.context(i) for i in range(self.module.config.num_hidden_layers)))
+        self._memo = (weakref.ref(cache), _length_key(cache.length), contexts)
+        return contexts
+
+    def soft_embedding(self, sc_logits: torch.Tensor, sc_mask: torch.Tensor | None = None,
+                       chunk: int | None = None) -> torch.Tensor:
+        return self._run(self._soft, sc_logits, sc_mask, chunk)
+
+    def _run(self, fn, *args):
+        if not self.cudagraphs:
+            return fn(*args)
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn(*args).clone()
+
+
+def _canonical(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous, with the row-major strides even on size-1 dimensions (where torch leaves any stride, and the
+    graph's guards would still tell the layouts apart): a copy only if t was not contiguous."""
+    t = t.contiguous()
+    strides, step = [], 1
+    for size in reversed(t.shape):
+        strides.append(step)
+        step *= size
+    strides = tuple(reversed(strides))
+    return t if t.stride() == strides else t.as_strided(t.shape, strides, t.storage_offset())
+
+
+def _length_key(length):
+    return tuple(length.tolist()) if isinstance(length, torch.Tensor) else length  # stacked caches: a CPU tensor
+
+
+def raise_recompile_limits() -> None:
+    """Each step variant and layer kind is its own graph; torch's default limit (8) would fall back to eager."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name, at_least in (("recompile_limit", 64), ("accumulated_recompile_limit", 512)):  # torch >= 2.7 names
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), at_least))
+
+
+PATCHED = ("denoise", "soft_embedding", "rope")
+
+
+def compile_step(module, mode: str = "default", backend: str = "inductor", dynamic: bool | None = None) -> dict:
+    """Install the compiled step on `module` (see the module docstring) -> {"mode", "moe": dispatch per layer}."""
+    uncompile_step(module)
+    step = CompiledStep(module, mode, backend, dynamic)
+    raise_recompile_limits()
+    dispatch = []
+    for layer in module.layers:
+        kind = moe_dispatch(layer)
+        if kind == "grouped":
+            layer.experts.forward = functools.partial(static_grouped_experts, layer.experts)
+        elif kind == "dense":
+            layer.experts.forward = layer.experts.forward_dense
+        dispatch.append(kind)
+    module.rope = DeviceRope(module)
+    module.denoise, module.soft_embedding = step.denoise, step.soft_embedding
+    return {"mode": mode, "backend": backend, "moe": sorted(set(dispatch))}
+
+
+def uncompile_step(module) -> None:
+    """Remove everything `compile_step` installed (a no-op on an eager module)."""
+    for name in PATCHED:
+        module.__dict__.pop(name, None)
+    for layer in module.layers:
+        layer.experts.__dict__.pop("forward", None)

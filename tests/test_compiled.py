@@ -1,0 +1,165 @@
+"""The optional compiled decoder step (dgemma/engine/compiled.py) against eager, the reference.
+
+The fast tests compile with dynamo's "eager" backend (graph capture without code generation: seconds), which checks
+what matters for a GPU: the whole step is captured (no graph breaks, so no host synchronisation inside it), every
+tensor made inside it names a device (a CPU-made tensor makes inductor skip CUDA graphs), later canvases reuse the
+graph, and logits and tokens equal eager's. The inductor build itself (minutes on this CPU) is a slow test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_config, randomise
+from torch._dynamo.utils import counters
+
+from dgemma.cli import build_parser
+from dgemma.config import ModelConfig
+from dgemma.engine.cache import KVCache
+from dgemma.engine.compiled import DeviceRope, static_grouped_experts, uncompile_step
+from dgemma.engine.engine import Engine
+from dgemma.model import DiffusionGemma
+from dgemma.model.moe import Experts
+
+TWO_LAYERS = {"text_config": {"num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"]}}
+FACTORIES = {torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.tensor, torch.scalar_tensor,
+             torch.rand, torch.randn, torch.randint, torch.linspace}
+
+
+def tiny_engine(seed: int = 0) -> Engine:
+    module = DiffusionGemma(ModelConfig.from_dict(make_config(TWO_LAYERS))).eval()
+    randomise(module, seed)
+    return Engine(module.requires_grad_(False))
+
+
+class Capture:
+    """A dynamo backend that keeps every captured FX graph and runs it as captured (no code generation)."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+
+def _generate(engine, sampling, seed=3, canvases=3):
+    ids = torch.randint(3, 500, (2, 5), generator=torch.Generator().manual_seed(seed))
+    return engine.generate(ids, max_new_tokens=canvases * engine.config.canvas_length, max_denoising_steps=3,
+                           stability_threshold=None, confidence_threshold=None, eos_token_id=None, sampling=sampling,
+                           generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def captured():
+    """(eager outputs, compiled outputs, the capture backend, graph breaks) of one tiny engine, both sampling modes."""
+    engine = tiny_engine()
+    eager = {s: _generate(engine, s) for s in ("fast", "reference")}
+    backend = Capture()
+    counters.clear()
+    engine.compile("default", backend=backend)
+    compiled = {s: _generate(engine, s) for s in ("fast", "reference")}
+    graphs = len(backend.graphs)
+    _generate(engine, "fast", seed=4, canvases=4)  # longer contexts than any before: no new graph
+    reused = len(backend.graphs) == graphs
+    breaks = dict(counters["graph_break"])
+    return engine, eager, compiled, backend, breaks, reused
+
+
+def test_compiled_generation_gives_eager_tokens_in_both_sampling_modes(captured):
+    engine, eager, compiled, *_ = captured
+    for mode in ("fast", "reference"):
+        assert torch.equal(compiled[mode], eager[mode]), mode
+    assert engine.compiled["moe"] == ["grouped"]
+
+
+def test_whole_step_is_one_graph_with_device_tensors_only(captured):
+    _, _, _, backend, breaks, reused = captured
+    assert breaks == {}, f"graph breaks in the compiled step: {breaks}"
+    # denoise without / with self-conditioning, each recompiled once for a longer context, times two expert layouts
+    # (CPU fp32 fast-mode ticks store the experts column-major, moe.expert_layout); the soft embedding, chunked and
+    # whole. Later canvases, even longer ones, reuse them
+    assert 3 <= len(backend.graphs) <= 10 and reused, len(backend.graphs)
+    for gm in backend.graphs:
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in FACTORIES:
+                assert node.kwargs.get("device") is not None, f"{node.format_node()}: made on the CPU in the graph"
+            assert not (node.op == "call_method" and node.target in ("item", "tolist")), node.format_node()
+
+
+def test_compiled_logits_equal_eager_and_uncompile_restores():
+    engine = tiny_engine(seed=1)
+    module = engine.module
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache(module.config, 2)
+    tokens = torch.randint(3, 500, (2, module.config.canvas_length), generator=g)
+    sc = torch.randn(2, module.config.canvas_length, module.config.vocab_size, generator=g)
+
+    def step():
+        with torch.inference_mode():
+            return module.denoise(tokens, cache, soft=module.soft_embedding(sc, chunk=8))
+
+    with torch.inference_mode():
+        module.encode(torch.randint(3, 500, (2, 6), generator=g), cache)
+    eager = step()
+    engine.compile("max-autotune-no-cudagraphs", backend="eager")
+    assert "denoise" in vars(module) and "forward" in vars(module.layers[0].experts)
+    torch.testing.assert_close(step(), eager, rtol=1e-5, atol=1e-5)
+    engine.compile(None)
+    assert not {"denoise", "soft_embedding", "rope"} & set(vars(module))
+    assert all("forward" not in vars(layer.experts) for layer in module.layers)
+    assert engine.compiled is None and torch.equal(step(), eager)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,E,K", [(1, 4, 2), (33, 16, 3), (12, 6, 2), (0, 4, 2)])
+def test_static_grouped_dispatch_equals_forward_bits(N, E, K, dtype):
+    D, I = 32, 16
+    g = torch.Generator().manual_seed(N + E)
+    experts = Experts(E, D, I).requires_grad_(False)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(E, 2 * I, D, generator=g) * D ** -0.5)
+        experts.down_proj.copy_(torch.randn(E, D, I, generator=g) * I ** -0.5)
+    experts = experts.to(dtype)
+    x = torch.randn(N, D, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(min(E, 5), generator=g)[:K] for _ in range(N)]) if N else \
+        torch.zeros(0, K, dtype=torch.int64)  # experts >= 5 get no tokens
+    weights = torch.rand(N, K, generator=g) + 0.1
+    out = static_grouped_experts(experts, x, weights, ids)
+    assert torch.equal(out, experts(x, weights, ids))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, experts.forward_reference(x, weights, ids), rtol=tol, atol=tol)
+
+
+def test_device_rope_equals_model_rope():
+    module = tiny_engine().module
+    positions = torch.arange(37, 53)[None]
+    eager, device = module.rope(positions, torch.float32), DeviceRope(module)(positions, torch.float32)
+    assert eager.keys() == device.keys()
+    for kind in eager:
+        assert all(torch.equal(a, b) for a, b in zip(eager[kind], device[kind]))
+
+
+def test_bad_mode_is_refused_and_cli_flag_parses(capsys):
+    engine = tiny_engine()
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'.*reduce-overhead"):
+        engine.compile("fast")
+    assert engine.compiled is None and "denoise" not in vars(engine.module)
+    parser = build_parser()
+    assert parser.parse_args(["generate", "hi"]).compile is None
+    assert parser.parse_args(["generate", "hi", "--compile"]).compile == "default"
+    assert parser.parse_args(["chat", "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    assert parser.parse_args(["serve", "--compile=max-autotune-no-cudagraphs"]).compile == "max-autotune-no-cudagraphs"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "hi", "--compile", "turbo"])
+    assert "invalid choice: 'turbo'" in capsys.readouterr().err
+    uncompile_step(engine.module)  # a no-op on an eager module
+
+
+@pytest.mark.slow
+def test_inductor_step_matches_eager():
+    """The real build (inductor, C++ on a CPU: a minute or more cold): logits to fp32 tolerance, same tokens."""
+    engine = tiny_engine(seed=2)
+    eager = {s: _generate(engine, s, canvases=2) for s in ("fast", "reference")}
+    engine.compile("default")
+    for s in ("fast", "reference"):
+        assert torch.equal(_generate(engine, s, canvases=2), eager[s]), s
