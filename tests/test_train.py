@@ -339,6 +339,29 @@ def test_resume_gives_the_same_weights(work, tmp_path):
         train(cfg)
 
 
+def test_batches_prepared_by_a_worker_process_give_the_same_weights(work, tmp_path):
+    """train/batches.py: a background process collating and drawing noise ahead (the CUDA default) feeds the very
+    same batches as the training process itself (the CPU default), with grad accumulation and from a resume."""
+    from safetensors.torch import load_file
+
+    a = tmp_path / "a"
+    cfg = base_config(work, a, steps=4, save_every=2, keep_checkpoints=3, grad_accum=2, data_workers=0)
+    train(cfg)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "step-000004")
+    shutil.rmtree(b / "model")
+    train(dataclasses.replace(cfg, out=str(b), resume=True, data_workers=1))
+    c = tmp_path / "c"
+    train(dataclasses.replace(cfg, out=str(c), data_workers=2))
+    wa = load_file(a / "model" / "model.safetensors")
+    for other in (b, c):
+        wo = load_file(other / "model" / "model.safetensors")
+        assert wa.keys() == wo.keys() and all(torch.equal(wa[k], wo[k]) for k in wa), other.name
+    with pytest.raises(ValueError, match="data_workers must be an integer >= 0"):
+        dataclasses.replace(cfg, data_workers=-1)
+
+
 def test_full_fine_tune_freezes_the_router(work, overfit, tmp_path):
     from safetensors.torch import load_file
 

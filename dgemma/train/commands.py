@@ -56,6 +56,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--no-tf32", dest="tf32", action="store_false",
                    help="on CUDA, keep fp32 matmuls in full fp32 (default: TF32 tensor cores, ~10 mantissa bits)")
+    g.add_argument("--data-workers", type=int, default=None, metavar="N",
+                   help="processes that prepare batches (collation, noise) ahead of the step (default: 1 on CUDA, "
+                        "where it hides the host's share of the step; 0 on CPU, where it would take the trainer's "
+                        "cores)")
     g.add_argument("--compile", nargs="?", const="default", default="", choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile the layers (fewer, fused kernels per step: for GPUs, where the step is bound "
                         "by launching operators; the first steps compile, minutes). MODE: torch.compile's mode, "
@@ -96,7 +100,8 @@ def config_from_args(args):
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         eval_every=args.eval_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
-        seed=args.seed, dtype=args.dtype, tf32=args.tf32, compile=args.compile, device=args.device, resume=args.resume,
+        seed=args.seed, dtype=args.dtype, tf32=args.tf32, compile=args.compile, data_workers=args.data_workers,
+        device=args.device, resume=args.resume,
         progress=not args.no_progress,
         time_budget=args.time_budget)
 

@@ -57,6 +57,7 @@ class TrainConfig:
     device: str | None = None  # default cuda when available
     resume: bool = False  # continue from the latest checkpoint in `out` (start fresh if there is none)
     progress: bool = True
+    data_workers: int | None = None  # processes preparing batches ahead (train/batches.py); None: 1 on CUDA, else 0
     time_budget: float = 0.0  # seconds of wall time for the whole run: see `fit_steps_to_budget` (0: off)
 
     def __post_init__(self):
@@ -90,11 +91,16 @@ class TrainConfig:
             object.__setattr__(self, "compile", "default" if self.compile else "")
         if self.compile not in ("", *COMPILE_MODES):
             raise ValueError(f"compile must be '' (off) or one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.data_workers is not None and (not isinstance(self.data_workers, int) or self.data_workers < 0):
+            raise ValueError(f"data_workers must be an integer >= 0 (or None: 1 on CUDA), got {self.data_workers!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.time_budget < 0 or (self.time_budget and self.warmup_steps < CALIBRATION_STEPS):
             raise ValueError(f"time_budget (seconds, got {self.time_budget}) needs warmup_steps >= {CALIBRATION_STEPS} "
                              "so the calibration steps' learning rate does not depend on the final step count")
+
+    def data_workers_for(self, device: torch.device) -> int:
+        return (1 if device.type == "cuda" else 0) if self.data_workers is None else self.data_workers
 
     @property
     def router_frozen(self) -> bool:

@@ -216,9 +216,10 @@ class Batch:
     # With them, summing per-batch losses gives the global-batch mean however the examples are split.
     diffusion_denominator: float | None = None
     ar_denominator: float | None = None
+    noise: object | None = None  # a loss.Noise drawn ahead (train/batches.py); None: diffusion_loss draws it
 
     def to(self, device) -> "Batch":
-        move = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        move = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in vars(self).items()}
         return Batch(**move)
 
 

@@ -155,11 +155,14 @@ def canvas_logits(model, batch, noise: Noise, return_hidden: bool = False):
 def diffusion_loss(model, batch, generator: torch.Generator | None = None, cfg: LossConfig = LossConfig()):
     """-> (loss, metrics). loss = diffusion CE + ar_weight * AR CE, each a mean over its targets (over the whole
     optimizer step when the batch carries denominators). metrics: detached sums named in METRICS (add them up
-    across micro-batches and ranks, then `summarize`). Noise seeds: batch.seeds, else drawn from `generator`."""
+    across micro-batches and ranks, then `summarize`). Noise: batch.noise when drawn ahead, else drawn here from the
+    seeds batch.seeds, else from `generator`."""
     mc = model.config
     B = batch.tokens.shape[0]
-    seeds = batch.seeds if batch.seeds is not None else torch.randint(0, 2**62, (B,), generator=generator)
-    noise = sample_noise(seeds.tolist(), batch.num_canvases.tolist(), mc.canvas_length, mc.vocab_size, cfg)
+    noise = getattr(batch, "noise", None)
+    if noise is None:
+        seeds = batch.seeds if batch.seeds is not None else torch.randint(0, 2**62, (B,), generator=generator)
+        noise = sample_noise(seeds.tolist(), batch.num_canvases.tolist(), mc.canvas_length, mc.vocab_size, cfg)
     noise = noise.to(batch.tokens.device)
     logits, clean, hidden = canvas_logits(model, batch, noise, return_hidden=cfg.ar_weight > 0)
     diffusion_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1), reduction="sum")

@@ -42,7 +42,8 @@ from ..config import ModelConfig
 from ..model import DiffusionGemma, load_module, moe
 from ..model.saving import init_weights, save_checkpoint
 from ..text import Tokenizer
-from .data import Order, ar_targets, collate, load_examples, mix, split_heldout
+from .batches import StepBatches, step_batches
+from .data import collate, load_examples, mix, split_heldout
 from .config import CALIBRATION_STEPS, DTYPES, SAME_ON_RESUME, TrainConfig, TrainResult, \
     fit_steps_to_budget, learning_rate
 from .loss import METRICS, LossConfig, diffusion_loss, summarize
@@ -297,7 +298,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=dtype)
 
-    order, G = Order(len(examples), cfg.seed), cfg.batch_size
+    feed = step_batches(StepBatches(examples, cfg.seed, cfg.batch_size, cfg.grad_accum, rank, world, pad, L,
+                                    mc.vocab_size, cfg.loss), start, cfg.data_workers_for(device))
     params = [p for p in model.parameters() if p.requires_grad]
     progress = progress_bar(lead and cfg.progress, cfg.steps, start)
     metrics, eval_metrics, timed = {}, None, []
@@ -308,15 +310,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            slots = [step * G + j for j in range(G)]  # positions in the example stream = noise seeds
-            chosen = [examples[order[s]] for s in slots]
-            ar_total = float(sum(ar_targets(e) for e in chosen))
             sums = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
-            for m in range(cfg.grad_accum):
-                first = (m * world + rank) * micro
-                mine = range(first, first + micro)
-                batch = collate([chosen[j] for j in mine], pad, L, [mix(cfg.seed, slots[j]) for j in mine],
-                                diffusion_denominator=float(G * L), ar_denominator=ar_total).to(device)
+            for m, batch in enumerate(next(feed)):
+                batch = batch.to(device)
                 sync = world == 1 or m == cfg.grad_accum - 1
                 with (contextlib.nullcontext() if sync else runner.no_sync()), autocast():
                     loss, batch_metrics = runner(batch)
