@@ -1,12 +1,16 @@
 """dgemma on one GPU: the 26B-A4B config with random weights built directly on the device (nothing downloaded).
 
     python bench/gpu.py [--config 26b-a4b] [--dtype bf16] [--steps 16] [--batches 1,4] [--long-prompt 4096]
+                        [--compile reduce-overhead]
 
 Scenarios, each after a warm-up, every canvas at exactly --steps denoising steps (adaptive stopping off):
   one_user     batch 1, short prompt, --canvases canvases: ms per decoder step, committed tok/s per canvas
   long_prompt  batch 1, --long-prompt tokens: the same plus the prefill, end-to-end tok/s
   batch_B      batch B (each of --batches above 1), short prompt: aggregate committed tok/s
   one_user_loop  one_user again with the MoE's per-expert loop instead of the grouped GEMM (what it buys)
+  one_user_compiled_MODE, batch_B_compiled_MODE  with --compile MODE[,MODE]: the same runs with the decoder step
+               torch.compiled (Engine.compile, dgemma/engine/compiled.py); a warm-up of the same shapes first
+               compiles (and records the CUDA graphs of reduce-overhead): its extra time is `compile_s`
 "committed tok/s per canvas" = B x canvas / (steps x ms per step + the commit), the figure published engines
 quote; "end to end" = new tokens / wall time including the prefill. Peak memory is torch's allocated peak.
 Ends with one JSON line. Runs on CPU too (`--device cpu --config small`) for a smoke test.
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import DTYPES, PeakMemory, StepCost, Timers, hardware, random_weights, read_config, sync  # noqa: E402
 
 from dgemma.config import ModelConfig  # noqa: E402
+from dgemma.engine.compiled import COMPILE_MODES  # noqa: E402
 from dgemma.engine.engine import Engine  # noqa: E402
 from dgemma.model import DiffusionGemma, moe  # noqa: E402
 
@@ -43,7 +48,16 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
     p.add_argument("--sampling", default="fast", choices=["fast", "reference"])
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--compile", default="", help="comma-separated torch.compile modes to measure after the eager "
+                   f"scenarios ({', '.join(COMPILE_MODES)}); e.g. reduce-overhead")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor; eager or "
+                   "aot_eager isolate graph capture from code generation)")
+    args = p.parse_args(argv)
+    args.compile_modes = [m for m in args.compile.split(",") if m]
+    for m in args.compile_modes:
+        if m not in COMPILE_MODES:
+            p.error(f"--compile: unknown mode {m!r}; choose from {', '.join(COMPILE_MODES)}")
+    return args
 
 
 def build(raw: dict, dtype: torch.dtype, device: torch.device, seed: int) -> Engine:
@@ -90,6 +104,41 @@ def run(eng: Engine, timers: Timers, args, batch: int, prompt: int, canvases: in
             "tok_s_end_to_end": round(batch * canvases * L / wall, 1), "peak_bytes_above_model": mem.peak}
 
 
+def run_compiled(eng: Engine, timers: Timers, args, mode: str, results: dict) -> dict:
+    """The one_user and batch_B runs with the decoder step compiled in `mode`: per batch size, a warm-up of the same
+    shapes (compiles, records CUDA graphs), then the measured run. Adds rows to `results`; returns the summary."""
+    from torch._dynamo.utils import counters
+
+    timers.restore()  # the timers shadow module.denoise: compile first, then wrap the compiled step
+    counters.clear()
+    eng.compile(mode, backend=args.compile_backend)
+    timers.wrap(eng.module, "soft_embedding", "decoder")
+    timers.wrap(eng.module, "denoise", "decoder", step=True)
+    timers.wrap(eng.module, "encode", "encoder")
+    out = {"moe": eng.compiled["moe"], "backend": args.compile_backend}
+    try:
+        for b in sorted({1, *(int(x) for x in args.batches.split(","))}):
+            name = f"{'one_user' if b == 1 else f'batch_{b}'}_compiled_{mode}"
+            warm = run(eng, timers, args, b, args.short_prompt, args.canvases, args.steps)
+            graphs = counters["stats"]["unique_graphs"]
+            r = results[name] = run(eng, timers, args, b, args.short_prompt, args.canvases, args.steps)
+            r["compile_s"] = round(warm["wall_s"] - r["wall_s"], 1)  # the warm-up's extra time
+            r["graphs_compiled_in_run"] = counters["stats"]["unique_graphs"] - graphs  # 0: the warm-up covered it
+            eager = results["one_user" if b == 1 else f"batch_{b}"]
+            r["speedup_vs_eager"] = round(eager["ms_per_step"] / r["ms_per_step"], 2)
+            print(name, json.dumps(r), flush=True)
+            out[name] = {k: r[k] for k in ("ms_per_step", "tok_s_per_canvas", "compile_s", "speedup_vs_eager",
+                                           "graphs_compiled_in_run")}
+    finally:
+        timers.restore()
+        eng.compile(None)
+        timers.wrap(eng.module, "soft_embedding", "decoder")
+        timers.wrap(eng.module, "denoise", "decoder", step=True)
+        timers.wrap(eng.module, "encode", "encoder")
+    out["graph_breaks"] = sum(counters["graph_break"].values())
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -120,6 +169,7 @@ def main(argv=None) -> dict:
         print("one_user_loop", json.dumps(results["one_user_loop"]), flush=True)
     finally:
         moe.set_grouped_dispatch("auto")
+    compiled = {mode: run_compiled(eng, timers, args, mode, results) for mode in args.compile_modes}
     cost = StepCost(eng.config, 1, torch.finfo(dtype).bits // 8)
     step_bytes = cost.bytes(args.short_prompt, True)
     one = results["one_user"]
@@ -137,9 +187,13 @@ def main(argv=None) -> dict:
         "scenarios": results,
     }
     for name, r in results.items():
-        if name.startswith("batch_"):
+        if name.startswith("batch_") and "_compiled_" not in name:
             summary[f"{name}_aggregate_ratio"] = round(r["tok_s_per_canvas"] / one["tok_s_per_canvas"], 2)
     summary["grouped_vs_loop_speedup"] = round(results["one_user_loop"]["ms_per_step"] / one["ms_per_step"], 2)
+    if compiled:
+        summary["compiled"] = compiled
+        best = min(compiled, key=lambda m: compiled[m][f"one_user_compiled_{m}"]["ms_per_step"])
+        summary["compiled_best"] = {"mode": best, **compiled[best][f"one_user_compiled_{best}"]}
     print(json.dumps(summary))
     return summary
 

@@ -1,6 +1,6 @@
 """dgemma vs the transformers 5.23.0 reference: same weights, same prompt, same fixed steps, same batch.
 
-    python bench/vs_reference.py --config small [--steps 16] [--batch 1] [--reps 3] [--threads 2]
+    python bench/vs_reference.py --config small [--steps 16] [--batch 1] [--reps 3] [--threads 2] [--compile MODE]
 
 Builds the config ONCE with random weights through the reference class (norm weights, router scales and
 layer scalars randomised too, so all of the math is exercised), saves it with `save_pretrained`, loads it
@@ -40,6 +40,7 @@ from _common import DTYPES, NAMED_CONFIGS, PeakMemory, StepCost, Timers, hardwar
     random_weights, read_config, sync  # noqa: E402
 
 import dgemma  # noqa: E402
+from dgemma.engine.compiled import COMPILE_MODES  # noqa: E402
 
 # the reference's global defaults (spec §2.3), passed explicitly to both sides so neither reads anything else
 T_MIN, T_MAX, ENTROPY_BOUND = 0.4, 0.8, 0.1
@@ -63,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=0, help="weights, prompt and generation seed (default 0)")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 matmul that measures the peak")
+    p.add_argument("--compile", default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help="our side only: torch.compile the decoder step (Engine.compile; the warm-up compiles). MODE: "
+                        + ", ".join(COMPILE_MODES))
     args = p.parse_args(argv)
     for name in ("steps", "batch", "reps", "prompt_len", "new_tokens", "matmul_size"):
         if getattr(args, name) < 1:
@@ -223,6 +227,8 @@ def main(argv=None) -> dict:
         run_flops, run_bytes = cost.run(args.prompt_len, num_canvases, args.steps)
 
         peak_before = matmul_peak_gflops(args.matmul_size, dtype, device)
+        if args.compile:
+            eng.compile(args.compile)  # before the timers wrap module.denoise: they time the compiled step
         bench = Bench(args, raw, ref, eng, ids, device)
         results = {s: [] for s in SIDES}
         identical = True
@@ -305,6 +311,7 @@ def main(argv=None) -> dict:
         "canvas_length": L,
         "vocab_size": V,
         "reps": args.reps,
+        "compile": args.compile,  # our side's torch.compile mode (None: eager)
         "ratio": ref_s["wall_s"] / sides["fast"]["wall_s"],
         "ratio_reference_rng": ref_s["wall_s"] / sides["reference_rng"]["wall_s"],
         "ratio_step": ref_s["ms_per_step"] / sides["fast"]["ms_per_step"],
@@ -334,7 +341,8 @@ def print_table(r: dict, t_build: float) -> None:
     print(f"dgemma vs transformers {r.get('transformers', '?')} reference: config {r['config']}, {r['dtype']}, "
           f"batch {r['batch']}, {r['steps']} fixed steps per canvas (adaptive stop off), prompt {r['prompt_len']}, "
           f"{r['new_tokens']} new tokens = {r['canvases']} canvas(es) of {r['canvas_length']}, vocab "
-          f"{r['vocab_size']}, {r['reps']} reps after 1 warm-up (model built in {t_build:.1f} s)")
+          f"{r['vocab_size']}, {r['reps']} reps after 1 warm-up (model built in {t_build:.1f} s)"
+          + (f"; our decoder step compiled ({r['compile']})" if r.get("compile") else ""))
     print(f"hardware: {r['hardware']}; torch {r['torch']}")
     print(f"matmul peak: {r['matmul_peak_gflops']:.1f} GFLOP/s ({r['dtype']}, best of before/after: "
           + " / ".join(f"{x:.1f}" for x in r["matmul_peak_gflops_before_after"]) + ")")

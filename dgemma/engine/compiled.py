@@ -20,15 +20,16 @@ The one canvas loop (engine/scheduler.py) keeps calling `module.denoise` and `mo
 the compiled step without knowing it. Eager stays the default and the reference: tests check that the compiled
 logits equal the eager ones to fp32 tolerance and that generation gives the same tokens on tiny configs.
 
-Shapes: torch's automatic dynamic shapes. The first canvas compiles with static shapes; the next one (a longer
-context) recompiles once with the context lengths symbolic (the context length reaches the graph as a device
-tensor, and the cached K/V in one contiguous layout, made once per canvas), and every later canvas reuses that
-graph: no recompilation per canvas. Each step variant compiles on its own: the first step of a canvas (no
-self-conditioning) and the later ones, another batch size, and on CPU fp32 the two expert layouts that fast and
-reference sampling use (moe.expert_layout). With "reduce-overhead", CUDA graphs are recorded per distinct shape,
-so once per canvas index (a recording costs about two steps); the step's outputs are copied out of the graphs'
-memory pool (one [B,L,V] fp32 copy, ~0.1 ms on an H200 at V = 262,144), and the context K/V are copied into the
-graphs' static inputs each step. No host synchronisation happens inside the compiled step.
+Shapes: one graph serves every canvas. The context lengths are symbolic from the first compile on (the cached K/V,
+made contiguous once per canvas, have their length marked dynamic, without duck sizing, which would tie the two
+layer kinds' lengths together while they are equal in the first canvas; the context position reaches the graph as a
+device tensor, not as an int that would be baked in), and a canvas's first step passes a zero self-conditioning
+input (exactly "none") instead of None, so it is the same graph as every later step. Another batch size compiles
+anew, and so, on CPU fp32, does the other expert layout of fast vs reference sampling (moe.expert_layout). With
+"reduce-overhead", CUDA graphs are still recorded per distinct shape, so once per canvas index (a recording costs
+about two steps); the step's outputs are copied out of the graphs' memory pool (one [B,L,V] fp32 copy, ~0.1 ms on
+an H200 at V = 262,144), and the context K/V are copied into the graphs' static inputs each step. No host
+synchronisation happens inside the compiled step.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import functools
 import weakref
 
 import torch
+import torch._dynamo
+import torch.fx.experimental._config
 
 from ..model import moe
 from ..model.layers import gelu_tanh, rope_frequencies, rope_tables
@@ -134,6 +137,7 @@ class CompiledStep:
         options = {"mode": mode} if backend == "inductor" else {}
         cls = type(module)
         self._memo = None  # (weak reference to the cache, its length, its contexts) of the last step
+        self._zero = None  # the self-conditioning input of a canvas's first step
         self._denoise = torch.compile(lambda tokens, contexts, length, soft: cls.denoise(
             module, tokens, ContextView(contexts, length), soft=soft), backend=backend, dynamic=dynamic, **options)
         self._soft = torch.compile(functools.partial(cls.soft_embedding, module), backend=backend, dynamic=dynamic,
@@ -148,7 +152,16 @@ class CompiledStep:
             length = length.to(tokens.device, non_blocking=True)
         else:
             length = torch.full((1,), length, dtype=torch.long, device=tokens.device)
+        if soft is None:  # a zero signal is exactly none (no biases, rms-norm of 0 is 0): one graph for every step
+            soft = self._zeros(tokens)
         return self._run(self._denoise, tokens, contexts, length, soft)
+
+    def _zeros(self, tokens: torch.Tensor) -> torch.Tensor:
+        w = self.module.embed_tokens.weight
+        shape = (*tokens.shape, w.shape[1])
+        if self._zero is None or self._zero.shape != shape or self._zero.device != tokens.device:
+            self._zero = torch.zeros(shape, dtype=w.dtype, device=tokens.device)
+        return self._zero
 
     def _contexts(self, cache) -> tuple:
         """The cache's per-layer contexts in one memory layout (contiguous): a KV cache holds transposed projections
@@ -159,6 +172,11 @@ class CompiledStep:
             return memo[2]
         contexts = tuple(None if c is None else (_canonical(c[0]), _canonical(c[1]), c[2])
                          for c in (cache.context(i) for i in range(self.module.config.num_hidden_layers)))
+        for c in contexts:  # the context lengths are symbolic from the first compile on
+            if c is not None:
+                for t, dim in ((c[0], 2), (c[1], 2), (c[2], 1)):
+                    if t is not None:
+                        torch._dynamo.maybe_mark_dynamic(t, dim)
         self._memo = (weakref.ref(cache), _length_key(cache.length), contexts)
         return contexts
 
@@ -167,10 +185,13 @@ class CompiledStep:
         return self._run(self._soft, sc_logits, sc_mask, chunk)
 
     def _run(self, fn, *args):
-        if not self.cudagraphs:
-            return fn(*args)
-        torch.compiler.cudagraph_mark_step_begin()
-        return fn(*args).clone()
+        # no duck shapes: equal context lengths of both layer kinds in the first canvas stay two symbols, so the
+        # next canvas (where they differ) reuses the graph
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            if not self.cudagraphs:
+                return fn(*args)
+            torch.compiler.cudagraph_mark_step_begin()
+            return fn(*args).clone()
 
 
 def _canonical(t: torch.Tensor) -> torch.Tensor:
