@@ -13,10 +13,12 @@ from conftest import make_config, randomise
 from torch._dynamo.utils import counters
 
 from dgemma.cli import build_parser
-from dgemma.config import ModelConfig
+from dgemma.config import GenerationConfig, ModelConfig
 from dgemma.engine.cache import KVCache
 from dgemma.engine.compiled import DeviceRope, static_grouped_experts, uncompile_step
 from dgemma.engine.engine import Engine
+from dgemma.engine.generate import step_config
+from dgemma.engine.scheduler import Commit, Rows, Scheduler
 from dgemma.model import DiffusionGemma
 from dgemma.model.moe import Experts
 
@@ -108,6 +110,31 @@ def test_compiled_logits_equal_eager_and_uncompile_restores():
     assert not {"denoise", "soft_embedding", "rope"} & set(vars(module))
     assert all("forward" not in vars(layer.experts) for layer in module.layers)
     assert engine.compiled is None and torch.equal(step(), eager)
+
+
+def _shared_forwards(engine):
+    """Two requests with different prompt lengths sharing decoder forwards (stacked caches: per-row lengths and
+    masked slots), as the server runs them -> each one's committed tokens."""
+    gen = GenerationConfig(max_new_tokens=2 * engine.config.canvas_length, max_denoising_steps=2,
+                           stability_threshold=None, confidence_threshold=None)
+    scheduler, out = Scheduler(engine.module), {}
+    for i, length in enumerate((3, 9)):
+        ids = torch.randint(3, 500, (1, length), generator=torch.Generator().manual_seed(i))
+        rows = scheduler.add(Rows(engine.module, ids, gen, step_config(gen, sampling="fast"),
+                                  generator=torch.Generator().manual_seed(i)))
+        out[id(rows)] = []
+    while scheduler.rows:
+        for rows, event in scheduler.tick():
+            if isinstance(event, Commit):
+                out[id(rows)].append(event.tokens)
+    return [torch.cat(v, dim=1) for v in out.values()]
+
+
+def test_compiled_shared_forwards_give_eager_tokens():
+    engine = tiny_engine(seed=3)
+    eager = _shared_forwards(engine)
+    engine.compile("default", backend="eager")
+    assert all(torch.equal(a, b) for a, b in zip(_shared_forwards(engine), eager))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -35,7 +35,6 @@ synchronisation happens inside the compiled step.
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 import torch._dynamo
@@ -136,7 +135,7 @@ class CompiledStep:
         self.cudagraphs = mode == "reduce-overhead" and backend == "inductor"
         options = {"mode": mode} if backend == "inductor" else {}
         cls = type(module)
-        self._memo = None  # (weak reference to the cache, its length, its contexts) of the last step
+        self._memo = None  # (the cache's raw contexts, its length, canonical contexts, length tensor)
         self._zero = None  # the self-conditioning input of a canvas's first step
         self._denoise = torch.compile(lambda tokens, contexts, length, soft: cls.denoise(
             module, tokens, ContextView(contexts, length), soft=soft), backend=backend, dynamic=dynamic, **options)
@@ -144,14 +143,7 @@ class CompiledStep:
                                    **options)
 
     def denoise(self, tokens: torch.Tensor, cache, soft: torch.Tensor | None = None) -> torch.Tensor:
-        contexts = self._contexts(cache)
-        # the context length as a device tensor: a Python int would be baked into the graph (one recompile per
-        # canvas); `torch.full` launches a fill, with no host-to-device copy (no sync)
-        length = cache.length
-        if isinstance(length, torch.Tensor):  # per-row lengths (stacked caches) live on the CPU
-            length = length.to(tokens.device, non_blocking=True)
-        else:
-            length = torch.full((1,), length, dtype=torch.long, device=tokens.device)
+        contexts, length = self._contexts(cache, tokens.device)
         if soft is None:  # a zero signal is exactly none (no biases, rms-norm of 0 is 0): one graph for every step
             soft = self._zeros(tokens)
         return self._run(self._denoise, tokens, contexts, length, soft)
@@ -163,22 +155,33 @@ class CompiledStep:
             self._zero = torch.zeros(shape, dtype=w.dtype, device=tokens.device)
         return self._zero
 
-    def _contexts(self, cache) -> tuple:
-        """The cache's per-layer contexts in one memory layout (contiguous): a KV cache holds transposed projections
-        after a prefill and trimmed views on sliding layers after a commit, and every layout would be its own
-        graph. A canvas's steps share one context, so the copies are made once per canvas (memo: cache, length)."""
+    def _contexts(self, cache, device) -> tuple:
+        """(contexts, length) for the compiled call. The per-layer contexts in one memory layout (contiguous): a KV
+        cache holds transposed projections after a prefill and trimmed views on sliding layers after a commit, and
+        every layout would be its own graph; the length as a device tensor (a Python int would be baked into the
+        graph; `torch.full` launches a fill, no host-to-device copy). A canvas's steps share one context, so this
+        is done once per canvas: the memo holds the cache's own K/V tensors and reuses its result while they are
+        the same objects (a cache replaces them whenever it is written)."""
+        raw = tuple(cache.context(i) for i in range(self.module.config.num_hidden_layers))
+        key = _length_key(cache.length)
         memo = self._memo
-        if memo is not None and memo[0]() is cache and memo[1] == _length_key(cache.length):
-            return memo[2]
-        contexts = tuple(None if c is None else (_canonical(c[0]), _canonical(c[1]), c[2])
-                         for c in (cache.context(i) for i in range(self.module.config.num_hidden_layers)))
+        if memo is not None and memo[1] == key and all(
+                (a is None and b is None) or (a is not None and b is not None and a[0] is b[0] and a[1] is b[1])
+                for a, b in zip(memo[0], raw)):
+            return memo[2], memo[3]
+        contexts = tuple(None if c is None else (_canonical(c[0]), _canonical(c[1]), c[2]) for c in raw)
         for c in contexts:  # the context lengths are symbolic from the first compile on
             if c is not None:
                 for t, dim in ((c[0], 2), (c[1], 2), (c[2], 1)):
                     if t is not None:
                         torch._dynamo.maybe_mark_dynamic(t, dim)
-        self._memo = (weakref.ref(cache), _length_key(cache.length), contexts)
-        return contexts
+        length = cache.length
+        if isinstance(length, torch.Tensor):  # per-row lengths (stacked caches) live on the CPU
+            length = length.to(device, non_blocking=True)
+        else:
+            length = torch.full((1,), length, dtype=torch.long, device=device)
+        self._memo = (raw, key, contexts, length)
+        return contexts, length
 
     def soft_embedding(self, sc_logits: torch.Tensor, sc_mask: torch.Tensor | None = None,
                        chunk: int | None = None) -> torch.Tensor:
