@@ -172,7 +172,9 @@ def test_chunk_ranges():
 def stub_model(vocab, dim, dtype):
     emb = torch.nn.Embedding(vocab, dim, dtype=dtype)
     torch.nn.init.normal_(emb.weight, std=0.05, generator=torch.Generator().manual_seed(vocab))
-    return SimpleNamespace(embed_tokens=emb, config=SimpleNamespace(embed_scale=dim ** 0.5))
+    # embed_scale as DiffusionGemma.embed_scale: sqrt(D) rounded to the weight dtype, a Python number
+    return SimpleNamespace(embed_tokens=emb, config=SimpleNamespace(embed_scale=dim ** 0.5),
+                           embed_scale=lambda dt: float(torch.tensor(dim ** 0.5, dtype=dt)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

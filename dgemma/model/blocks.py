@@ -89,23 +89,35 @@ class DiffusionGemma(nn.Module):
         # Optional callable normed [..., D] -> head product [..., V] (dgemma.quant.dynamic's int8 head); None:
         # the tied embedding's float product. A runtime choice, never saved.
         self.head_product = None
+        self._rope_freqs: dict = {}  # (is_sliding, device) -> inverse frequencies (derived, never saved)
+        self._embed_scales: dict = {}
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            self.embed_scale(dtype)
 
     # --- pieces both passes use -------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B,T] -> E[tokens] * sqrt(D), the scale cast to the weight dtype first (53.0 in bf16)."""
-        w = self.embed_tokens.weight
-        return self.embed_tokens(tokens) * torch.tensor(self.config.embed_scale, dtype=w.dtype, device=w.device)
+        return self.embed_tokens(tokens) * self.embed_scale(self.embed_tokens.weight.dtype)
+
+    def embed_scale(self, dtype: torch.dtype) -> float:
+        """sqrt(D) rounded to `dtype` (53.0 in bf16), as a Python number: multiplying by it gives the bits of a
+        multiply by a `dtype` tensor, with no host-to-device copy (a CUDA sync point) on every call. Rounded once
+        per dtype, outside any compiled graph (where reading a tensor back would break the graph)."""
+        if dtype not in self._embed_scales:
+            self._embed_scales[dtype] = float(torch.tensor(self.config.embed_scale, dtype=dtype, device="cpu"))
+        return self._embed_scales[dtype]
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         """positions [B or 1, T] -> {is_sliding: (cos, sin)} for the two layer kinds."""
         cfg = self.config
         tables = {}
         for sliding in set(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)):
-            if sliding:
-                freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta_sliding)
-            else:
-                freqs = rope_frequencies(cfg.global_head_dim, cfg.rope_theta_full, cfg.partial_rotary_factor)
-            tables[sliding] = rope_tables(positions, freqs, dtype)
+            key = (sliding, positions.device)
+            if key not in self._rope_freqs:  # made once per device: no CPU-to-device copy on every step
+                freqs = (rope_frequencies(cfg.head_dim, cfg.rope_theta_sliding) if sliding else
+                         rope_frequencies(cfg.global_head_dim, cfg.rope_theta_full, cfg.partial_rotary_factor))
+                self._rope_freqs[key] = freqs.to(positions.device)
+            tables[sliding] = rope_tables(positions, self._rope_freqs[key], dtype)
         return tables
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

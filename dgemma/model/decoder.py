@@ -36,7 +36,7 @@ def soft_embedding(model, sc_logits: torch.Tensor, sc_mask: torch.Tensor | None 
     chunk products equal the rows of the whole product as long as no chunk has a single row (M = 1 takes a
     matrix-vector path that rounds differently), so a 1-position remainder joins the previous chunk."""
     w = model.embed_tokens.weight
-    scale = torch.tensor(model.config.embed_scale, dtype=w.dtype, device=w.device)
+    scale = model.embed_scale(w.dtype)
     if chunk is None:
         # the reference casts ℓ̃ to the embedding dtype before the fp32 softmax; do the same (bf16 rounding included)
         probs = torch.softmax(sc_logits.to(w.dtype), dim=-1, dtype=torch.float32).to(w.dtype)
@@ -64,14 +64,21 @@ def soft_embedding(model, sc_logits: torch.Tensor, sc_mask: torch.Tensor | None 
     return soft
 
 
+def context_positions(start, T: int, device) -> torch.Tensor:
+    """Positions [1 or B, T] of T tokens after `start` cached ones: an int (made on the device directly, no copy
+    from the host) or a [B] / [B,1] tensor of per-row lengths."""
+    if isinstance(start, torch.Tensor):
+        return start.to(device).reshape(-1, 1) + torch.arange(T, device=device)
+    return torch.arange(start, start + T, device=device)[None]
+
+
 def denoise(model, tokens: torch.Tensor, cache, soft: torch.Tensor | None = None) -> torch.Tensor:
     """tokens [B,L] int64, soft [B,L,D] or None (first step) -> logits [B,L,V] fp32 (soft-capped)."""
     B, L = tokens.shape
     assert tokens.dtype == torch.int64, f"tokens must be int64, got {tokens.dtype}"
     x = model.self_conditioning(model.embed(tokens), soft)
     # cache.length is an int, or a [B] / [B,1] tensor when rows' canvases start at different positions (training)
-    start = torch.as_tensor(cache.length, device=tokens.device).reshape(-1, 1)
-    positions = start + torch.arange(L, device=tokens.device)
+    positions = context_positions(cache.length, L, tokens.device)
     rope = model.rope(positions, x.dtype)
     for i, layer in enumerate(model.layers):
         context = cache.context(i)

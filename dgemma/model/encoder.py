@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .decoder import context_positions
+
 
 def encoder_mask(num_context: int, num_new: int, start, window: int | None,
                  key_valid: torch.Tensor | None, device) -> torch.Tensor:
@@ -18,9 +20,8 @@ def encoder_mask(num_context: int, num_new: int, start, window: int | None,
     followed by the T new tokens. `start` is an int, or a [B] tensor when rows continue from different
     context lengths (a stacked batch of caches, engine/cache.py). A query always sees itself, so a fully padded
     row cannot produce NaNs (its output is never read: pad slots are masked as keys for every later query)."""
-    start = torch.as_tensor(start, device=device).reshape(-1, 1)  # [B or 1, 1]
-    q_pos = start + torch.arange(num_new, device=device)  # [B or 1, T]
-    k_pos = start - num_context + torch.arange(num_context + num_new, device=device)  # [B or 1, S+T]
+    q_pos = context_positions(start, num_new, device)  # [B or 1, T]
+    k_pos = context_positions(start - num_context, num_context + num_new, device)  # [B or 1, S+T]
     allowed = k_pos[:, None, :] <= q_pos[:, :, None]
     if window is not None:
         allowed = allowed & (k_pos[:, None, :] > q_pos[:, :, None] - window)
@@ -39,11 +40,9 @@ def encode(model, tokens: torch.Tensor, cache, valid: torch.Tensor | None = None
     cfg = model.config
     B, T = tokens.shape
     assert tokens.dtype == torch.int64, f"tokens must be int64, got {tokens.dtype}"
-    start = cache.length  # an int, or [B] per-row lengths (rows continuing different contexts)
-    if isinstance(start, torch.Tensor):
-        start = start.to(tokens.device)
     x = model.embed(tokens)
-    positions = torch.as_tensor(start, device=tokens.device).reshape(-1, 1) + torch.arange(T, device=tokens.device)
+    # cache.length: an int, or [B] per-row lengths (rows continuing different contexts)
+    positions = context_positions(cache.length, T, tokens.device)
     rope = model.rope(positions, x.dtype)
     masks = {}
     for i, layer in enumerate(model.layers):
@@ -58,7 +57,7 @@ def encode(model, tokens: torch.Tensor, cache, valid: torch.Tensor | None = None
                 key_valid = torch.cat([ones(num_context) if ctx_valid is None else ctx_valid,
                                        ones(T) if valid is None else valid], dim=1)
             window = cfg.sliding_window if layer.is_sliding else None
-            masks[key] = encoder_mask(num_context, T, start, window, key_valid, tokens.device)
+            masks[key] = encoder_mask(num_context, T, cache.length, window, key_valid, tokens.device)
         cos, sin = rope[layer.is_sliding]
         if i == len(model.layers) - 1 and not return_hidden:
             cache.write(i, *layer.self_attn.project_kv(layer.input_layernorm(x), cos, sin))

@@ -148,29 +148,31 @@ class Experts(nn.Module):
         The per-expert matmuls run either as ONE grouped GEMM over all experts (`torch._grouped_mm`: no host
         synchronisation, one call per projection; measured on CPU: the same bits as the loop and 5-25% faster
         on the small bench config; on an H200 3.98x the loop's step) or as a Python loop over the active experts
-        (one `.tolist()` of the counts). `grouped_dispatch` picks. With `self.dense` (set by the trainer) it
+        (one `.tolist()` of the offsets). `grouped_dispatch` picks. With `self.dense` (set by the trainer) it
         runs `forward_dense` instead."""
         if self.dense and type(self).expert is Experts.expert:
             return self.forward_dense(x, weights, experts)
         N, K = experts.shape
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        E = self.gate_up_proj.shape[0]
+        ranked, order = torch.sort(experts.reshape(-1), stable=True)
+        # each expert's end offset in the sorted pairs: [E] whatever the routing (bincount's size depends on the
+        # data, so on CUDA it reads a maximum back to the host: a sync in every MoE layer)
+        offsets = torch.searchsorted(ranked, torch.arange(E, device=ranked.device, dtype=ranked.dtype), right=True)
         inputs = x[order // K]  # [N*K, D], grouped by expert
         gate_up, down = self.gate_up_proj, self.down_proj
         if torch.is_autocast_enabled(x.device.type) and not grouped_dispatch(inputs, gate_up, down):
             inputs, gate_up, down = autocast_operands(inputs, gate_up, down)  # e.g. CUDA, fp32 master weights
         # a subclass that redefines `expert` (LoRA adapters) keeps the loop, which calls its `expert`
         if type(self).expert is Experts.expert and grouped_dispatch(inputs, gate_up, down):
-            offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+            offsets = offsets.to(torch.int32)
             gate, up = torch._grouped_mm(inputs, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
             grouped = torch._grouped_mm(gelu_tanh(gate) * up, down.transpose(1, 2), offs=offsets)
         else:
             outputs, start = [], 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    outputs.append(self.expert(e, inputs[start:start + n]))
-                    start += n
+            for e, end in enumerate(offsets.tolist()):
+                if end > start:
+                    outputs.append(self.expert(e, inputs[start:end]))
+                    start = end
             grouped = torch.cat(outputs) if outputs else inputs
         weighted = grouped * weights.reshape(-1)[order, None]
         inverse = torch.empty_like(order)
