@@ -25,7 +25,7 @@ made contiguous once per canvas, have their length marked dynamic, without duck 
 layer kinds' lengths together while they are equal in the first canvas; the context position reaches the graph as a
 device tensor, not as an int that would be baked in), and a canvas's first step passes a zero self-conditioning
 input (exactly "none") instead of None, so it is the same graph as every later step. Another batch size compiles
-anew, and so, on CPU fp32, does the other expert layout of fast vs reference sampling (moe.expert_layout). With
+anew. With
 "reduce-overhead", CUDA graphs are still recorded per distinct shape, so once per canvas index (a recording costs
 about two steps); the step's outputs are copied out of the graphs' memory pool (one [B,L,V] fp32 copy, ~0.1 ms on
 an H200 at V = 262,144), and the context K/V are copied into the graphs' static inputs each step. No host

@@ -36,7 +36,6 @@ import torch
 from ..config import GenerationConfig
 from ..sampling import (CanvasConstraints, DenoiseState, StepConfig, init_canvas, init_state, sample_reference,
                         step_lean, truncate_at_stop_ids)
-from ..model.moe import expert_layout
 from .cache import KVCache, StackedCaches
 
 SC_CHUNK = 64  # positions per self-conditioning chunk: smaller re-reads E too often on CPU (measured)
@@ -167,8 +166,6 @@ class Scheduler:
         events: list[tuple[Rows, Step | Commit]] = []
         # inference mode per computation, never across the caller's code (canvas_loop yields between ticks)
         with torch.inference_mode():
-            # the faster CPU expert layout, unless a row needs the reference's exact bits (model/moe.py)
-            expert_layout(self.module, all(r.cfg.sample is not sample_reference for r in self.rows))
             self._encode([r for r in self.rows if r.pending is not None])
             stepping = [r for r in self.rows if r.denoising]
             if stepping:
@@ -231,9 +228,6 @@ def run_alone(module, rows: Rows):
     """One Rows through its own Scheduler: the canvas loop's events (Step ..., Commit, ...) as a generator."""
     scheduler = Scheduler(module)
     scheduler.add(rows)
-    try:
-        while scheduler.rows:
-            for _, event in scheduler.tick():
-                yield event
-    finally:  # paths outside the scheduler (direct module calls, the AR baseline) see the checkpoint's layout
-        expert_layout(module, False)
+    while scheduler.rows:
+        for _, event in scheduler.tick():
+            yield event

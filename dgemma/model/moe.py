@@ -79,31 +79,6 @@ def dense_worthwhile(num_experts: int, top_k: int) -> bool:
     return num_experts <= DENSE_MAX_RATIO * top_k
 
 
-def _relayout_in_place(w: torch.Tensor, column_major: bool) -> torch.Tensor:
-    """[E,R,C] with each expert's block contiguous -> the same values in the other layout, in the SAME storage,
-    one expert at a time through an [R,C] scratch buffer: no second copy of the experts at any moment (a plain
-    .contiguous() would hold both, and the memory allocator keeps the freed one)."""
-    E, R, C = w.shape
-    assert w.stride(0) == R * C, "each expert's matrix must be one contiguous block"
-    strides = (R * C, 1, R) if column_major else (R * C, C, 1)
-    scratch = torch.empty(R, C, dtype=w.dtype, device=w.device)
-    base = w.storage_offset()
-    with torch.no_grad():
-        for e in range(E):
-            scratch.copy_(w[e])
-            w.as_strided((R, C), strides[1:], base + e * R * C).copy_(scratch)
-    return w.as_strided((E, R, C), strides, base)
-
-
-def expert_layout(module: nn.Module, column_major: bool) -> None:
-    """`Experts.store_column_major` on every plain Experts of a CPU float32 model (the only case measured faster);
-    quantized or adapter-wrapped experts keep their own storage. A no-op when the layout is already right."""
-    with torch.inference_mode(False):  # normal tensors (autograd may use them later), even when called inside it
-        for m in module.modules():
-            if type(m) is Experts and m.gate_up_proj.device.type == "cpu" and m.gate_up_proj.dtype == torch.float32:
-                m.store_column_major(column_major)
-
-
 class Experts(nn.Module):
     # The trainer's choice, set per instance, never saved: `forward` runs `forward_dense` (train.py sets it with
     # --compile, and on CUDA in fp32, where torch._grouped_mm takes bf16 only and the loop syncs every layer)
@@ -113,22 +88,6 @@ class Experts(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
-
-    def store_column_major(self, column_major: bool = True) -> None:
-        """Keep each expert's matrices column-major (or back to row-major, the checkpoint's layout): the same
-        values and shapes, with strides that make `w[e].t()` (what every product here multiplies by) contiguous.
-        MKL then skips a transpose when it packs the matrix, which dominates its small-M products (tens of tokens
-        per expert): on this project's 2-core Xeon in fp32 a [32,512]x[512,512] product takes 99 us instead of
-        174 us with the same bits, and a grouped GEMM over 16 experts 3.9 ms instead of 6.6 ms (measured; bf16
-        measured no faster). EXCEPT for a single-token group (M = 1), which MKL computes as a matrix-vector
-        product whose order of additions follows the layout: only the row-major layout reproduces the
-        reference's bits there. So the runner (engine/scheduler.py, `expert_layout`) picks column-major only
-        when no row asks for the reference's exact tokens. Re-laid-out in place of the old tensors, not copied
-        beside them; checkpoints are saved contiguous as before."""
-        for name in ("gate_up_proj", "down_proj"):
-            w = getattr(self, name)
-            if w.dim() == 3 and (w.stride(1) == 1) != column_major:
-                w.data = _relayout_in_place(w.data, column_major)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e applied to x [n,D] -> [n,D]."""
@@ -148,7 +107,10 @@ class Experts(nn.Module):
         The per-expert matmuls run either as ONE grouped GEMM over all experts (`torch._grouped_mm`: no host
         synchronisation, one call per projection; measured on CPU: the same bits as the loop and 5-25% faster
         on the small bench config; on an H200 3.98x the loop's step) or as a Python loop over the active experts
-        (one `.tolist()` of the offsets). `grouped_dispatch` picks. With `self.dense` (set by the trainer) it
+        (one `.tolist()` of the offsets). `grouped_dispatch` picks. (Tried 2026-11-27: expert matrices stored
+        column-major make MKL's small-M products up to 1.7x faster with the same bits, except for single-token
+        groups, where only the checkpoint's layout gives the reference's bits; switching layouts per sampling mode
+        cost 80-140 ms per switch on `small` and the whole decoder step gained 1-5%: not kept.) With `self.dense` (set by the trainer) it
         runs `forward_dense` instead."""
         if self.dense and type(self).expert is Experts.expert:
             return self.forward_dense(x, weights, experts)
