@@ -8,13 +8,11 @@ as instance attributes of the loaded module, and `Engine.compile(None)` removes 
   module.denoise         -> `CompiledStep.denoise`: the model's own `denoise`, compiled (the cache is read first,
                             as a tuple of per-layer contexts, so the compiled function has no side effects)
   module.soft_embedding  -> `CompiledStep.soft_embedding`: the self-conditioning product, compiled
-  module.rope            -> `DeviceRope`: the inverse frequencies made once, on the model's device (the eager
-                            `rope` builds them on the CPU and copies them over each step; inside a compiled
-                            graph that would be a CPU computation, which makes inductor skip CUDA graphs)
-  experts.forward        -> `static_grouped_experts` (plain `Experts` only): the grouped dispatch with a
-                            static-size expert count (the eager `torch.bincount` has a data-dependent size, a
-                            graph break, and syncs with the host on CUDA); `forward_dense` where no grouped GEMM
-                            applies but few experts make it cheap; otherwise the eager forward (graph breaks)
+  experts.forward        -> `forward_dense` where no grouped GEMM applies but few experts make it cheap; a quantized
+                            or adapter subclass keeps its own forward (graph breaks). Plain `Experts` need no
+                            patch: their grouped dispatch has static-size offsets and no host read, and
+                            `moe.grouped_mm` keeps the fp32 grouped GEMM inside the graph
+The model's RoPE frequencies are made once per device (a cache the model keeps), before the first compile.
 
 The one canvas loop (engine/scheduler.py) keeps calling `module.denoise` and `module.soft_embedding`, so it runs
 the compiled step without knowing it. Eager stays the default and the reference: tests check that the compiled
@@ -25,8 +23,7 @@ made contiguous once per canvas, have their length marked dynamic, without duck 
 layer kinds' lengths together while they are equal in the first canvas; the context position reaches the graph as a
 device tensor, not as an int that would be baked in), and a canvas's first step passes a zero self-conditioning
 input (exactly "none") instead of None, so it is the same graph as every later step. Another batch size compiles
-anew. With
-"reduce-overhead", CUDA graphs are still recorded per distinct shape, so once per canvas index (a recording costs
+anew. With "reduce-overhead", CUDA graphs are still recorded per distinct shape, so once per canvas index (a recording costs
 about two steps); the step's outputs are copied out of the graphs' memory pool (one [B,L,V] fp32 copy, ~0.1 ms on
 an H200 at V = 262,144), and the context K/V are copied into the graphs' static inputs each step. No host
 synchronisation happens inside the compiled step.
@@ -41,7 +38,6 @@ import torch._dynamo
 import torch.fx.experimental._config
 
 from ..model import moe
-from ..model.layers import gelu_tanh, rope_frequencies, rope_tables
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile's `mode` (inductor)
 
@@ -54,38 +50,6 @@ def check_mode(mode: str) -> str:
 
 
 # --- the MoE dispatch under compile -----------------------------------------------------------------------------
-@torch.library.custom_op("dgemma::grouped_mm", mutates_args=())
-def grouped_mm_opaque(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """torch._grouped_mm as an opaque operator with a static output shape: the compiler's check of the op takes
-    bf16 only, while the CPU kernel takes fp32 too, so CPU fp32 keeps its grouped GEMM (the eager kernel) inside
-    one graph."""
-    return torch._grouped_mm(a, b, offs=offs)
-
-
-@grouped_mm_opaque.register_fake
-def _(a, b, offs):
-    return a.new_empty(a.shape[0], b.shape[-1])
-
-
-def static_grouped_experts(experts: moe.Experts, x: torch.Tensor, weights: torch.Tensor,
-                           ids: torch.Tensor) -> torch.Tensor:
-    """`Experts.forward`'s grouped dispatch (same sort, same grouped GEMMs, same order of additions: the same bits
-    in eager) with a static-size count: each expert's end offset is a `searchsorted` of the sorted ids ([E]
-    whatever the routing), not `bincount` (whose size depends on the data). x [N,D]; weights [N,K]; ids [N,K]."""
-    N, K = ids.shape
-    gate_up, down = experts.gate_up_proj, experts.down_proj
-    sorted_ids, order = torch.sort(ids.reshape(-1), stable=True)
-    experts_range = torch.arange(gate_up.shape[0], device=ids.device, dtype=ids.dtype)
-    offsets = torch.searchsorted(sorted_ids, experts_range, right=True).to(torch.int32)
-    inputs = x[order // K]
-    mm = torch._grouped_mm if inputs.dtype == torch.bfloat16 else grouped_mm_opaque
-    gate, up = mm(inputs, gate_up.transpose(1, 2), offsets).chunk(2, dim=-1)
-    grouped = mm(gelu_tanh(gate) * up, down.transpose(1, 2), offsets)
-    weighted = grouped * weights.reshape(-1)[order, None]
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return weighted[inverse].view(N, K, x.shape[-1]).sum(1).to(x.dtype)
-
-
 def moe_dispatch(layer) -> str:
     """The dispatch the compiled step uses for a layer's experts: "grouped" (static counts), "dense", or "eager"
     (a subclass with its own math, e.g. LoRA or quantized experts, or no grouped GEMM and too many experts)."""
@@ -96,23 +60,6 @@ def moe_dispatch(layer) -> str:
     if moe.grouped_dispatch(w.new_empty(0, w.shape[-1]), w, experts.down_proj):
         return "grouped"
     return "dense" if moe.dense_worthwhile(w.shape[0], layer.router.top_k) else "eager"
-
-
-# --- rope on the device ------------------------------------------------------------------------------------------
-class DeviceRope:
-    """`DiffusionGemma.rope` with the inverse frequencies made once, on the module's device (the same values:
-    `rope_frequencies` then `rope_tables`, as the model does)."""
-
-    def __init__(self, module):
-        cfg, device = module.config, module.embed_tokens.weight.device
-        self.freqs = {}
-        for sliding in sorted({cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)}):
-            freqs = (rope_frequencies(cfg.head_dim, cfg.rope_theta_sliding) if sliding else
-                     rope_frequencies(cfg.global_head_dim, cfg.rope_theta_full, cfg.partial_rotary_factor))
-            self.freqs[sliding] = freqs.to(device)
-
-    def __call__(self, positions: torch.Tensor, dtype: torch.dtype):
-        return {sliding: rope_tables(positions, freqs, dtype) for sliding, freqs in self.freqs.items()}
 
 
 # --- the compiled step ---------------------------------------------------------------------------------------------
@@ -223,7 +170,7 @@ def raise_recompile_limits() -> None:
             setattr(config, name, max(getattr(config, name), at_least))
 
 
-PATCHED = ("denoise", "soft_embedding", "rope")
+PATCHED = ("denoise", "soft_embedding")
 
 
 def compile_step(module, mode: str = "default", backend: str = "inductor", dynamic: bool | None = None) -> dict:
@@ -234,12 +181,11 @@ def compile_step(module, mode: str = "default", backend: str = "inductor", dynam
     dispatch = []
     for layer in module.layers:
         kind = moe_dispatch(layer)
-        if kind == "grouped":
-            layer.experts.forward = functools.partial(static_grouped_experts, layer.experts)
-        elif kind == "dense":
+        if kind == "dense":  # "grouped": Experts.forward itself (static-size offsets, no host read)
             layer.experts.forward = layer.experts.forward_dense
         dispatch.append(kind)
-    module.rope = DeviceRope(module)
+    # the RoPE frequencies of this device, made now (eagerly) so the graph only reads the model's cache
+    module.rope(torch.zeros(1, 1, dtype=torch.long, device=module.embed_tokens.weight.device), torch.float32)
     module.denoise, module.soft_embedding = step.denoise, step.soft_embedding
     return {"mode": mode, "backend": backend, "moe": sorted(set(dispatch))}
 

@@ -70,6 +70,25 @@ def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t if t.dtype == low or not t.is_floating_point() else t.to(low) for t in tensors)
 
 
+@torch.library.custom_op("dgemma::grouped_mm", mutates_args=())
+def _grouped_mm_opaque(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@_grouped_mm_opaque.register_fake
+def _(a, b, offs):
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(a, b, offs=offs). Outside bf16 and without autograd it goes through an opaque operator: the
+    same kernel and bits, but torch.compile (whose check of _grouped_mm takes bf16 only, while the CPU kernel takes
+    fp32 too) then keeps the grouped GEMM inside one graph (engine/compiled.py). Costs a few microseconds a call."""
+    if a.dtype == torch.bfloat16 or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        return torch._grouped_mm(a, b, offs=offs)
+    return _grouped_mm_opaque(a, b, offs)
+
+
 DENSE_MAX_RATIO = 4  # dense dispatch computes E/K times the expert FLOPs; beyond this ratio it is not worth it
 
 
@@ -127,8 +146,8 @@ class Experts(nn.Module):
         # a subclass that redefines `expert` (LoRA adapters) keeps the loop, which calls its `expert`
         if type(self).expert is Experts.expert and grouped_dispatch(inputs, gate_up, down):
             offsets = offsets.to(torch.int32)
-            gate, up = torch._grouped_mm(inputs, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-            grouped = torch._grouped_mm(gelu_tanh(gate) * up, down.transpose(1, 2), offs=offsets)
+            gate, up = grouped_mm(inputs, gate_up.transpose(1, 2), offsets).chunk(2, dim=-1)
+            grouped = grouped_mm(gelu_tanh(gate) * up, down.transpose(1, 2), offsets)
         else:
             outputs, start = [], 0
             for e, end in enumerate(offsets.tolist()):
