@@ -114,7 +114,7 @@ class QuantizedWeights(nn.Module):
             stack = (lambda ts: ts[0]) if not lead else torch.stack
             for suffix in ("", "_scale", "_zero"):
                 del self._buffers[name + suffix]
-            if lead:  # an empty stand-in keeps `.shape[0]` = E for Experts.forward's bincount
+            if lead:  # an empty stand-in keeps `.shape[0]` = E for Experts.forward's offsets
                 self.register_buffer(name, torch.empty(*lead, 0, dtype=torch.uint8, device=data.device),
                                      persistent=False)
             self.register_buffer(name + "_kernel", stack([k.packed for k in done]), persistent=False)
