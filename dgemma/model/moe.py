@@ -164,8 +164,8 @@ class Experts(nn.Module):
         """Every expert on every token as TWO plain GEMMs, weighted by the [N,E] routing matrix (0 where not chosen):
             [N,D] x [D, E*2I] -> gelu(gate) * up [N,E,I] -> times w[n,e] -> [N, E*I] x [E*I, D] -> [N,D]
         (the down projections of the experts stacked along I, so the second GEMM also sums over experts). E/K times
-        the expert FLOPs of `forward`, but plain GEMMs only (what training under autograd compiles best; the grouped
-        path's fp32 GEMM is an opaque operator there), no sort, no [E,N,D] intermediate. The same sum as `forward` with the routing weight applied
+        the expert FLOPs of `forward`, but plain GEMMs only (under autograd the grouped path calls torch._grouped_mm
+        itself, which torch.compile takes in bf16 only), no sort, no [E,N,D] intermediate. The same sum as `forward` with the routing weight applied
         before the down projection instead of after it (fp32 routing weights; one rounding to x's dtype)."""
         out_dtype, gate_up, down = x.dtype, self.gate_up_proj, self.down_proj
         if torch.is_autocast_enabled(x.device.type):
