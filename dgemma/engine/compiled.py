@@ -38,8 +38,8 @@ import torch._dynamo
 import torch.fx.experimental._config
 
 from ..model import moe
+from ..model.compiling import COMPILE_MODES, raise_recompile_limits
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile's `mode` (inductor)
 
 
 def check_mode(mode: str) -> str:
@@ -158,16 +158,6 @@ def _canonical(t: torch.Tensor) -> torch.Tensor:
 
 def _length_key(length):
     return tuple(length.tolist()) if isinstance(length, torch.Tensor) else length  # stacked caches: a CPU tensor
-
-
-def raise_recompile_limits() -> None:
-    """Each step variant and layer kind is its own graph; torch's default limit (8) would fall back to eager."""
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    for name, at_least in (("recompile_limit", 64), ("accumulated_recompile_limit", 512)):  # torch >= 2.7 names
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), at_least))
 
 
 PATCHED = ("denoise", "soft_embedding")

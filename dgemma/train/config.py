@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
+from ..model.compiling import COMPILE_MODES
 from .loss import LossConfig
 
 MODES = ("scratch", "full", "lora")
 CALIBRATION_STEPS = 20  # with a time budget, the step count is fixed after this many steps (the first 3 untimed)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile's `mode`
 # what a resumed run must share with the original for the resume to be exact (the rest may change, e.g. steps)
 SAME_ON_RESUME = ("init", "model", "config", "data", "eval_holdout", "batch_size", "grad_accum", "lr", "min_lr_ratio",
                   "warmup_steps", "weight_decay", "betas", "seed", "loss", "lora_rank", "lora_alpha", "lora_targets")

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..model import DiffusionGemma, load_module, moe
+from ..model.compiling import raise_recompile_limits
 from ..model.saving import init_weights, save_checkpoint
 from ..text import Tokenizer
 from .batches import StepBatches, step_batches
@@ -151,12 +152,7 @@ def compile_layers(model: DiffusionGemma, mode: str = "default") -> None:
     """Regional compilation: every layer runs the same compiled `Layer.forward` (parameters are graph inputs, so
     the 8 layers share each graph). A graph per layer kind (sliding/full head sizes) x pass (encoder, decoder with
     and without grad): ~6 compilations, then reuse. State-dict keys do not change (checkpoints are unaffected)."""
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    for name, at_least in (("recompile_limit", 64), ("accumulated_recompile_limit", 512)):  # torch >= 2.7 names
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), at_least))
+    raise_recompile_limits()
     for layer in model.layers:
         layer.compile(mode=mode)
 
