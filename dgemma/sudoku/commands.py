@@ -13,10 +13,11 @@ from ..argtypes import positive_int
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "sudoku"
 
-TRAIN_HINT = ("train it: `dgemma sudoku tokenizer TOK` (the tokenizer), `dgemma sudoku generate --count 20000 "
+TRAIN_HINT = ("train one: `dgemma sudoku tokenizer TOK` (the tokenizer), `dgemma sudoku generate --count 20000 "
               "--seed 1000 --variants 10 --format train --out train.jsonl` (the data), then `dgemma train --config "
-              "CONFIG.json --tokenizer TOK --data train.jsonl --out dgemma/models/sudoku` (a config with "
-              "canvas_length 96 and vocab_size >= 460; see the README); or pass --model DIR")
+              "recipes/sudoku-config-h192.json --tokenizer TOK --data train.jsonl --raw --out RUN` (on a GPU: "
+              "recipes/sudoku-gpu.sh RUN SECONDS does all three) and pass --model RUN/model; see the README's Sudoku "
+              "section")
 
 
 def _load(args):
