@@ -109,7 +109,7 @@ def test_compiled_logits_equal_eager_and_uncompile_restores():
     torch.testing.assert_close(step(), eager, rtol=1e-5, atol=1e-5)
     engine.compile(None)
     assert not {"denoise", "soft_embedding", "rope"} & set(vars(module))
-    assert all("forward" not in vars(layer.experts) for layer in module.layers)
+    assert all("dense" not in vars(layer.experts) and not layer.experts.dense for layer in module.layers)
     assert engine.compiled is None and torch.equal(step(), eager)
 
 

@@ -8,11 +8,12 @@ as instance attributes of the loaded module, and `Engine.compile(None)` removes 
   module.denoise         -> `CompiledStep.denoise`: the model's own `denoise`, compiled (the cache is read first,
                             as a tuple of per-layer contexts, so the compiled function has no side effects)
   module.soft_embedding  -> `CompiledStep.soft_embedding`: the self-conditioning product, compiled
-  experts.forward        -> `forward_dense` where no grouped GEMM applies but few experts make it cheap; a quantized
-                            or adapter subclass keeps its own forward (graph breaks). Plain `Experts` need no
-                            patch: their grouped dispatch has static-size offsets and no host read, and
-                            `moe.grouped_mm` keeps the fp32 grouped GEMM inside the graph
-The model's RoPE frequencies are made once per device (a cache the model keeps), before the first compile.
+  experts.dense          -> True (the trainer's switch to `forward_dense`) where no grouped GEMM applies but few
+                            experts make it cheap; a quantized or adapter subclass keeps its own forward (graph
+                            breaks). Plain `Experts` need nothing else: their grouped dispatch has static-size
+                            offsets and no host read, and `moe.grouped_mm` keeps the fp32 grouped GEMM in the graph
+The model's derived constants (RoPE frequencies per device, the embedding scale per dtype) are made before the first
+compile, so the graph only reads the model's caches.
 
 The one canvas loop (engine/scheduler.py) keeps calling `module.denoise` and `module.soft_embedding`, so it runs
 the compiled step without knowing it. Eager stays the default and the reference: tests check that the compiled
@@ -23,10 +24,10 @@ made contiguous once per canvas, have their length marked dynamic, without duck 
 layer kinds' lengths together while they are equal in the first canvas; the context position reaches the graph as a
 device tensor, not as an int that would be baked in), and a canvas's first step passes a zero self-conditioning
 input (exactly "none") instead of None, so it is the same graph as every later step. Another batch size compiles
-anew. With "reduce-overhead", CUDA graphs are still recorded per distinct shape, so once per canvas index (a recording costs
-about two steps); the step's outputs are copied out of the graphs' memory pool (one [B,L,V] fp32 copy, ~0.1 ms on
-an H200 at V = 262,144), and the context K/V are copied into the graphs' static inputs each step. No host
-synchronisation happens inside the compiled step.
+anew. With "reduce-overhead", CUDA graphs are still recorded per distinct shape, so once per canvas index (a
+recording costs about two steps); the step's outputs are copied out of the graphs' memory pool (one [B,L,V] fp32
+copy, ~0.1 ms on an H200 at V = 262,144), and the context K/V are copied into the graphs' static inputs each step.
+No host synchronisation happens inside the compiled step.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import torch.fx.experimental._config
 
 from ..model import moe
 from ..model.compiling import COMPILE_MODES, raise_recompile_limits
-
 
 
 def check_mode(mode: str) -> str:
@@ -172,10 +172,12 @@ def compile_step(module, mode: str = "default", backend: str = "inductor", dynam
     for layer in module.layers:
         kind = moe_dispatch(layer)
         if kind == "dense":  # "grouped": Experts.forward itself (static-size offsets, no host read)
-            layer.experts.forward = layer.experts.forward_dense
+            layer.experts.dense = True
         dispatch.append(kind)
-    # the RoPE frequencies of this device, made now (eagerly) so the graph only reads the model's cache
-    module.rope(torch.zeros(1, 1, dtype=torch.long, device=module.embed_tokens.weight.device), torch.float32)
+    # the model's derived constants, made now (eagerly) so the graph only reads its caches
+    w = module.embed_tokens.weight
+    module.rope(torch.zeros(1, 1, dtype=torch.long, device=w.device), torch.float32)
+    module.embed_scale(w.dtype)
     module.denoise, module.soft_embedding = step.denoise, step.soft_embedding
     return {"mode": mode, "backend": backend, "moe": sorted(set(dispatch))}
 
@@ -185,4 +187,4 @@ def uncompile_step(module) -> None:
     for name in PATCHED:
         module.__dict__.pop(name, None)
     for layer in module.layers:
-        layer.experts.__dict__.pop("forward", None)
+        layer.experts.__dict__.pop("dense", None)  # back to the class default (eager dispatch)

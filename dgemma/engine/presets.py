@@ -53,5 +53,5 @@ def add_speed_flags(parser) -> None:
     parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
                         help="torch.compile the decoder step (for GPUs, where a step is bound by launching operators; "
                              "the first steps of the first two canvases compile, minutes on a CPU). MODE: "
-                             f"{', '.join(COMPILE_MODES)} (default: default; reduce-overhead adds CUDA graphs). Before a "
-                             "positional argument write --compile=MODE")
+                             f"{', '.join(COMPILE_MODES)} (default: default; reduce-overhead adds CUDA graphs). "
+                             "Before a positional argument write --compile=MODE")

@@ -90,9 +90,7 @@ class DiffusionGemma(nn.Module):
         # the tied embedding's float product. A runtime choice, never saved.
         self.head_product = None
         self._rope_freqs: dict = {}  # (is_sliding, device) -> inverse frequencies (derived, never saved)
-        self._embed_scales: dict = {}
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            self.embed_scale(dtype)
+        self._embed_scales: dict = {}  # dtype -> sqrt(D) rounded to it (derived, never saved)
 
     # --- pieces both passes use -------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -102,7 +100,7 @@ class DiffusionGemma(nn.Module):
     def embed_scale(self, dtype: torch.dtype) -> float:
         """sqrt(D) rounded to `dtype` (53.0 in bf16), as a Python number: multiplying by it gives the bits of a
         multiply by a `dtype` tensor, with no host-to-device copy (a CUDA sync point) on every call. Rounded once
-        per dtype, outside any compiled graph (where reading a tensor back would break the graph)."""
+        per dtype; engine/compiled.py makes it before compiling (reading a tensor back would break the graph)."""
         if dtype not in self._embed_scales:
             self._embed_scales[dtype] = float(torch.tensor(self.config.embed_scale, dtype=dtype, device="cpu"))
         return self._embed_scales[dtype]

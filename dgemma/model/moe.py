@@ -99,8 +99,9 @@ def dense_worthwhile(num_experts: int, top_k: int) -> bool:
 
 
 class Experts(nn.Module):
-    # The trainer's choice, set per instance, never saved: `forward` runs `forward_dense` (train.py sets it with
-    # --compile, and on CUDA in fp32, where torch._grouped_mm takes bf16 only and the loop syncs every layer)
+    # The runner's choice, set per instance, never saved: `forward` runs `forward_dense` (train.py sets it with
+    # --compile, and on CUDA in fp32, where torch._grouped_mm takes bf16 only and the loop syncs every layer;
+    # engine/compiled.py where no grouped GEMM applies and few experts make it cheap)
     dense = False
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int):
@@ -126,11 +127,13 @@ class Experts(nn.Module):
         The per-expert matmuls run either as ONE grouped GEMM over all experts (`torch._grouped_mm`: no host
         synchronisation, one call per projection; measured on CPU: the same bits as the loop and 5-25% faster
         on the small bench config; on an H200 3.98x the loop's step) or as a Python loop over the active experts
-        (one `.tolist()` of the offsets). `grouped_dispatch` picks. (Tried 2026-11-27: expert matrices stored
-        column-major make MKL's small-M products up to 1.7x faster with the same bits, except for single-token
-        groups, where only the checkpoint's layout gives the reference's bits; switching layouts per sampling mode
-        cost 80-140 ms per switch on `small` and the whole decoder step gained 1-5%: not kept.) With `self.dense` (set by the trainer) it
-        runs `forward_dense` instead."""
+        (one `.tolist()` of the offsets). `grouped_dispatch` picks. With `self.dense` (set by the trainer, or by
+        the compiled step) it runs `forward_dense` instead.
+
+        Tried 2026-11-27 and not kept: expert matrices stored column-major make MKL's small-M products up to 1.7x
+        faster with the same bits, except for single-token groups, where only the checkpoint's layout gives the
+        reference's bits; switching layouts per sampling mode cost 80-140 ms per switch on `small`, and the whole
+        decoder step gained 1-5%."""
         if self.dense and type(self).expert is Experts.expert:
             return self.forward_dense(x, weights, experts)
         N, K = experts.shape
@@ -165,8 +168,9 @@ class Experts(nn.Module):
             [N,D] x [D, E*2I] -> gelu(gate) * up [N,E,I] -> times w[n,e] -> [N, E*I] x [E*I, D] -> [N,D]
         (the down projections of the experts stacked along I, so the second GEMM also sums over experts). E/K times
         the expert FLOPs of `forward`, but plain GEMMs only (under autograd the grouped path calls torch._grouped_mm
-        itself, which torch.compile takes in bf16 only), no sort, no [E,N,D] intermediate. The same sum as `forward` with the routing weight applied
-        before the down projection instead of after it (fp32 routing weights; one rounding to x's dtype)."""
+        itself, which torch.compile takes in bf16 only), no sort, no [E,N,D] intermediate. The same sum as `forward`
+        with the routing weight applied before the down projection instead of after it (fp32 routing weights; one
+        rounding to x's dtype)."""
         out_dtype, gate_up, down = x.dtype, self.gate_up_proj, self.down_proj
         if torch.is_autocast_enabled(x.device.type):
             x, gate_up, down = autocast_operands(x, gate_up, down)

@@ -159,7 +159,7 @@ def diffusion_loss(model, batch, generator: torch.Generator | None = None, cfg: 
     seeds batch.seeds, else from `generator`."""
     mc = model.config
     B = batch.tokens.shape[0]
-    noise = getattr(batch, "noise", None)
+    noise = batch.noise
     if noise is None:
         seeds = batch.seeds if batch.seeds is not None else torch.randint(0, 2**62, (B,), generator=generator)
         noise = sample_noise(seeds.tolist(), batch.num_canvases.tolist(), mc.canvas_length, mc.vocab_size, cfg)
