@@ -235,9 +235,8 @@ def test_eager_decoder_step_reads_nothing_back_from_the_device():
             return func(*args, **(kwargs or {}))
 
     for dtype in (torch.bfloat16, torch.float32):
-        module = DiffusionGemma(ModelConfig.from_dict(make_config(TWO_LAYERS))).eval()
-        randomise(module, 0)
-        engine = Engine(module.to(dtype).requires_grad_(False))
+        engine = tiny_engine()
+        module = engine.module.to(dtype)
         cache = engine.new_cache(1)
         L, D = module.config.canvas_length, module.config.hidden_size
         canvas = torch.randint(0, module.config.vocab_size, (1, L), generator=torch.Generator().manual_seed(0))
