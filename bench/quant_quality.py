@@ -7,7 +7,8 @@ For each scheme the full-precision checkpoint is converted with `dgemma quantize
 --group-size) into a temporary directory and loaded with `dgemma.load`, so the measured path is the shipped one.
 
 * logits: held-out chat examples (functions of Python stdlib modules the default model never saw: the trainer's
-  held-out split, `dgemma.train.corpus.is_heldout`). Prompt -> encoder; the answer's first canvas, corrupted by
+  held-out split, `dgemma.train.corpus.is_heldout`), and for the Sudoku model generated puzzles (seed 12345)
+  with their solutions. Prompt -> encoder; the answer's first canvas, corrupted by
   uniform replacement at t in {0.3, 0.7} (fixed seed, the same canvas for every model), -> decoder logits.
   top-1 agreement = share of canvas positions where argmax equals full precision's; KL = mean over positions
   of KL(p_full || p_quant) in nats, both softmaxes in fp32.
@@ -51,22 +52,37 @@ def heldout_chats(count: int, seed: int = 0) -> list[list[dict]]:
     return out[:count]
 
 
+def chat_pairs(engine, chats) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) of held-out chats: the user turn with the generation prompt, the model's answer."""
+    tok = engine.tokenizer
+    return [(tok.encode_chat(m[:1], add_generation_prompt=True), tok.encode(m[1]["content"], add_bos=False))
+            for m in chats]
+
+
+def sudoku_pairs(engine, count: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) of generated puzzles (seed 12345, never a training seed): puzzle -> solution."""
+    from dgemma.sudoku.format import answer_text, prompt_ids
+    from dgemma.sudoku.puzzles import iter_puzzles
+    tok = engine.tokenizer
+    return [(prompt_ids(tok, puzzle), tok.encode(answer_text(solution), add_bos=False))
+            for puzzle, solution in iter_puzzles(count, seed=12345)]
+
+
 @torch.inference_mode()
-def canvas_logits(engine, chats, levels=(0.3, 0.7), seed=0):
-    """Decoder logits [n, L, V] on corrupted answer canvases (the same canvases for every engine)."""
-    tok, L, V = engine.tokenizer, engine.config.canvas_length, engine.config.vocab_size
+def canvas_logits(engine, pairs, levels=(0.3, 0.7), seed=0):
+    """Decoder logits [n, L, V] on corrupted answer canvases (the same canvases for every engine): the answer's
+    first canvas, padded with <eos>, each position replaced by a uniform id with probability t."""
+    L, V = engine.config.canvas_length, engine.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     out = []
-    for messages in chats:
-        prompt = torch.tensor([tok.encode_chat(messages[:1], add_generation_prompt=True)])
-        answer = tok.encode(messages[1]["content"], add_bos=False)[:L]
-        answer += [engine.config.eos_token_id[0]] * (L - len(answer))
+    for prompt, answer in pairs:
+        answer = answer[:L] + [engine.config.eos_token_id[0]] * max(0, L - len(answer))
         for t in levels:
             canvas = torch.tensor([answer])
             noise = torch.rand(1, L, generator=g) < t
             canvas = torch.where(noise, torch.randint(0, V, (1, L), generator=g), canvas)
             cache = engine.new_cache(1)
-            engine.encode(prompt, cache)
+            engine.encode(torch.tensor([prompt]), cache)
             out.append(engine.denoise(canvas, cache)[0].float())
     return torch.stack(out)
 
@@ -116,7 +132,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT), help="full-precision text model (default: the bundled one)")
     p.add_argument("--sudoku-model", default=str(SUDOKU), help="Sudoku model; skipped when it does not exist")
-    p.add_argument("--examples", type=int, default=48, help="held-out examples for the logit comparison")
+    p.add_argument("--examples", type=int, default=48, help="held-out examples (and puzzles) for the logit comparison")
     p.add_argument("--prompts", type=int, default=16, help="held-out prompts for steps per canvas")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--puzzles", type=int, default=100)
@@ -138,15 +154,16 @@ def main(argv=None) -> int:
                 dst = Path(tmp) / f"{label}-{scheme}"
                 groups[scheme] = convert(path, dst, scheme, args.group_size)
                 engines[scheme] = dgemma.load(dst, quiet=True)
-            if label == "text":
-                ref = canvas_logits(engines["full"], chats[:args.examples])
-                for name, eng in engines.items():
-                    row = compare(ref, canvas_logits(eng, chats[:args.examples]))
+            full = engines["full"]
+            pairs = chat_pairs(full, chats[:args.examples]) if label == "text" else sudoku_pairs(full, args.examples)
+            ref = canvas_logits(full, pairs)
+            for name, eng in engines.items():
+                row = compare(ref, canvas_logits(eng, pairs))
+                if label == "text":
                     row["mean_steps_per_canvas"] = round(mean_steps(eng, chats[:args.prompts], args.max_new_tokens), 3)
-                    rows[f"text/{name}"] = row
-            else:
-                for name, eng in engines.items():
-                    rows[f"sudoku/{name}"] = sudoku_scores(eng, args.puzzles)
+                else:
+                    row.update(sudoku_scores(eng, args.puzzles))
+                rows[f"{label}/{name}"] = row
             for name in groups:
                 rows[f"{label}/{name}"]["group_size"] = groups[name]
     print(f"{'model/weights':<16}{'top-1 agree':>12}{'KL mean':>10}{'KL p99':>9}{'steps/canvas':>14}{'solved':>8}")
