@@ -2,7 +2,7 @@
 each one costs, measured in one run.
 
     python bench/presets.py                                   # speed on `small` + quality on the default model
-    python bench/presets.py --sudoku-model DIR --puzzles 100  # + Sudoku solved rate per variant
+    python bench/presets.py --sudoku-model DIR --puzzles 100  # Sudoku rows: DIR (default: the bundled model)
     python bench/presets.py --skip-speed                      # quality only (no transformers needed)
     python bench/presets.py --skip-quality --reps 3           # speed only
 
@@ -19,7 +19,7 @@ Variants: every preset of dgemma/engine/presets.py, each with and without `--int
   same position (its floor: the exact preset against itself with other seeds); answer NLL = mean negative
   log-likelihood per answer token under the full-precision model's own next-token head (how plausible the model
   finds the text; lower is better); mean steps per canvas; answer length.
-* Sudoku (optional --sudoku-model): dgemma.sudoku.evaluate under the variant's preset on generated puzzles with
+* Sudoku (the bundled Sudoku model, or --sudoku-model DIR; --sudoku-model none skips it): dgemma.sudoku.evaluate under the variant's preset on generated puzzles with
   30-36 givens (fixed seed): solved_rate, cell_accuracy, mean steps per canvas.
 Ends with one JSON line.
 """
@@ -45,6 +45,7 @@ import dgemma  # noqa: E402
 from dgemma.engine.presets import PRESETS, preset_knobs  # noqa: E402
 
 DEFAULT = ROOT / "dgemma" / "models" / "default"
+SUDOKU = ROOT / "dgemma" / "models" / "sudoku"
 REFERENCE_STEPS = 16
 
 
@@ -185,7 +186,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=str(DEFAULT), help="quality model (default: the bundled default model)")
     p.add_argument("--prompts", type=int, default=16, help="held-out prompts for the quality rows")
-    p.add_argument("--sudoku-model", default=None, help="a Sudoku model directory (Sudoku rows when given)")
+    p.add_argument("--sudoku-model", default=str(SUDOKU) if (SUDOKU / "config.json").exists() else None,
+                   help="a Sudoku model directory for the Sudoku rows (default: the bundled one; 'none' skips them)")
     p.add_argument("--puzzles", type=int, default=100)
     p.add_argument("--puzzle-seed", type=int, default=777)
     p.add_argument("--skip-speed", action="store_true")
@@ -203,7 +205,7 @@ def main(argv=None) -> dict:
     if not args.skip_quality:
         result["quality"] = quality(args, names)
         print_rows(f"quality ({args.model}, {args.prompts} held-out prompts)", result["quality"])
-    if args.sudoku_model:
+    if args.sudoku_model and args.sudoku_model != "none":
         result["sudoku"] = sudoku(args, names)
         print_rows(f"Sudoku ({args.sudoku_model}, {args.puzzles} puzzles, 30-36 givens)", result["sudoku"])
     result["seconds"] = round(time.perf_counter() - start, 1)

@@ -1,10 +1,11 @@
-"""The model commands use when no --model is given.
+"""The model commands use when no --model is given: the packaged default model (`dgemma/models/default`, trained by
+dgemma on the Python standard library; its card is the README there).
 
-Until the project's own trained models ship inside the package (see the README), the default is a tiny
-DiffusionGemma-architecture model with RANDOM weights, created on first use in the user cache directory
-in the released checkpoint's layout (config.json, model.safetensors, generation_config.json, tokenizer
-files). It exercises the whole real path (loading, chat template, sampler, streaming) offline; its text
-is noise, and the commands say so.
+If a build of the package lacks it, the fallback is a tiny DiffusionGemma-architecture model with RANDOM weights,
+created on first use in the user cache directory in the released checkpoint's layout (config.json,
+model.safetensors, generation_config.json, tokenizer files). It exercises the whole real path (loading, chat
+template, sampler, streaming) offline; its text is noise, and the commands say so. Tests build such random models
+too (`build_random_model`). The Sudoku model (`dgemma/models/sudoku`) is the default of `dgemma sudoku` only.
 """
 
 from __future__ import annotations
