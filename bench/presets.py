@@ -19,8 +19,9 @@ Variants: every preset of dgemma/engine/presets.py, each with and without `--int
   same position (its floor: the exact preset against itself with other seeds); answer NLL = mean negative
   log-likelihood per answer token under the full-precision model's own next-token head (how plausible the model
   finds the text; lower is better); mean steps per canvas; answer length.
-* Sudoku (the bundled Sudoku model, or --sudoku-model DIR; --sudoku-model none skips it): dgemma.sudoku.evaluate under the variant's preset on generated puzzles with
-  30-36 givens (fixed seed): solved_rate, cell_accuracy, mean steps per canvas.
+* Sudoku (the bundled Sudoku model, or --sudoku-model DIR; --sudoku-model none skips it): dgemma.sudoku.evaluate
+  under the variant's preset on generated puzzles with 30-36 givens (fixed seed): solved_rate, cell_accuracy,
+  mean steps per canvas.
 Ends with one JSON line.
 """
 

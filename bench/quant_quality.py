@@ -59,13 +59,18 @@ def chat_pairs(engine, chats) -> list[tuple[list[int], list[int]]]:
             for m in chats]
 
 
-def sudoku_pairs(engine, count: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, answer ids) of generated puzzles (seed 12345, never a training seed): puzzle -> solution."""
-    from dgemma.sudoku.format import answer_text, prompt_ids
+def sudoku_puzzles(count: int) -> list:
+    """(puzzle, solution) pairs, 30-36 givens, seed 12345 (never a training seed); a prefix of a longer list is the
+    shorter list, so one generation serves the logit comparison and the solved rate."""
     from dgemma.sudoku.puzzles import iter_puzzles
+    return list(iter_puzzles(count, seed=12345))
+
+
+def sudoku_pairs(engine, puzzles) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) of (puzzle, solution) pairs."""
+    from dgemma.sudoku.format import answer_text, prompt_ids
     tok = engine.tokenizer
-    return [(prompt_ids(tok, puzzle), tok.encode(answer_text(solution), add_bos=False))
-            for puzzle, solution in iter_puzzles(count, seed=12345)]
+    return [(prompt_ids(tok, puzzle), tok.encode(answer_text(solution), add_bos=False)) for puzzle, solution in puzzles]
 
 
 @torch.inference_mode()
@@ -104,10 +109,9 @@ def mean_steps(engine, chats, max_new_tokens: int) -> float:
     return sum(steps) / len(steps)
 
 
-def sudoku_scores(engine, count: int) -> dict:
+def sudoku_scores(engine, puzzles) -> dict:
     from dgemma.sudoku.evaluate import evaluate
-    from dgemma.sudoku.puzzles import iter_puzzles
-    result = evaluate(engine, list(iter_puzzles(count, seed=12345)), seed=0)
+    result = evaluate(engine, puzzles, seed=0)
     return {"solved_rate": result["solved_rate"], "cell_accuracy": round(result["cell_accuracy"], 4),
             "mean_steps_per_canvas": round(result["mean_steps_per_canvas"], 3)}
 
@@ -155,14 +159,18 @@ def main(argv=None) -> int:
                 groups[scheme] = convert(path, dst, scheme, args.group_size)
                 engines[scheme] = dgemma.load(dst, quiet=True)
             full = engines["full"]
-            pairs = chat_pairs(full, chats[:args.examples]) if label == "text" else sudoku_pairs(full, args.examples)
+            if label == "text":
+                pairs = chat_pairs(full, chats[:args.examples])
+            else:
+                puzzles = sudoku_puzzles(max(args.examples, args.puzzles))
+                pairs = sudoku_pairs(full, puzzles[:args.examples])
             ref = canvas_logits(full, pairs)
             for name, eng in engines.items():
                 row = compare(ref, canvas_logits(eng, pairs))
                 if label == "text":
                     row["mean_steps_per_canvas"] = round(mean_steps(eng, chats[:args.prompts], args.max_new_tokens), 3)
                 else:
-                    row.update(sudoku_scores(eng, args.puzzles))
+                    row.update(sudoku_scores(eng, puzzles[:args.puzzles]))
                 rows[f"{label}/{name}"] = row
             for name in groups:
                 rows[f"{label}/{name}"]["group_size"] = groups[name]

@@ -204,7 +204,7 @@ def test_grouped_gemm_dispatch_equals_the_expert_loop(dtype):
 
 @pytest.mark.parametrize("N,E,K,used", [c for c in CASES if c[0]])
 def test_grouped_dispatch_gradients_equal_plain_indexing(N, E, K, used, monkeypatch):
-    """Training: the gather-based backward of the dispatch (moe._Dispatch, moe._Permute) gives the gradients of
+    """Training: the gather-based backward of the dispatch (moe._GatherRows) gives the gradients of
     plain autograd indexing (whose backward is an accumulating index_put_) for x, the routing weights and both
     expert tensors; bit for bit where each token has at most two slots."""
     from dgemma.model import moe
@@ -213,8 +213,7 @@ def test_grouped_dispatch_gradients_equal_plain_indexing(N, E, K, used, monkeypa
     grads = []
     for plain in (False, True):
         if plain:
-            monkeypatch.setattr(moe._Dispatch, "apply", lambda x, order, inverse, K: x[order // K])
-            monkeypatch.setattr(moe._Permute, "apply", lambda x, perm, inverse: x[perm])
+            monkeypatch.setattr(moe._GatherRows, "apply", lambda x, rows, inverse, K: x[rows])
         experts = random_experts(E, D, I, seed=N * 100 + E).requires_grad_(True)
         x = torch.randn(N, D, generator=torch.Generator().manual_seed(E), requires_grad=True)
         weights, ids = routing(N, E, K, seed=K, used=used)

@@ -98,37 +98,27 @@ def dense_worthwhile(num_experts: int, top_k: int) -> bool:
     return num_experts <= DENSE_MAX_RATIO * top_k
 
 
-class _Dispatch(torch.autograd.Function):
-    """x [N,D] -> x[order // K] [N*K,D] (each token once per chosen expert, grouped by expert), whose gradient is a
-    gather plus a sum over the K slots instead of autograd's index_put_ with accumulation. Same values; for K <= 2
-    the same gradient bits (two addends commute); measured on CPU training at batch 64 x 179 tokens: that
-    index_put_ took 11-19 ms per MoE layer and pass (~0.47 s of a 6 s step)."""
+class _GatherRows(torch.autograd.Function):
+    """y = x[rows] where rows = perm // K for a permutation `perm` of N*K slots whose inverse is `inverse`: each of
+    x's N rows is gathered K times (the dispatch to experts: rows = order // K), or once (K = 1: undoing a
+    permutation). The gradient is a gather, grad[inverse], summed over each row's K slots, instead of autograd's
+    accumulating index_put_. Same values; for K <= 2 the same gradient bits (two addends commute). Measured on CPU
+    training at batch 64 x 179 tokens: that index_put_ took 11-19 ms per MoE layer and pass (~0.47 s of a 6 s
+    step)."""
 
     @staticmethod
-    def forward(ctx, x, order, inverse, K):
+    def forward(ctx, x, rows, inverse, K):
         ctx.save_for_backward(inverse)
         ctx.K = K
-        return x[order // K]
+        return x[rows]
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return grad[inverse].view(-1, ctx.K, grad.shape[-1]).sum(1), None, None, None
-
-
-class _Permute(torch.autograd.Function):
-    """y = x[perm] for a permutation `perm` whose inverse is `inverse`: the gradient is the gather grad[inverse]
-    (autograd's default for indexing is an accumulating index_put_, slow on CPU; see _Dispatch)."""
-
-    @staticmethod
-    def forward(ctx, x, perm, inverse):
-        ctx.save_for_backward(inverse)
-        return x[perm]
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
+        g = grad[inverse]
+        if ctx.K > 1:
+            g = g.view(-1, ctx.K, g.shape[-1]).sum(1)
+        return g, None, None, None
 
 
 class Experts(nn.Module):
@@ -177,7 +167,7 @@ class Experts(nn.Module):
         offsets = torch.searchsorted(ranked, torch.arange(E, device=ranked.device, dtype=ranked.dtype), right=True)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        inputs = _Dispatch.apply(x, order, inverse, K)  # [N*K, D] = x[order // K], grouped by expert
+        inputs = _GatherRows.apply(x, order // K, inverse, K)  # [N*K, D], grouped by expert
         gate_up, down = self.gate_up_proj, self.down_proj
         if torch.is_autocast_enabled(x.device.type) and not grouped_dispatch(inputs, gate_up, down):
             inputs, gate_up, down = autocast_operands(inputs, gate_up, down)  # e.g. CUDA, fp32 master weights
@@ -194,7 +184,7 @@ class Experts(nn.Module):
                     start = end
             grouped = torch.cat(outputs) if outputs else inputs
         weighted = grouped * weights.reshape(-1)[order, None]
-        return _Permute.apply(weighted, inverse, order).view(N, K, x.shape[-1]).sum(1).to(x.dtype)
+        return _GatherRows.apply(weighted, inverse, order, 1).view(N, K, x.shape[-1]).sum(1).to(x.dtype)
 
     def forward_dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Every expert on every token as TWO plain GEMMs, weighted by the [N,E] routing matrix (0 where not chosen):
