@@ -74,3 +74,20 @@ def test_step_flops_match_flop_counter(reference_checkpoint, batch, context):
                 assert counter.get_total_flops() == cost.flops(context, self_conditioning, attention=False)
         finally:
             moe.set_grouped_dispatch("auto")
+
+
+def test_presets_ratio_at_sudoku_steps_uses_the_fitted_step_cost():
+    import presets
+
+    # ours: float walls 1 + 0.5*steps, int8 walls 1 + 0.25*steps; the reference: 16 steps in 16 s
+    speed = {"reference": {"wall_s": 16.0, "steps": 16}}
+    for label, per_step in (("exact", 0.5), ("fast", 0.5), ("exact+int8", 0.25), ("fast+int8", 0.25)):
+        steps = 48 if label.startswith("exact") else 16
+        speed[label] = {"wall_s": 1 + per_step * steps, "steps": steps}
+    sudoku = {k: {"mean_steps_per_canvas": s} for k, s in
+              (("exact", 12.0), ("exact+int8", 12.0), ("fast", 6.0), ("fast+int8", 6.0))}
+    presets.at_sudoku_steps(speed, sudoku)
+    # the reference at exact's 12 steps: 12 s; fast at 6 steps: 1 + 3 = 4 s; fast+int8: 1 + 1.5 s
+    assert sudoku["exact"]["ratio_at_sudoku_steps"] == pytest.approx(12 / 7, abs=0.01)
+    assert sudoku["fast"]["ratio_at_sudoku_steps"] == pytest.approx(3.0)
+    assert sudoku["fast+int8"]["ratio_at_sudoku_steps"] == pytest.approx(12 / 2.5, abs=0.01)
