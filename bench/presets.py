@@ -45,9 +45,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import dgemma  # noqa: E402
 from dgemma.engine.presets import PRESETS, preset_knobs  # noqa: E402
+from dgemma.sudoku.commands import BUNDLED as SUDOKU  # noqa: E402
 
 DEFAULT = ROOT / "dgemma" / "models" / "default"
-SUDOKU = ROOT / "dgemma" / "models" / "sudoku"
 REFERENCE_STEPS = 16
 
 
@@ -232,9 +232,7 @@ def at_sudoku_steps(speed_rows: dict, sudoku_rows: dict) -> None:
         ys = [speed_rows[k]["wall_s"] for k in labels]
         if len(set(xs)) < 2:
             continue  # one step count cannot separate the per-canvas cost from the per-step cost
-        mx, my = statistics.mean(xs), statistics.mean(ys)
-        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-        a = my - b * mx
+        b, a = statistics.linear_regression(xs, ys)
         for k in labels:
             sudoku_rows[k]["ratio_at_sudoku_steps"] = round(ref / (a + b * sudoku_rows[k]["mean_steps_per_canvas"]), 2)
 

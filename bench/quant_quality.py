@@ -37,10 +37,10 @@ sys.path.insert(0, str(ROOT))
 import dgemma  # noqa: E402
 from dgemma.quant.convert import quantize_checkpoint  # noqa: E402
 from dgemma.quant.schemes import QuantError  # noqa: E402
+from dgemma.sudoku.commands import BUNDLED as SUDOKU  # noqa: E402
 from dgemma.train.corpus import examples, is_heldout, stdlib_modules  # noqa: E402
 
 DEFAULT = ROOT / "dgemma" / "models" / "default"
-SUDOKU = ROOT / "dgemma" / "models" / "sudoku"
 
 
 def heldout_chats(count: int, seed: int = 0) -> list[list[dict]]:
