@@ -12,6 +12,7 @@ from dgemma.cli import main
 from dgemma.engine.presets import PRESETS, preset_knobs
 from dgemma.model.moe import Experts
 from dgemma.quant import dynamic
+from dgemma.sampling.sampler import StepConfig
 
 
 def _int8_or_skip():
@@ -45,6 +46,26 @@ def test_engine_preset_sets_defaults_and_exact_restores(random_model_dir):
     assert max(int(s.max()) for s in out.steps_per_canvas) <= 2  # an explicit knob wins over the preset
     engine.use_preset("fast").use_preset("exact")  # presets do not stack
     assert engine.generation_config == checkpoint
+
+
+def test_confident_preset_stops_where_exact_goes_on(random_model_dir):
+    """`confident` keeps the exact sampler and only loosens the stop rule's entropy threshold."""
+    engine = dgemma.load(random_model_dir, quiet=True)
+    rules = {}
+    for name in ("exact", "confident"):
+        gen = engine.use_preset(name).generation_config
+        cfg = StepConfig.from_generation_config(gen.max_denoising_steps, gen.t_min, gen.t_max, gen.entropy_bound,
+                                                gen.stability_threshold, gen.confidence_threshold)
+        rules[name] = cfg
+    exact, confident = rules["exact"], rules["confident"]
+    assert (confident.num_steps, confident.t_min, confident.t_max) == (exact.num_steps, exact.t_min, exact.t_max)
+    argmax = torch.tensor([[3, 4, 5], [3, 4, 5]])
+    history = argmax[None].clone()
+    history[0, 1, 0] = 6  # row 1 changed its argmax since the last step: not stable
+    entropy = torch.full((2, 3), 0.01)  # nats: between the checkpoint's 0.005 and the preset's 0.05
+    assert exact.stop(argmax, entropy, history).tolist() == [False, False]
+    assert confident.stop(argmax, entropy, history).tolist() == [True, False]
+    assert confident.stop(argmax, torch.full((2, 3), 0.06), history).tolist() == [False, False]
 
 
 def test_cli_preset_runs_with_its_step_budget(random_model_dir, capsys):
