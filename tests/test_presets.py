@@ -12,7 +12,7 @@ from dgemma.cli import main
 from dgemma.engine.presets import PRESETS, preset_knobs
 from dgemma.model.moe import Experts
 from dgemma.quant import dynamic
-from dgemma.sampling.sampler import StepConfig
+from dgemma.engine.generate import step_config
 
 
 def _int8_or_skip():
@@ -51,13 +51,8 @@ def test_engine_preset_sets_defaults_and_exact_restores(random_model_dir):
 def test_confident_preset_stops_where_exact_goes_on(random_model_dir):
     """`confident` keeps the exact sampler and only loosens the stop rule's entropy threshold."""
     engine = dgemma.load(random_model_dir, quiet=True)
-    rules = {}
-    for name in ("exact", "confident"):
-        gen = engine.use_preset(name).generation_config
-        cfg = StepConfig.from_generation_config(gen.max_denoising_steps, gen.t_min, gen.t_max, gen.entropy_bound,
-                                                gen.stability_threshold, gen.confidence_threshold)
-        rules[name] = cfg
-    exact, confident = rules["exact"], rules["confident"]
+    # the sampler settings generation runs with under each preset (generate.step_config, the one mapping)
+    exact, confident = (step_config(engine.use_preset(name).generation_config) for name in ("exact", "confident"))
     assert (confident.num_steps, confident.t_min, confident.t_max) == (exact.num_steps, exact.t_min, exact.t_max)
     argmax = torch.tensor([[3, 4, 5], [3, 4, 5]])
     history = argmax[None].clone()

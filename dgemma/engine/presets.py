@@ -2,9 +2,10 @@
 
 `exact` (the default everywhere) is the reference algorithm with the checkpoint's own generation settings. The
 others only change knobs a user could also set one by one (steps, EntropyBound, the stop rule's confidence
-threshold); explicit knobs given beside a preset win over it. Their measured cost is in the README's "Speed presets" table (`python bench/presets.py`):
-tokens per second against the reference, agreement with the exact path, the answers' likelihood under the model,
-mean steps per canvas, and Sudoku scores when a Sudoku model is given.
+threshold); explicit knobs given beside a preset win over it. Their measured cost is in the README's "Speed
+presets" table (`python bench/presets.py`): tokens per second against the reference, agreement with the exact
+path, the answers' likelihood under the model, mean steps per canvas, and Sudoku scores when a Sudoku model is
+given.
 
 Dynamic int8 matmuls (`--int8-dynamic`, dgemma/quant/dynamic.py) are a separate switch because they change the
 loaded model, not the sampler; presets combine with it. So does `--compile [MODE]` (dgemma/engine/compiled.py: the
