@@ -224,7 +224,9 @@ def at_sudoku_steps(speed_rows: dict, sudoku_rows: dict) -> None:
     Ours: wall = a + b * steps, fitted per weight kind (float, int8) through the variants' full-budget runs, which do
     the same work per step; evaluated at the variant's mean Sudoku steps. The reference: its 16-step wall scaled by
     exact's mean Sudoku steps / 16 (the reference runs the exact algorithm), which also scales its fixed per-canvas
-    cost down, so the estimate leans toward the reference."""
+    cost down, so the estimate leans toward the reference. Variants with settled positions (`settle`) are charged
+    full-canvas steps too (random weights never settle), which understates them; bench/sudoku_speed.py times them
+    on the trained model itself."""
     ref = speed_rows["reference"]["wall_s"] * sudoku_rows["exact"]["mean_steps_per_canvas"] / REFERENCE_STEPS
     for int8 in (False, True):
         labels = [k for k in sudoku_rows if k in speed_rows and k.endswith("+int8") == int8]

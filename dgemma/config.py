@@ -255,6 +255,9 @@ class GenerationConfig:
     confidence_threshold: float | None = 0.005
     eos_token_id: tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # dgemma's own (not in the reference): settled positions (engine/settle.py, approximate; None = off, exact)
+    settle_after: int | None = None  # steps a position's argmax must hold before it settles
+    settle_entropy: float = 0.01  # ... with its entropy (nats) below this
 
     def __post_init__(self):
         def is_int(v):
@@ -278,6 +281,12 @@ class GenerationConfig:
             raise ConfigError(f"eos_token_id must be token ids, got {self.eos_token_id!r}")
         if self.pad_token_id is not None and (not is_int(self.pad_token_id) or self.pad_token_id < 0):
             raise ConfigError(f"pad_token_id must be a token id or None, got {self.pad_token_id!r}")
+        if self.settle_after is not None and (not is_int(self.settle_after) or self.settle_after < 1):
+            raise ConfigError(f"settle_after must be an integer >= 1 (steps a position's argmax must hold before it "
+                              f"settles) or None (off), got {self.settle_after!r}")
+        if isinstance(self.settle_entropy, bool) or not isinstance(self.settle_entropy, (int, float)) \
+                or not self.settle_entropy > 0:
+            raise ConfigError(f"settle_entropy must be a number > 0 (nats), got {self.settle_entropy!r}")
 
     @classmethod
     def from_dict(cls, raw: dict, *, source: str = "generation_config") -> "GenerationConfig":

@@ -94,8 +94,9 @@ def test_rows_of_one_forward_get_their_own_context_and_positions(random_engine):
         scheduler.add(r)
     scheduler._encode(rows)
     together = scheduler._forward(rows)
-    for i, r in enumerate(rows):
-        torch.testing.assert_close(together[i:i + 1], module.denoise(r.state.tokens, r.cache), rtol=1e-4, atol=1e-4)
+    assert [r for r, _ in together] == rows and scheduler.forwards == 1
+    for r, logits in together:
+        torch.testing.assert_close(logits, module.denoise(r.state.tokens, r.cache), rtol=1e-4, atol=1e-4)
 
 
 def test_reference_rng_rows_take_the_whole_canvas_self_conditioning_product(random_engine):

@@ -155,8 +155,8 @@ class Engine:
     def generate(self, input_ids: torch.Tensor, *, attention_mask=None, max_new_tokens=_UNSET,
                  max_denoising_steps=_UNSET, entropy_bound=_UNSET, t_min=_UNSET, t_max=_UNSET,
                  stability_threshold=_UNSET, confidence_threshold=_UNSET, eos_token_id=_UNSET, pad_token_id=_UNSET,
-                 generator: torch.Generator | None = None, accept=None, sampling: str = "reference",
-                 plan=None, return_dict: bool = False):
+                 settle_after=_UNSET, settle_entropy=_UNSET, generator: torch.Generator | None = None, accept=None,
+                 sampling: str = "reference", plan=None, return_dict: bool = False):
         """Reference-compatible generate (spec §9.4): ids [B,T] -> ids [B, T + k*L] including the prompt.
 
         Knobs default to the checkpoint's generation_config.json, then the reference's global defaults;
@@ -165,11 +165,14 @@ class Engine:
         API trims exactly). `accept` swaps the acceptance rule (see dgemma.sampling). With
         generator=None the global torch RNG is used, so after torch.manual_seed(s) the tokens equal
         the reference's on CPU in fp32; sampling="fast" samples the same distributions more cheaply. `plan`
-        constrains the canvases (clamped positions, allowed tokens: see dgemma.engine.generate.CanvasPlan)."""
+        constrains the canvases (clamped positions, allowed tokens: see dgemma.engine.generate.CanvasPlan).
+        settle_after / settle_entropy (dgemma's own, approximate, off by default): positions whose argmax held that
+        many steps with an entropy below settle_entropy stop being computed (dgemma/engine/settle.py)."""
         gen = self.generation_settings(
             max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound,
             t_min=t_min, t_max=t_max, stability_threshold=stability_threshold,
-            confidence_threshold=confidence_threshold, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+            confidence_threshold=confidence_threshold, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            settle_after=settle_after, settle_entropy=settle_entropy)
         input_ids = self._check_ids(input_ids, attention_mask)
         cfg = step_config(gen, accept, sampling)
         out: GenerateOutput = generate(self.module, input_ids, gen, cfg, generator=generator,

@@ -28,6 +28,9 @@ PRESETS = {p.name: p for p in (
     Preset("exact", "the reference algorithm with the checkpoint's settings (default; up to 48 steps per canvas)"),
     Preset("confident", "the exact sampler with a looser stop: a canvas ends once its argmax held for a step and its "
            "mean entropy is under 0.05 nats (the checkpoint's rule uses 0.005)", {"confidence_threshold": 0.05}),
+    Preset("settle", "'confident' plus settled positions: a position whose argmax held for 2 steps with an entropy "
+           "under 0.01 nats is final and no longer computed (dgemma/engine/settle.py)",
+           {"confidence_threshold": 0.05, "settle_after": 2, "settle_entropy": 0.01}),
     Preset("fast", "at most 16 steps per canvas, EntropyBound 0.5 (accepts more positions per step)",
            {"max_denoising_steps": 16, "entropy_bound": 0.5}),
     Preset("fastest", "at most 8 steps per canvas, EntropyBound 1.0",

@@ -37,6 +37,7 @@ from ..config import GenerationConfig
 from ..sampling import (CanvasConstraints, DenoiseState, StepConfig, init_canvas, init_state, sample_reference,
                         step_lean, truncate_at_stop_ids)
 from .cache import KVCache, StackedCaches
+from .settle import Settling
 
 SC_CHUNK = 64  # positions per self-conditioning chunk: smaller re-reads E too often on CPU (measured)
 
@@ -89,6 +90,7 @@ class Rows:
         self.canvas_index = -1
         self.state: DenoiseState | None = None
         self.constraints: CanvasConstraints | None = None
+        self.settling: Settling | None = None  # this canvas's settled positions (gen.settle_after; engine/settle.py)
         self.left = self.num_canvases <= 0  # nothing more to generate: the scheduler drops it
 
     @property
@@ -104,8 +106,11 @@ class Rows:
         noise = init_canvas(B, L, V, self.generator, self.finished.device)
         c = None if self.plan is None else self.plan.for_canvas(self.canvas_index, self.committed)
         self.constraints = c
+        self.settling = None
         if c is None:
             self.state = init_state(noise, self.cfg)
+            if self.gen.settle_after is not None:  # plans clamp positions: their canvases never settle
+                self.settling = Settling(module, self.state, self.cfg, self.gen.settle_after, self.gen.settle_entropy)
         else:
             c.check((B, L), V)
             c.check_ids(V)
@@ -124,6 +129,9 @@ class Rows:
 
     def step(self, logits: torch.Tensor) -> Step:
         """This Rows' slice of a decoder forward [B,L,V] -> its next sampler state (overwrites the logits)."""
+        if self.settling is not None:
+            self.state = self.settling.step(logits, self.generator)
+            return Step(self.canvas_index, self.state)
         self.state = step_lean(logits, self.state, self.cfg, self.generator, constraints=self.constraints)
         return Step(self.canvas_index, self.state)
 
@@ -168,10 +176,8 @@ class Scheduler:
         with torch.inference_mode():
             self._encode([r for r in self.rows if r.pending is not None])
             stepping = [r for r in self.rows if r.denoising]
-            if stepping:
-                logits = self._forward(stepping)
-                for r, part in zip(stepping, logits.split([r.batch_size for r in stepping])):
-                    events.append((r, r.step(part)))
+            for r, part in self._forward(stepping):
+                events.append((r, r.step(part)))
             for r in list(self.rows):
                 if r.pending is None and bool(r.state.done.all()):
                     events.append((r, r.commit()))
@@ -197,20 +203,30 @@ class Scheduler:
         for r in todo:
             r.begin(self.module)
 
-    def _forward(self, stepping: list[Rows]) -> torch.Tensor:
-        """ONE decoder forward over the canvases of all stepping Rows -> logits [sum B, L, V]."""
+    def _forward(self, stepping: list[Rows]) -> list[tuple[Rows, torch.Tensor]]:
+        """The decoder forwards of a tick -> (rows, its logits) for each stepping Rows: ONE forward over the canvases
+        of all whole-canvas Rows, and one per Rows with settled positions (each computes its own subset)."""
+        out = []
+        for r in stepping:
+            if r.settling is not None:
+                self.forwards += 1
+                out.append((r, r.settling.forward(self.module, r.cache, SC_CHUNK)))
+        whole = [r for r in stepping if r.settling is None]
+        if not whole:
+            return out
         self.forwards += 1
-        if len(stepping) == 1:
-            r = stepping[0]
-            return self.module.denoise(r.state.tokens, r.cache, soft=r.soft(self.module))
-        softs = [r.soft(self.module) for r in stepping]
+        if len(whole) == 1:
+            r = whole[0]
+            return out + [(r, self.module.denoise(r.state.tokens, r.cache, soft=r.soft(self.module)))]
+        softs = [r.soft(self.module) for r in whole]
         soft = None
         if any(s is not None for s in softs):  # a zero signal is exactly "none" (no biases; rms-norm of 0 is 0)
             w = self.module.embed_tokens.weight
             soft = torch.cat([w.new_zeros(*r.state.tokens.shape, w.shape[1]) if s is None else s
-                              for r, s in zip(stepping, softs)])
-        tokens = torch.cat([r.state.tokens for r in stepping])
-        return self.module.denoise(tokens, self._stacked([r.cache for r in stepping]), soft=soft)
+                              for r, s in zip(whole, softs)])
+        tokens = torch.cat([r.state.tokens for r in whole])
+        logits = self.module.denoise(tokens, self._stacked([r.cache for r in whole]), soft=soft)
+        return out + list(zip(whole, logits.split([r.batch_size for r in whole])))
 
     def _stacked(self, caches: list[KVCache]) -> StackedCaches:
         """The stacked view of these caches, rebuilt only when the set of rows or a cache's length changed."""

@@ -42,19 +42,26 @@ class Attention(nn.Module):
         v = norm(raw_v, None, self.eps)  # scale-free "v_norm" (rms_norm itself at inference)
         return k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, cos, sin, context, mask):
+    def forward(self, x, cos, sin, context, mask, canvas=None):
         """x [B,T,D]; context (k, v) [B,Hk,S,Dh] or None; mask bool [B,1,T,S+T] (True = attend) or None.
+        canvas: None, or (k_buf, v_buf [B,Hk,L+1,Dh], index [B,T]) when x holds only T of a canvas's L positions
+        (decoder over a subset, engine/settle.py): the new k/v are written into the buffers at `index` (index L,
+        the spare last slot, takes what nobody reads) and the queries attend to [context ; the L canvas entries]
+        (mask then [B,1,T,S+L]).
 
         Returns (out [B,T,D], (k, v) of the T new tokens)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
         k_new, v_new = self.project_kv(x, cos, sin)
+        k, v = k_new, v_new
+        if canvas is not None:
+            k_buf, v_buf, index = canvas
+            where = index[:, None, :, None].expand(-1, k_new.shape[1], -1, k_new.shape[3])
+            k, v = k_buf.scatter_(2, where, k_new)[:, :, :-1], v_buf.scatter_(2, where, v_new)[:, :, :-1]
         if context is not None:
-            k = torch.cat([context[0], k_new], dim=2)
-            v = torch.cat([context[1], v_new], dim=2)
-        else:
-            k, v = k_new, v_new
+            k = torch.cat([context[0], k], dim=2)
+            v = torch.cat([context[1], v], dim=2)
         out = attend(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), (k_new, v_new)
 

@@ -41,9 +41,9 @@ class Layer(nn.Module):
         self.register_buffer("encoder_layer_scalar", torch.ones(1))  # encoder pass
         self.use_reference_moe = False  # tests flip this to run the slow per-token MoE loop
 
-    def forward(self, x, cos, sin, context, mask, is_encoder: bool):
-        """x [B,T,D] -> (out [B,T,D], (k, v) of the new tokens [B,Hk,T,Dh])."""
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, context, mask)
+    def forward(self, x, cos, sin, context, mask, is_encoder: bool, canvas=None):
+        """x [B,T,D] -> (out [B,T,D], (k, v) of the new tokens [B,Hk,T,Dh]); canvas: see Attention.forward."""
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, context, mask, canvas)
         h = x + self.post_attention_layernorm(attn)
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
         flat = h.reshape(-1, h.shape[-1])
@@ -135,8 +135,8 @@ class DiffusionGemma(nn.Module):
     def encode(self, tokens, cache, valid=None, return_hidden=False):
         return encode(self, tokens, cache, valid=valid, return_hidden=return_hidden)
 
-    def denoise(self, tokens, cache, soft=None):
-        return denoise(self, tokens, cache, soft=soft)
+    def denoise(self, tokens, cache, soft=None, positions=None, canvas_kv=None):
+        return denoise(self, tokens, cache, soft=soft, positions=positions, canvas_kv=canvas_kv)
 
     def soft_embedding(self, sc_logits, sc_mask=None, chunk=None):
         return soft_embedding(self, sc_logits, sc_mask, chunk)

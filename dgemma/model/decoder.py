@@ -72,20 +72,52 @@ def context_positions(start, T: int, device) -> torch.Tensor:
     return torch.arange(start, start + T, device=device)[None]
 
 
-def denoise(model, tokens: torch.Tensor, cache, soft: torch.Tensor | None = None) -> torch.Tensor:
-    """tokens [B,L] int64, soft [B,L,D] or None (first step) -> logits [B,L,V] fp32 (soft-capped)."""
+def denoise(model, tokens: torch.Tensor, cache, soft: torch.Tensor | None = None,
+            positions: torch.Tensor | None = None, canvas_kv: list | None = None) -> torch.Tensor:
+    """tokens [B,L] int64, soft [B,L,D] or None (first step) -> logits [B,L,V] fp32 (soft-capped).
+
+    A subset of the canvas (engine/settle.py): tokens [B,M] and soft [B,M,D] of the canvas offsets `positions`
+    [B,M] (each row's own, distinct, except L: a filler whose results nobody reads), with `canvas_kv` one (k, v)
+    buffer pair [B,Hk,L+1,Dh] per layer (`canvas_kv_buffers`) holding the whole canvas's keys/values: the M
+    positions' fresh k/v are written into the buffers and their queries attend to [context ; the L canvas
+    entries], so positions left out are seen through the k/v they had when last computed. With every position
+    given (once each) this is the plain forward."""
     B, L = tokens.shape
     assert tokens.dtype == torch.int64, f"tokens must be int64, got {tokens.dtype}"
+    if (positions is None) != (canvas_kv is None):
+        raise ValueError("give positions and canvas_kv together (a canvas subset) or neither")
     x = model.self_conditioning(model.embed(tokens), soft)
     # cache.length is an int, or a [B] / [B,1] tensor when rows' canvases start at different positions (training)
-    positions = context_positions(cache.length, L, tokens.device)
-    rope = model.rope(positions, x.dtype)
+    if positions is None:
+        positions_abs = context_positions(cache.length, L, tokens.device)
+        width = L
+    else:
+        start = cache.length.to(tokens.device).reshape(-1, 1) if isinstance(cache.length, torch.Tensor) else \
+            cache.length
+        positions_abs = positions + start
+        width = canvas_kv[0][0].shape[2] - 1
+    rope = model.rope(positions_abs, x.dtype)
     for i, layer in enumerate(model.layers):
         context = cache.context(i)
         mask = None
         if context is not None and context[2] is not None:  # padded context slots only
-            canvas = torch.ones(B, L, dtype=torch.bool, device=tokens.device)
+            canvas = torch.ones(B, width, dtype=torch.bool, device=tokens.device)
             mask = torch.cat([context[2], canvas], dim=1)[:, None, None, :]
         cos, sin = rope[layer.is_sliding]
-        x, _ = layer(x, cos, sin, None if context is None else context[:2], mask, is_encoder=False)
+        buffers = None if canvas_kv is None else (*canvas_kv[i], positions)
+        x, _ = layer(x, cos, sin, None if context is None else context[:2], mask, is_encoder=False, canvas=buffers)
     return model.logits(x)
+
+
+def canvas_kv_buffers(model, batch: int, length: int, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Empty (k, v) buffers [B,Hk,L+1,Dh] per layer (L canvas slots and a spare one for fillers), in the weight
+    dtype, for `denoise` over canvas subsets. Memory: 2 * L * sum over layers of Hk * Dh values per row (at the
+    26B config, L = 256: 55 MiB per row in bf16)."""
+    w = model.embed_tokens.weight
+    out = []
+    for layer in model.layers:
+        attn = layer.self_attn
+        shape = (batch, attn.num_kv_heads, length + 1, attn.head_dim)
+        out.append((torch.empty(shape, dtype=w.dtype, device=device or w.device),
+                    torch.empty(shape, dtype=w.dtype, device=device or w.device)))
+    return out
