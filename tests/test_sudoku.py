@@ -362,3 +362,22 @@ def test_bundled_sudoku_model_is_trained():
     result = evaluate(engine, pairs, steps=16, batch_size=6)
     assert result["num_puzzles"] == 6 and result["parse_rate"] == 1.0
     assert result["cell_accuracy"] > 0.6, result
+
+
+def test_sudoku_speed_bench_runs_both_sides(sudoku_model, puzzle_file, capsys):
+    """bench/sudoku_speed.py on the tiny model: the reference (transformers) and our presets on the same puzzles."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import sudoku_speed
+    result = sudoku_speed.main(["--model", str(sudoku_model), "--puzzles", str(puzzle_file), "--limit", "3",
+                                "--presets", "exact,settle", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert result["num_puzzles"] == 3 and set(result["rows"]) == {"reference", "exact", "settle"}
+    for side, row in result["rows"].items():
+        assert 0 <= row["solved_rate"] <= 1 and 0 <= row["cell_accuracy"] <= 1 and row["wall_s"] > 0
+        assert (row["mean_steps_per_canvas"] is None) == (side == "reference")
+    assert result["rows"]["reference"]["ratio"] == 1.0
+    assert 1 <= result["rows"]["exact"]["mean_steps_per_canvas"] <= 8  # the checkpoint's 8-step budget
+    with pytest.raises(SystemExit, match="unknown"):
+        sudoku_speed.main(["--model", str(sudoku_model), "--presets", "turbo"])
