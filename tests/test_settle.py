@@ -141,3 +141,21 @@ def test_settle_knobs_are_checked(random_engine):
         random_engine.generation_settings(settle_after=0)
     with pytest.raises(ConfigError, match="settle_entropy must be a number > 0"):
         random_engine.generation_settings(settle_after=2, settle_entropy=-1)
+
+
+def test_the_settle_preset_turns_it_on_and_plans_run_whole_canvases(random_engine):
+    from dgemma.engine.presets import PRESETS
+    import jsonschema
+    random_engine.use_preset("settle")
+    try:
+        gen = random_engine.generation_config
+        assert (gen.settle_after, gen.settle_entropy) == (PRESETS["settle"].knobs["settle_after"],
+                                                          PRESETS["settle"].knobs["settle_entropy"])
+        # JSON output clamps positions through its plan: those canvases never settle and stay valid
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+        r = random_engine.generate_json("x", schema=schema, seed=0, max_denoising_steps=3, settle_after=1,
+                                        settle_entropy=1e9)
+        jsonschema.validate(r.value, schema)
+    finally:
+        random_engine.use_preset("exact")
+    assert random_engine.generation_config.settle_after is None
