@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..sampling import DenoiseState, StepConfig, init_state, step_lean
+from ..sampling.sampler import stop_and_count
 
 
 class Settling:
@@ -72,9 +73,9 @@ class Settling:
         """The sampler step on the computed positions, merged into the whole canvas; settles, stops, shrinks."""
         state, index, L = self.state, self.index, self.length
         sub = step_lean(logits, self.sub, self.sub_cfg, generator)
-        frozen = state.done
-        # computed positions whose results count: not fillers (index L), not settled, not in rows that are done
-        live = (index < L) & ~frozen[:, None] & ~self.settled.gather(1, index.clamp(max=L - 1))
+        safe = index.clamp(max=L - 1)  # fillers (index L) read position L-1, under a False `live`
+        # computed positions whose results count: not fillers, not settled, not in rows that are done
+        live = (index < L) & ~state.done[:, None] & ~self.settled.gather(1, safe)
 
         def merge(whole: Tensor, part: Tensor) -> Tensor:  # whole [B,L] <- part [B,M] at `index` where live
             wide = torch.cat([whole, whole[:, :1]], dim=1)  # + the spare column L that fillers write
@@ -84,23 +85,20 @@ class Settling:
         argmax = merge(state.argmax, sub.argmax)
         entropy, confidence = merge(state.entropy, sub.entropy), merge(state.confidence, sub.confidence)
         accepted, tokens = merge(state.accepted, sub.accepted), merge(state.tokens, sub.tokens)
-        held = torch.where(argmax == state.argmax, self.held + 1, 0)
-        held = torch.where(computed & (state.num_steps_taken[:, None] > 0), held, torch.where(computed, 0, self.held))
+        # consecutive steps a computed position's argmax held (none before a canvas's second step)
+        repeated = (argmax == state.argmax) & (state.num_steps_taken[:, None] > 0)
+        held = torch.where(computed, torch.where(repeated, self.held + 1, 0), self.held)
         settled = self.settled | (computed & (held >= self.after) & (entropy < self.max_entropy))
         tokens = torch.where(settled, argmax, tokens)
 
-        stopped = state.stopped | settled.all(dim=-1)  # nothing left to compute
-        if self.cfg.stop is not None:  # as in sampling/sampler.py `_advance`, on the whole canvas
-            stopped = stopped | self.cfg.stop(argmax, entropy, state.history)
-        history = torch.cat([state.history[1:], argmax[None]]) if state.history.shape[0] else state.history
-        num_steps_taken = state.num_steps_taken + (~frozen).long()
-        done = stopped | (num_steps_taken >= self.cfg.num_steps)
+        # the stop rule on the whole canvas; a canvas with every position settled has nothing left to compute
+        stopped, history, num_steps_taken, done = stop_and_count(state, self.cfg, argmax, entropy,
+                                                                 state.stopped | settled.all(dim=-1))
         self.state = DenoiseState(tokens=tokens, argmax=argmax, sc_logits=None, history=history, stopped=stopped,
                                   done=done, num_steps_taken=num_steps_taken, entropy=entropy, confidence=confidence,
                                   accepted=accepted)
         self.held, self.settled = held, settled
         # the sub-canvas: settled positions (and fillers) read their argmax; rows that are done compute nothing
-        safe = index.clamp(max=L - 1)  # fillers read position L-1: any token will do
         sub_tokens = torch.where(settled.gather(1, safe), argmax.gather(1, safe), sub.tokens)
         self.sub = dataclasses.replace(sub, tokens=sub_tokens, stopped=stopped, done=done,
                                        num_steps_taken=num_steps_taken)

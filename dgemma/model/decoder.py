@@ -92,9 +92,7 @@ def denoise(model, tokens: torch.Tensor, cache, soft: torch.Tensor | None = None
         positions_abs = context_positions(cache.length, L, tokens.device)
         width = L
     else:
-        start = cache.length.to(tokens.device).reshape(-1, 1) if isinstance(cache.length, torch.Tensor) else \
-            cache.length
-        positions_abs = positions + start
+        positions_abs = positions + context_positions(cache.length, 1, tokens.device)  # offsets + each row's start
         width = canvas_kv[0][0].shape[2] - 1
     rope = model.rope(positions_abs, x.dtype)
     for i, layer in enumerate(model.layers):

@@ -189,11 +189,19 @@ def _advance(state: DenoiseState, cfg: StepConfig, generator: torch.Generator | 
     entropy, confidence = torch.where(keep, state.entropy, entropy), torch.where(keep, state.confidence, confidence)
     accepted = torch.where(keep, state.accepted, accepted)
 
-    stopped = state.stopped
-    if cfg.stop is not None:  # HF evaluates the rule on every row (frozen ones see their frozen argmax) and ORs it in
-        stopped = stopped | cfg.stop(argmax, con.stop_entropy(entropy, c), state.history)
-    history = torch.cat([state.history[1:], argmax[None]]) if state.history.shape[0] else state.history
-    num_steps_taken = state.num_steps_taken + (~frozen).long()
-    done = stopped | (num_steps_taken >= cfg.num_steps)
+    stopped, history, num_steps_taken, done = stop_and_count(state, cfg, argmax, con.stop_entropy(entropy, c))
     return DenoiseState(tokens=tokens, argmax=argmax, sc_logits=sc_logits, history=history, stopped=stopped, done=done,
                         num_steps_taken=num_steps_taken, entropy=entropy, confidence=confidence, accepted=accepted)
+
+
+def stop_and_count(state: DenoiseState, cfg: StepConfig, argmax: Tensor, entropy: Tensor,
+                   stopped: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The end of every step (`_advance`, engine/settle.py): the stop rule on this step's argmax and entropy [B,L],
+    OR-ed into `stopped` (default state.stopped); the argmax pushed into the history; frozen rows' step counts held.
+    -> (stopped, history, num_steps_taken, done)."""
+    stopped = state.stopped if stopped is None else stopped
+    if cfg.stop is not None:  # HF evaluates the rule on every row (frozen ones see their frozen argmax) and ORs it in
+        stopped = stopped | cfg.stop(argmax, entropy, state.history)
+    history = torch.cat([state.history[1:], argmax[None]]) if state.history.shape[0] else state.history
+    num_steps_taken = state.num_steps_taken + (~state.done).long()
+    return stopped, history, num_steps_taken, stopped | (num_steps_taken >= cfg.num_steps)
