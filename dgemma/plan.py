@@ -8,7 +8,8 @@ Components (bytes), each computed from what dgemma's code allocates:
 * sampler_per_canvas: the vocabulary-sized buffers of one canvas at their peak, the tied head: the kept
   self-conditioning logits and the fp32 logits, soft-capped in place (model/layers.softcap), plus the head's
   product in the weight dtype when that is not fp32 = 2 to 2.5 fp32 [L, V] buffers (`sampler_bytes`); the lean
-  sampler step works in place with one shared 16 MiB chunk (sampling/lean.py).
+  sampler step works in place with one shared chunk: 18 MiB on a CPU, 160 MiB on a GPU (sampling/lean.py
+  `work_bytes`; `--device`).
 * activation_peak: the largest non-vocabulary working set: max of (a) the prompt prefill, one encoder pass
   over `prompt` tokens (mixture of experts: the routed copies of the tokens, the experts' outputs, their
   concatenation and two fp32 weighted copies, K per token; attention: the keys and values concatenated to
@@ -30,9 +31,9 @@ from .config import ModelConfig
 from .model.blocks import DiffusionGemma
 from .quant.modules import swap_modules
 from .quant.schemes import DEFAULT_GROUP_SIZE, scale_dtype_for
+from .sampling.lean import work_bytes
 
 GiB = 2 ** 30
-SAMPLER_CHUNK_BYTES = 18 << 20  # step_lean's work buffer (16 MiB) + block scratch (2 MiB), shared by all canvases
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Plan:
     sampler_per_canvas: int
     prefill_activations: int
     step_activations: int
+    device: str = "cuda"  # where it runs: sets the sampler step's shared work buffer (sampling/lean.py)
 
     @property
     def weight_bytes(self) -> int:
@@ -63,7 +65,8 @@ class Plan:
     def total_bytes(self) -> int:
         c = self.concurrency
         unit = vocab_unit(self.config)
-        step = max(c * self.sampler_per_canvas, c * 2 * unit + SAMPLER_CHUNK_BYTES, c * unit + self.step_activations)
+        step = max(c * self.sampler_per_canvas, c * 2 * unit + work_bytes(self.device),
+                   c * unit + self.step_activations)
         return self.weight_bytes + c * self.kv_cache_per_request + max(self.prefill_activations, step)
 
     def max_concurrency(self, budget_bytes: float) -> int:
@@ -84,7 +87,7 @@ class Plan:
     def as_dict(self) -> dict:
         return {"quant": self.quant or "none", "group_size": self.group_size,
                 "dtype": str(self.dtype).removeprefix("torch."), "context": self.context, "prompt": self.prompt,
-                "prefill_chunk": self.prefill_chunk,
+                "prefill_chunk": self.prefill_chunk, "device": self.device,
                 "concurrency": self.concurrency, "weights_bytes": self.weight_bytes,
                 "weights_by_component": self.weights, "kv_cache_per_request_bytes": self.kv_cache_per_request,
                 "sampler_per_canvas_bytes": self.sampler_per_canvas,
@@ -155,7 +158,7 @@ def pass_activation_bytes(cfg: ModelConfig, tokens: int, context: int, itemsize:
 
 def make_plan(cfg: ModelConfig, *, quant: str | None = None, group_size: int | None = None,
               dtype: torch.dtype = torch.bfloat16, context: int = 8192, concurrency: int = 1,
-              prompt: int | None = None, prefill_chunk: int | None = None) -> Plan:
+              prompt: int | None = None, prefill_chunk: int | None = None, device: str = "cuda") -> Plan:
     if quant == "int4":
         group_size = group_size or DEFAULT_GROUP_SIZE
     elif quant is None:
@@ -174,13 +177,13 @@ def make_plan(cfg: ModelConfig, *, quant: str | None = None, group_size: int | N
                 weight_bytes(cfg, quant, group_size, dtype), kv_cache_bytes(cfg, context, itemsize),
                 sampler_bytes(cfg, itemsize),
                 pass_activation_bytes(cfg, piece, max(prompt - piece, 0), itemsize, causal=True),
-                pass_activation_bytes(cfg, concurrency * cfg.canvas_length, context, itemsize, causal=False))
+                pass_activation_bytes(cfg, concurrency * cfg.canvas_length, context, itemsize, causal=False), device)
 
 
 def plan_with(plan: Plan, concurrency: int) -> Plan:
     return make_plan(plan.config, quant=plan.quant, group_size=plan.group_size, dtype=plan.dtype,
                      context=plan.context, concurrency=concurrency, prompt=plan.prompt,
-                     prefill_chunk=plan.prefill_chunk)
+                     prefill_chunk=plan.prefill_chunk, device=plan.device)
 
 
 def render(plan: Plan, budgets_gib=(18, 24, 80)) -> list[str]:
@@ -226,6 +229,9 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--concurrency", type=positive_int, default=1, help="canvases denoised at once (default 1)")
     p.add_argument("--budget", type=float, action="append", default=None, metavar="GB",
                    help="memory budgets to check, in GiB (repeatable; default 18, 24, 80)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="where it will run: the sampler's work buffer is 160 MiB on a GPU, 18 MiB on a CPU "
+                        "(default cuda)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=cmd_plan)
 
@@ -246,7 +252,8 @@ def cmd_plan(args) -> int:
             quant, group_size = record["scheme"], group_size or record["group_size"]
     quant = None if quant in (None, "none") else quant
     plan = make_plan(cfg, quant=quant, group_size=group_size, dtype=getattr(torch, args.dtype), context=args.context,
-                     concurrency=args.concurrency, prompt=args.prompt, prefill_chunk=args.prefill_chunk)
+                     concurrency=args.concurrency, prompt=args.prompt, prefill_chunk=args.prefill_chunk,
+                     device=args.device)
     budgets = args.budget or [18, 24, 80]
     if args.json:
         fits = {f"{gb:g}GiB": plan.max_concurrency(gb * GiB) for gb in budgets}

@@ -92,7 +92,7 @@ MEASURE = textwrap.dedent("""
     Path("/proc/self/clear_refs").write_text("5")
     run()
     plan = make_plan(cfg, quant=quant, group_size=32, dtype=dtype, context=prompt + 256, concurrency=batch,
-                     prompt=prompt)
+                     prompt=prompt, device="cpu")
     print(json.dumps({"measured": rss("VmHWM") - base, "planned": plan.total_bytes - plan.weight_bytes,
                       "weights_rss": weights, "weights_planned": plan.weight_bytes}))
 """)

@@ -15,7 +15,7 @@ import torch
 
 import dgemma.sampling as S
 from dgemma.model.decoder import soft_embedding
-from dgemma.sampling.lean import _chunks, default_chunk, step_lean
+from dgemma.sampling.lean import _chunks, default_chunk, step_lean, work_bytes
 
 FIELDS = ("tokens", "argmax", "sc_logits", "history", "stopped", "done", "num_steps_taken", "entropy", "confidence",
           "accepted")
@@ -64,7 +64,7 @@ def test_entropy_in_column_blocks(monkeypatch):
     from dgemma.sampling import lean
 
     rows, length, vocab, chunk = 2, 10, 1003, 4
-    monkeypatch.setattr(lean, "BLOCK_BYTES", 4 * chunk * 300)  # block = 300 columns: 300, 300, 300, 103
+    monkeypatch.setitem(lean.BLOCK_BYTES, "cpu", 4 * chunk * 300)  # block = 300 columns: 300, 300, 300, 103
     g = torch.Generator().manual_seed(5)
     state = S.init_state(S.init_canvas(rows, length, vocab, g), FAST)
     state = dataclasses.replace(state, sc_logits=torch.randn(rows, length, vocab, generator=g))
@@ -167,6 +167,9 @@ def test_chunk_ranges():
     assert _chunks(9, 4) == [(0, 4), (4, 9)]  # no single-position chunk
     assert _chunks(1, 4) == [(0, 1)] and _chunks(3, 8) == [(0, 3)]
     assert default_chunk(262_144) == 16 and default_chunk(32_768) == 128 and default_chunk(10**9) == 2
+    # an accelerator takes 8x larger chunks (each chunk is ~40 kernel launches): 2 chunks a canvas row at the 26B's V
+    assert default_chunk(262_144, "cuda") == 128 and default_chunk(262_144, torch.device("cuda:1")) == 128
+    assert default_chunk(262_144, "cpu") == 16 and work_bytes("cuda") == 160 << 20 and work_bytes() == 18 << 20
 
 
 def stub_model(vocab, dim, dtype):

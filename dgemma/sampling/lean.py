@@ -58,13 +58,27 @@ from .sampler import DenoiseState, StepConfig, _advance, _check_logits, _tempera
 
 INVALID_PROBS = "probability tensor contains either `inf`, `nan` or element < 0"  # torch.multinomial's words
 
-CHUNK_BYTES = 16 << 20  # default work buffer: 16 MiB = 16 positions at V = 262,144, 128 at V = 32,768
-BLOCK_BYTES = 2 << 20  # scratch for the entropy's clamped log-probs, a column block of the chunk
+# Work buffer sizes by device type. CPU: small enough to stay in cache (16 MiB = 16 positions at V = 262,144, 128 at
+# V = 32,768). An accelerator: a chunk costs ~40 kernel launches whatever its size, so 16-position chunks made the
+# step launch-bound (26B-A4B on an H200: ~12 ms a canvas row per step outside the forward, bench/gpu.py 2026-11-27);
+# 128 MiB = 128 positions at V = 262,144, two chunks a canvas row.
+CHUNK_BYTES = {"cpu": 16 << 20, "accelerator": 128 << 20}
+BLOCK_BYTES = {"cpu": 2 << 20, "accelerator": 32 << 20}  # scratch for the entropy's clamped log-probs, per column block
 
 
-def default_chunk(vocab: int) -> int:
-    """Positions per chunk so that one fp32 [chunk, V] buffer is about CHUNK_BYTES (at least 2)."""
-    return max(2, CHUNK_BYTES // (4 * vocab))
+def _budget(table: dict[str, int], device: torch.device | str | None) -> int:
+    kind = "cpu" if device is None or torch.device(device).type == "cpu" else "accelerator"
+    return table[kind]
+
+
+def work_bytes(device: torch.device | str | None = None) -> int:
+    """Bytes of the step's shared work buffer + block scratch on `device` (None = CPU); for the memory planner."""
+    return _budget(CHUNK_BYTES, device) + _budget(BLOCK_BYTES, device)
+
+
+def default_chunk(vocab: int, device: torch.device | str | None = None) -> int:
+    """Positions per chunk so that one fp32 [chunk, V] buffer is about the device's CHUNK_BYTES (at least 2)."""
+    return max(2, _budget(CHUNK_BYTES, device) // (4 * vocab))
 
 
 def _chunks(num_positions: int, chunk: int) -> list[tuple[int, int]]:
@@ -91,9 +105,9 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
 
     logits [B,L,V] fp32, OVERWRITTEN with ℓ̃ (inplace=True, the default) and returned as the new state's sc_logits
     (a non-contiguous input is copied first). chunk: positions of the flattened B*L canvas per chunk, None =
-    `default_chunk(V)`; 1 is taken as 2. Fast mode (`sample_inverse_cdf`) and reference-RNG mode (`sample_reference`,
-    which adds a [chunk, V] buffer of exponential noise, see the module docstring) are chunked; any other sampler
-    runs `step` unchanged (logits are then left untouched).
+    `default_chunk(V, logits.device)`; 1 is taken as 2. Fast mode (`sample_inverse_cdf`) and reference-RNG mode
+    (`sample_reference`, which adds a [chunk, V] buffer of exponential noise, see the module docstring) are chunked;
+    any other sampler runs `step` unchanged (logits are then left untouched).
     constraints: as for `step`; the class masks are applied chunk by chunk (elementwise, so the same bits)."""
     reference_rng = cfg.sample is sample_reference
     if cfg.sample is not sample_inverse_cdf and not reference_rng:
@@ -103,7 +117,7 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
     if constraints is not None:
         constraints.check((num_rows, length), vocab)
     if chunk is None:
-        chunk = default_chunk(vocab)
+        chunk = default_chunk(vocab, logits.device)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
     chunk = max(chunk, 2)  # a 1-position chunk would be a single-output reduction (see the module docstring)
@@ -126,7 +140,7 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
     ranges = _chunks(n_pos, chunk)
     rows = max(end - start for start, end in ranges)
     work_all = torch.empty(rows, vocab, dtype=torch.float32, device=dev)  # the one [chunk, V] buffer
-    block = max(1, min(vocab, BLOCK_BYTES // (4 * rows)))
+    block = max(1, min(vocab, _budget(BLOCK_BYTES, dev) // (4 * rows)))
     scratch_all = torch.empty(rows, block, dtype=torch.float32, device=dev)
     noise_all = torch.empty(rows, vocab, dtype=torch.float32, device=dev) if reference_rng else None
     maxes_all = torch.empty(rows, 1, dtype=torch.float32, device=dev)
