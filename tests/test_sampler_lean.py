@@ -291,3 +291,22 @@ def test_canvas_loop_lean_path_equals_the_plain_step(monkeypatch):
     for sampling, (seqs, steps) in lean.items():
         got_seqs, got_steps = run(sampling)
         assert torch.equal(got_seqs, seqs) and torch.equal(got_steps, steps), sampling
+
+
+def test_sampler_ops_bench_counts_fewer_calls_with_the_accelerator_budget(capsys):
+    """bench/sampler_ops.py runs end to end; the larger chunks make fewer operator calls; budgets are restored."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from dgemma.sampling import lean
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import sampler_ops
+
+    before = dict(lean.CHUNK_BYTES), dict(lean.BLOCK_BYTES)
+    assert sampler_ops.main(["--vocab", "65536", "--canvas", "64", "--reps", "1", "--threads", "1"]) == 0
+    rows = {r["budget"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
+    assert rows["cpu"]["chunk_positions"] == 64 and rows["accelerator"]["chunk_positions"] == 512
+    assert rows["accelerator"]["aten_calls"] < rows["cpu"]["aten_calls"] and rows["cpu"]["ms_per_step"] > 0
+    assert (dict(lean.CHUNK_BYTES), dict(lean.BLOCK_BYTES)) == before
