@@ -14,7 +14,7 @@ ALLOWED = {
     "model": {"config"},
     "engine": {"config", "model", "sampling", "text", "quant"},
     "quant": {"config", "model", "argtypes"},
-    "plan": {"config", "model", "quant", "argtypes"},
+    "plan": {"config", "model", "quant", "sampling", "argtypes"},  # sampling: the sampler step's work-buffer sizes
     "bundled": {"config", "model", "text"},
     "train": {"config", "model", "sampling", "text", "argtypes"},
     "sudoku": {"config", "model", "sampling", "text", "engine", "train", "argtypes"},
