@@ -49,7 +49,7 @@ def one_step(logits: torch.Tensor, state: S.DenoiseState, cfg: S.StepConfig, chu
 def measure(args, budget: str, state, cfg, dev) -> dict:
     """One budget's row: the lean step with that budget's chunk and column block, on `dev`."""
     saved = dict(lean.CHUNK_BYTES), dict(lean.BLOCK_BYTES)
-    kind = "cpu" if dev.type == "cpu" else "accelerator"  # the entry step_lean reads on this device
+    kind = lean.device_kind(dev)  # the entry step_lean reads on this device
     lean.CHUNK_BYTES[kind], lean.BLOCK_BYTES[kind] = saved[0][budget], saved[1][budget]
     try:
         chunk = lean.default_chunk(args.vocab, dev)

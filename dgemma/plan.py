@@ -51,7 +51,7 @@ class Plan:
     sampler_per_canvas: int
     prefill_activations: int
     step_activations: int
-    device: str = "cuda"  # where it runs: sets the sampler step's shared work buffer (sampling/lean.py)
+    device: str  # where it runs: sets the sampler step's shared work buffer (sampling/lean.py)
 
     @property
     def weight_bytes(self) -> int:

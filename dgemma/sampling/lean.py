@@ -66,9 +66,13 @@ CHUNK_BYTES = {"cpu": 16 << 20, "accelerator": 128 << 20}
 BLOCK_BYTES = {"cpu": 2 << 20, "accelerator": 32 << 20}  # scratch for the entropy's clamped log-probs, per column block
 
 
+def device_kind(device: torch.device | str | None) -> str:
+    """The key of CHUNK_BYTES / BLOCK_BYTES for `device` (None = CPU): "cpu" or "accelerator"."""
+    return "cpu" if device is None or torch.device(device).type == "cpu" else "accelerator"
+
+
 def _budget(table: dict[str, int], device: torch.device | str | None) -> int:
-    kind = "cpu" if device is None or torch.device(device).type == "cpu" else "accelerator"
-    return table[kind]
+    return table[device_kind(device)]
 
 
 def work_bytes(device: torch.device | str | None = None) -> int:
