@@ -297,17 +297,23 @@ def test_rows_finish_in_different_canvases(models):
     m = models("wide")
     ids = batch3(m)
     T, L = ids.shape[1], m.L
-    knobs = dict(seed=4, max_new_tokens=3 * L, max_denoising_steps=5, confidence_threshold=None)
-    free = new_canvases(run_reference(m.ref, ids, **knobs).sequences, T, L)  # [3, 3, L], no stop ids
-    forbidden = {0, int(free[0, 0, 0])} | set(free[1, 0].tolist()) | set(free[2].flatten().tolist())
-    eos = sorted((set(free[0, 0, 1:-1].tolist()) | set(free[1, 1].tolist())) - forbidden)
-    assert eos, "pick another seed: no usable stop ids"
-    a, b = both(m, ids, eos_token_id=eos, pad_token_id=0, **knobs)
-    canv = new_canvases(a.sequences, T, L)
-    assert canv.shape[1] == 3
-    is_eos = torch.isin(canv, torch.tensor(eos))
-    finished_in = [int(is_eos[r].any(dim=-1).int().argmax()) if is_eos[r].any() else None for r in range(3)]
-    assert finished_in == [0, 1, None], f"scenario not reached, pick another seed: {finished_in}"
+    # whether row 1 stops in canvas 2 depends on the random canvases, which depend on the BLAS's rounding, so take
+    # the first seed whose reference run has the scenario (seed 4 on an Intel Xeon); ours must match it on every seed
+    for seed in range(4, 16):
+        knobs = dict(seed=seed, max_new_tokens=3 * L, max_denoising_steps=5, confidence_threshold=None)
+        free = new_canvases(run_reference(m.ref, ids, **knobs).sequences, T, L)  # [3, 3, L], no stop ids
+        forbidden = {0, int(free[0, 0, 0])} | set(free[1, 0].tolist()) | set(free[2].flatten().tolist())
+        eos = sorted((set(free[0, 0, 1:-1].tolist()) | set(free[1, 1].tolist())) - forbidden)
+        if not eos:
+            continue
+        a, b = both(m, ids, eos_token_id=eos, pad_token_id=0, **knobs)
+        canv = new_canvases(a.sequences, T, L)
+        is_eos = torch.isin(canv, torch.tensor(eos))
+        finished_in = [int(is_eos[r].any(dim=-1).int().argmax()) if is_eos[r].any() else None for r in range(3)]
+        if canv.shape[1] == 3 and finished_in == [0, 1, None]:
+            break
+    else:
+        pytest.fail("no seed in 4..15 reached the scenario (row 0 stops in canvas 1, row 1 in canvas 2)")
     first_stop = int(is_eos[0, 0].int().argmax())
     assert 0 < first_stop < L - 1, "row 0 stops mid-canvas"
     assert (canv[0, 0, first_stop + 1:] == 0).all(), "pad after the stop id"

@@ -64,6 +64,8 @@ def test_two_processes_match_one(tmp_path):
 
     # 2) One process, one micro-batch of 4 (padded together): only the summation order differs. Losses agree to
     #    fp32 rounding; Adam turns rounding noise in near-zero gradients into at most a fraction of one lr step.
+    #    (Relative 1e-4 on the losses: 1.5e-5 was seen on an AMD EPYC after two steps; a sharding or averaging
+    #    mistake moves them by percents.)
     train(TrainConfig(out=str(tmp_path / "one"), **common))
     one_log, one_weights = results(tmp_path / "one")
     for log in (ddp_log, accum_log):
@@ -71,7 +73,9 @@ def test_two_processes_match_one(tmp_path):
                                                                       for r in one_log]
         for a, b in zip(log, one_log):
             for key in ("loss", "diffusion_loss", "ar_loss", "accuracy"):
-                assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (a["kind"], a["step"], key)
+                assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(b[key])), (a["kind"], a["step"], key)
     diffs = [(ddp_weights[k] - one_weights[k]).abs() for k in one_weights]
-    assert max(d.max().item() for d in diffs) <= 0.5 * LR
-    assert sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs) <= 1e-3 * LR
+    # a near-zero gradient whose sign the rounding flips moves Adam's first update by 2 lr (0.76 lr seen on an AMD
+    # EPYC, under 0.5 lr on an Intel Xeon); the mean below catches a real mismatch, which moves most weights
+    assert max(d.max().item() for d in diffs) <= 2 * LR
+    assert sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs) <= 1e-2 * LR  # 1.1e-3 LR on the EPYC

@@ -16,6 +16,8 @@ import itertools
 
 import torch
 
+MIN_CHUNK_ROWS = 4  # the fewest rows a chunk's product gets (see soft_embedding)
+
 
 def soft_embedding(model, sc_logits: torch.Tensor, sc_mask: torch.Tensor | None = None,
                    chunk: int | None = None) -> torch.Tensor:
@@ -33,8 +35,9 @@ def soft_embedding(model, sc_logits: torch.Tensor, sc_mask: torch.Tensor | None 
       * lower-precision weights (bf16): the cast probabilities go into ONE [B*L, V] buffer of that dtype (half
         an fp32 one) and are multiplied by E once, exactly as the reference does (E is read once).
     Same bits as chunk None on CPU (MKL, fp32 and bf16, measured): softmax and casts are per position, and the
-    chunk products equal the rows of the whole product as long as no chunk has a single row (M = 1 takes a
-    matrix-vector path that rounds differently), so a 1-position remainder joins the previous chunk."""
+    chunk products equal the rows of the whole product as long as no chunk has fewer than MIN_CHUNK_ROWS rows
+    (MKL takes small-M paths that round differently: M = 1 a matrix-vector product, and on an AMD EPYC also
+    M = 2 and 3), so chunks have at least that many rows and a shorter remainder joins the previous chunk."""
     w = model.embed_tokens.weight
     scale = model.embed_scale(w.dtype)
     if chunk is None:
@@ -46,8 +49,8 @@ def soft_embedding(model, sc_logits: torch.Tensor, sc_mask: torch.Tensor | None 
             raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
         num_rows, length, vocab = sc_logits.shape
         flat = sc_logits.reshape(num_rows * length, vocab)
-        bounds = list(range(0, flat.shape[0], max(chunk, 2))) + [flat.shape[0]]
-        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        bounds = list(range(0, flat.shape[0], max(chunk, MIN_CHUNK_ROWS))) + [flat.shape[0]]
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] < MIN_CHUNK_ROWS:
             del bounds[-2]
         low = None if w.dtype == torch.float32 else torch.empty(flat.shape, dtype=w.dtype, device=w.device)
         parts = []
