@@ -174,10 +174,13 @@ class StepCost:
 
     Bytes: every weight the step reads once (the embedding twice with self-conditioning: head and soft
     embedding; experts in proportion to how many are expected to be hit under uniform routing) plus the
-    cached K/V it attends to. A lower bound on traffic; the logits themselves are not counted."""
+    cached K/V it attends to. A lower bound on traffic; the logits themselves are not counted. `quant_itemsize`
+    (bytes per element of a quantized matrix, scales included: what dgemma/quant/modules.py QUANTIZED covers, the
+    projections, dense and self-conditioning MLPs and experts) counts a quantized model; None: all in `itemsize`."""
 
-    def __init__(self, cfg, batch: int, itemsize: int):
+    def __init__(self, cfg, batch: int, itemsize: int, quant_itemsize: float | None = None):
         self.cfg, self.B, self.itemsize = cfg, batch, itemsize
+        self.quant_itemsize = itemsize if quant_itemsize is None else quant_itemsize
 
     def _layers(self):
         c = self.cfg
@@ -207,14 +210,16 @@ class StepCost:
         c, L = self.cfg, self.cfg.canvas_length
         D, H, I, E, K = c.hidden_size, c.num_attention_heads, c.intermediate_size, c.num_experts, c.top_k_experts
         hit = E * (1 - (1 - K / E) ** (self.B * L))  # expected distinct experts used by B*L tokens
-        weights = kv = 0.0
+        quantized = kept = kv = 0.0
         for sliding, dh, hk in self._layers():
             seen = min(context, c.sliding_window - 1) if sliding else context
-            weights += D * H * dh * 2 + D * hk * dh * (2 if sliding else 1) + 3 * D * I + D * E
-            weights += hit * 3 * D * c.moe_intermediate_size
+            quantized += D * H * dh * 2 + D * hk * dh * (2 if sliding else 1) + 3 * D * I
+            kept += D * E  # router
+            quantized += hit * 3 * D * c.moe_intermediate_size
             kv += self.B * 2 * hk * dh * seen
-        weights += c.vocab_size * D * (2 if self_conditioning else 1) + (3 * D * I if self_conditioning else 0)
-        return (weights + kv) * self.itemsize
+        kept += c.vocab_size * D * (2 if self_conditioning else 1)
+        quantized += 3 * D * I if self_conditioning else 0
+        return (kept + kv) * self.itemsize + quantized * self.quant_itemsize
 
     def run(self, prompt_len: int, num_canvases: int, steps: int) -> tuple[float, float]:
         """(FLOPs, bytes) of every decoder step of a fixed-step run: canvas j sees P = prompt + j*L."""

@@ -1,7 +1,13 @@
 """dgemma on one GPU: the 26B-A4B config with random weights built directly on the device (nothing downloaded).
 
     python bench/gpu.py [--config 26b-a4b] [--dtype bf16] [--steps 16] [--batches 1,4] [--long-prompt 4096]
-                        [--compile reduce-overhead]
+                        [--compile reduce-overhead] [--quantize {none,int8,int4,fp8}]
+
+--quantize SCHEME quantizes the random model where it was built (dgemma.quant.modules.quantize_module: module by
+module, expert by expert, so 26B-A4B fits an H100 while it converts) before anything is timed: the linears and
+experts as `dgemma quantize` would write them; the embedding, routers and norms stay in --dtype. fp8 on a Hopper GPU
+runs the experts as torch._scaled_grouped_mm on the fp8 weights (dgemma/quant/kernels.py). The JSON line records
+the scheme, the experts' path and the weight bytes actually held.
 
 Scenarios, each after a warm-up, every canvas at exactly --steps denoising steps (adaptive stopping off):
   one_user     batch 1, short prompt, --canvases canvases: ms per decoder step, committed tok/s per canvas
@@ -35,6 +41,8 @@ from dgemma.config import ModelConfig  # noqa: E402
 from dgemma.engine.compiled import COMPILE_MODES  # noqa: E402
 from dgemma.engine.engine import Engine  # noqa: E402
 from dgemma.model import DiffusionGemma, moe  # noqa: E402
+from dgemma.quant.modules import QuantExperts, QuantizedWeights, prepare_kernels, quantize_module  # noqa: E402
+from dgemma.quant.schemes import DEFAULT_GROUP_SIZE, SCHEMES  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -51,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", default="", help="comma-separated torch.compile modes to measure after the eager "
                    f"scenarios ({', '.join(COMPILE_MODES)}); e.g. reduce-overhead")
+    p.add_argument("--quantize", default="none", choices=["none", *SCHEMES],
+                   help="quantize the linears and experts before timing (int4 with group size "
+                        f"{DEFAULT_GROUP_SIZE}); default none")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor; eager or "
                    "aot_eager isolate graph capture from code generation)")
     args = p.parse_args(argv)
@@ -61,9 +72,10 @@ def parse_args(argv=None):
     return args
 
 
-def build(raw: dict, dtype: torch.dtype, device: torch.device, seed: int) -> Engine:
+def build(raw: dict, dtype: torch.dtype, device: torch.device, seed: int, quantize: str = "none") -> Engine:
     """Random weights made on the device in `dtype` (no fp32 copy, no host memory): matrices ~ N(0, 1/fan_in),
-    the embedding ~ N(0, 0.02^2) (x sqrt(D) in the model), 1-D weights ~ U(0.5, 1.5), layer scalars 1."""
+    the embedding ~ N(0, 0.02^2) (x sqrt(D) in the model), 1-D weights ~ U(0.5, 1.5), layer scalars 1; then
+    quantized in place unless `quantize` is "none" (before the Engine exists, so no float weight outlives its swap)."""
     config = ModelConfig.from_dict(raw)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -74,7 +86,23 @@ def build(raw: dict, dtype: torch.dtype, device: torch.device, seed: int) -> Eng
         torch.set_default_dtype(default)
     module = module.to_empty(device=device)
     random_weights(module, torch.Generator(device=device).manual_seed(seed), 0.02, (0.5, 1.5), None)
-    return Engine(module.eval().requires_grad_(False))
+    module = module.eval().requires_grad_(False)
+    if quantize != "none":
+        quantize_module(module, quantize, DEFAULT_GROUP_SIZE if quantize == "int4" else None)
+        prepare_kernels(module)  # int4: repacked for the device's kernel now, not inside the first timed run
+    return Engine(module)
+
+
+def weight_bytes(module) -> tuple[int, float | None]:
+    """(bytes of every weight held: parameters plus quantized buffers, bytes per element of the quantized
+    matrices including their scales, or None when nothing is quantized)."""
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    held = elements = 0
+    for m in module.modules():
+        if isinstance(m, QuantizedWeights):
+            held += sum(b.numel() * b.element_size() for b in m.buffers(recurse=False))
+            elements += sum(torch.Size(s).numel() for s in m.shapes.values())
+    return total + held, (held / elements if elements else None)
 
 
 def run(eng: Engine, timers: Timers, args, batch: int, prompt: int, canvases: int, steps: int) -> dict:
@@ -145,11 +173,12 @@ def main(argv=None) -> dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     label, raw = read_config(args.config)
     t0 = time.perf_counter()
-    eng = build(raw, dtype, device, args.seed)
+    eng = build(raw, dtype, device, args.seed, args.quantize)
     sync(device)
     t_build = time.perf_counter() - t0
-    model_bytes = sum(p.numel() * p.element_size() for p in eng.module.parameters())
-    print(f"built {label} on {hardware(device)}: {model_bytes / 1e9:.2f} GB of {args.dtype} weights in "
+    model_bytes, quant_itemsize = weight_bytes(eng.module)
+    quantized = "" if args.quantize == "none" else f", linears and experts {args.quantize}"
+    print(f"built {label} on {hardware(device)}: {model_bytes / 1e9:.2f} GB of {args.dtype} weights{quantized} in "
           f"{t_build:.1f} s", flush=True)
     timers = Timers(device)
     timers.wrap(eng.module, "soft_embedding", "decoder")
@@ -177,15 +206,18 @@ def main(argv=None) -> dict:
         except Exception as e:  # keep the eager rows and the JSON line when a compile fails on a new machine
             traceback.print_exc()
             compiled[mode] = {"error": f"{type(e).__name__}: {e}"[:1000]}
-    cost = StepCost(eng.config, 1, torch.finfo(dtype).bits // 8)
+    cost = StepCost(eng.config, 1, torch.finfo(dtype).bits // 8, quant_itemsize)
     step_bytes = cost.bytes(args.short_prompt, True)
     one = results["one_user"]
+    experts = eng.module.layers[0].experts
+    probe = torch.empty(0, eng.config.hidden_size, device=device, dtype=dtype)
+    path = experts.kernel_kind(probe) if isinstance(experts, QuantExperts) else None
     summary = {
         "bench": "gpu", "config": label, "hardware": hardware(device), "dtype": args.dtype, "torch": torch.__version__,
         "steps": args.steps, "sampling": args.sampling, "build_s": round(t_build, 1), "model_bytes": model_bytes,
-        "grouped_dispatch": moe.grouped_dispatch(torch.empty(0, device=device, dtype=dtype),
-                                                 *(eng.module.layers[0].experts.gate_up_proj,
-                                                   eng.module.layers[0].experts.down_proj)),
+        "quantize": args.quantize, "experts_kernel": path,
+        "grouped_dispatch": path != "loop" if path else moe.grouped_dispatch(probe, experts.gate_up_proj,
+                                                                             experts.down_proj),
         "ms_per_step": one["ms_per_step"], "tok_s_per_canvas": one["tok_s_per_canvas"],
         "tok_s_end_to_end_long_prompt": results["long_prompt"]["tok_s_end_to_end"],
         "ms_prefill_long_prompt": results["long_prompt"]["ms_prefill"],

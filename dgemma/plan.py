@@ -30,7 +30,7 @@ import torch
 from .config import ModelConfig
 from .model.blocks import DiffusionGemma
 from .quant.modules import swap_modules
-from .quant.schemes import DEFAULT_GROUP_SIZE, scale_dtype_for
+from .quant.schemes import DEFAULT_GROUP_SIZE, SCHEMES, scale_dtype_for
 from .sampling.lean import work_bytes
 
 GiB = 2 ** 30
@@ -216,7 +216,7 @@ def add_plan_parser(subparsers) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model directory (a quantized one brings its scheme)")
     src.add_argument("--config", help="config.json (or a directory with one)")
-    p.add_argument("--quant", choices=["none", "int8", "int4"], default=None,
+    p.add_argument("--quant", choices=["none", *SCHEMES], default=None,
                    help="weight quantization (default: the checkpoint's, else none)")
     p.add_argument("--group-size", type=positive_int, default=None, help=f"int4 group size ({DEFAULT_GROUP_SIZE})")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",

@@ -47,6 +47,26 @@ def test_sharded_checkpoint_converts_shard_by_shard(reference_checkpoint, tmp_pa
     assert json.loads(capsys.readouterr().out)["quant"] == "int4"
 
 
+def test_cli_fp8_checkpoint_layout(reference_checkpoint, tmp_path, capsys):
+    """`dgemma quantize --scheme fp8` stores e4m3 data with fp32 row scales (the load-and-compare to
+    quantize_module is tests/test_quant.py's, for every scheme)."""
+    import dgemma
+    _, src = reference_checkpoint({"text_config": {"intermediate_size": 128}})
+    dst = tmp_path / "f8"
+    assert main(["quantize", str(src), str(dst), "--scheme", "fp8", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["scheme"] == "fp8" and summary["group_size"] is None and summary["tensors_quantized"] > 0
+    infos, _ = list_tensors(dst)
+    key = "model.decoder.layers.0.experts.down_proj"
+    assert infos[key].dtype == torch.float8_e4m3fn and infos[key + "_scale"].dtype == torch.float32
+    assert infos[key + "_scale"].shape == infos[key].shape[:-1] and key + "_zero" not in infos
+    with safe_open(dst / "model.safetensors", "pt") as f:  # valid for the safetensors library, fp8 included
+        assert json.loads(f.metadata()[METADATA_KEY]) == {"scheme": "fp8", "group_size": None,
+                                                          "scale_dtype": "float32", "format": 1}
+        assert f.get_tensor(key).dtype == torch.float8_e4m3fn
+    assert dgemma.load(dst).module.layers[0].experts.down_proj.dtype == torch.float8_e4m3fn
+
+
 def test_conversion_refuses_bad_requests(reference_checkpoint, tmp_path):
     from dgemma.quant.convert import quantize_checkpoint
     _, src = reference_checkpoint()

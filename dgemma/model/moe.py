@@ -89,6 +89,15 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return _grouped_mm_opaque(a, b, offs)
 
 
+def grouped_experts(inputs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                    offsets: torch.Tensor) -> torch.Tensor:
+    """Rows inputs [M, D] sorted by expert (offsets [E]: each expert's end row) through their experts with stacked
+    gate_up [E, 2I, D] and down [E, D, I] (inputs' dtype): two grouped GEMMs, no host sync -> [M, D]."""
+    offsets = offsets.to(torch.int32)
+    gate, up = grouped_mm(inputs, gate_up.transpose(1, 2), offsets).chunk(2, dim=-1)
+    return grouped_mm(gelu_tanh(gate) * up, down.transpose(1, 2), offsets)
+
+
 DENSE_MAX_RATIO = 4  # dense dispatch computes E/K times the expert FLOPs; beyond this ratio it is not worth it
 
 
@@ -168,23 +177,31 @@ class Experts(nn.Module):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         inputs = _GatherRows.apply(x, order // K, inverse, K)  # [N*K, D], grouped by expert
+        grouped = self.forward_sorted(inputs, offsets)
+        weighted = grouped * weights.reshape(-1)[order, None]
+        return _GatherRows.apply(weighted, inverse, order, 1).view(N, K, x.shape[-1]).sum(1).to(x.dtype)
+
+    def forward_sorted(self, inputs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """inputs [N*K, D] sorted by expert, offsets [E] each expert's end row -> [N*K, D], every row through its
+        expert: ONE grouped GEMM per projection where `grouped_dispatch` takes the tensors, else `forward_loop`.
+        Quantized experts (quant/modules.py) override this with their own grouped paths."""
         gate_up, down = self.gate_up_proj, self.down_proj
-        if torch.is_autocast_enabled(x.device.type) and not grouped_dispatch(inputs, gate_up, down):
+        if torch.is_autocast_enabled(inputs.device.type) and not grouped_dispatch(inputs, gate_up, down):
             inputs, gate_up, down = autocast_operands(inputs, gate_up, down)  # e.g. CUDA, fp32 master weights
         # a subclass that redefines `expert` (LoRA adapters) keeps the loop, which calls its `expert`
         if type(self).expert is Experts.expert and grouped_dispatch(inputs, gate_up, down):
-            offsets = offsets.to(torch.int32)
-            gate, up = grouped_mm(inputs, gate_up.transpose(1, 2), offsets).chunk(2, dim=-1)
-            grouped = grouped_mm(gelu_tanh(gate) * up, down.transpose(1, 2), offsets)
-        else:
-            outputs, start = [], 0
-            for e, end in enumerate(offsets.tolist()):
-                if end > start:
-                    outputs.append(self.expert(e, inputs[start:end]))
-                    start = end
-            grouped = torch.cat(outputs) if outputs else inputs
-        weighted = grouped * weights.reshape(-1)[order, None]
-        return _GatherRows.apply(weighted, inverse, order, 1).view(N, K, x.shape[-1]).sum(1).to(x.dtype)
+            return grouped_experts(inputs, gate_up, down, offsets)
+        return self.forward_loop(inputs, offsets)
+
+    def forward_loop(self, inputs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """`forward_sorted` as a Python loop over the active experts, each by `expert` (one `.tolist()` of the
+        offsets: a host sync on CUDA)."""
+        outputs, start = [], 0
+        for e, end in enumerate(offsets.tolist()):
+            if end > start:
+                outputs.append(self.expert(e, inputs[start:end]))
+                start = end
+        return torch.cat(outputs) if outputs else inputs
 
     def forward_dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Every expert on every token as TWO plain GEMMs, weighted by the [N,E] routing matrix (0 where not chosen):

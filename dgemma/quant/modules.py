@@ -10,9 +10,15 @@ of attention, the dense MLP and the self-conditioning MLP, and both stacked expe
 * the routers (0.01B): an int error there flips expert choices, a discrete change;
 * norms, per-expert scales and layer scalars (vectors).
 
-Buffers keep the checkpoint's names: `q_proj.weight` holds the int8 (or packed int4) data and
+Buffers keep the checkpoint's names: `q_proj.weight` holds the int8 / fp8 (or packed int4) data and
 `q_proj.weight_scale` / `q_proj.weight_zero` sit beside it, so loading.py's KEY_MAP maps them unchanged.
-`kernel` ("fast" by default, or "reference") picks the matmul; see kernels.py.
+`kernel` ("fast" by default, or "reference") picks the matmul; see kernels.py. QuantExperts run their experts as one
+grouped GEMM per projection where kernels.experts_kernel says so (fp8 on Hopper: torch._scaled_grouped_mm on the
+stored fp8 weights; other schemes on CUDA: the weights dequantized, then torch._grouped_mm), else per expert.
+
+`quantize_module` quantizes a model already in memory (e.g. built on the GPU with random weights, bench/gpu.py)
+module by module and expert by expert: each float module is dropped as soon as its quantized stand-in is filled, so
+peak memory is the float model plus one module's quantized copy and one expert's fp32 temporaries, never two models.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ from torch import nn
 
 from ..model.layers import gelu_tanh
 from ..model.loading import QUANTIZATION_KEY
-from ..model.moe import Experts
-from .kernels import KernelWeight, QuantWeight, fast_kernel, kernel_fits, matmul_fast, matmul_reference, \
-    to_kernel_layout
+from ..model.moe import Experts, grouped_experts
+from .kernels import KernelWeight, QuantWeight, experts_kernel, fast_kernel, grouped_matmul_fp8, kernel_fits, \
+    matmul_fast, matmul_reference, to_kernel_layout
 from .schemes import QuantError, check_scheme, quantize_weight, scale_dtype_for, stored_layout
 
 QUANTIZED = [r"layers\.\d+\.self_attn\.[qkvo]_proj\.weight", r"layers\.\d+\.mlp\.(gate|up|down)_proj\.weight",
@@ -71,6 +77,7 @@ class QuantizedWeights(nn.Module):
     def __init__(self, scheme: str, group_size: int | None, scale_dtype: torch.dtype, shapes: dict[str, tuple]):
         nn.Module.__init__(self)  # not super(): QuantExperts must not run Experts.__init__ (float parameters)
         self.scheme, self.group_size, self.kernel = scheme, group_size, "fast"
+        self.shapes = {name: tuple(shape) for name, shape in shapes.items()}  # logical [..., N, K] per weight
         self.converted: dict[str, str] = {}  # name -> kernel kind, once converted (see prepare)
         for name, shape in shapes.items():
             for suffix, (s, dtype) in stored_layout(scheme, shape, group_size, scale_dtype).items():
@@ -151,6 +158,24 @@ class QuantExperts(QuantizedWeights, Experts):
         gate, up = self.qmatmul(x, "gate_up_proj", e).chunk(2, dim=-1)
         return self.qmatmul(gelu_tanh(gate) * up, "down_proj", e)
 
+    def kernel_kind(self, x: torch.Tensor) -> str:
+        """The path `forward_sorted` takes for rows like x: "loop" for the reference kernel or int4 weights already
+        repacked per expert, else kernels.experts_kernel's choice."""
+        if self.kernel == "reference" or self.converted:
+            return "loop"
+        return experts_kernel(self.scheme, x, self.shapes["gate_up_proj"], self.shapes["down_proj"])
+
+    def forward_sorted(self, inputs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Experts.forward_sorted for stored weights: inputs [N*K, D] sorted by expert, offsets [E] -> [N*K, D]."""
+        kind = self.kernel_kind(inputs)
+        if kind == "fp8-grouped":
+            gate, up = grouped_matmul_fp8(inputs, self.gate_up_proj, self.gate_up_proj_scale, offsets).chunk(2, dim=-1)
+            return grouped_matmul_fp8(gelu_tanh(gate) * up, self.down_proj, self.down_proj_scale, offsets)
+        if kind == "dequant-grouped":
+            return grouped_experts(inputs, self.stored("gate_up_proj").dequantize(inputs.dtype),
+                                   self.stored("down_proj").dequantize(inputs.dtype), offsets)
+        return self.forward_loop(inputs, offsets)
+
 
 def _replacement(name: str, child: nn.Module, scheme, group_size, scale_dtype):
     if isinstance(child, nn.Linear) and is_quantized(f"{name}.weight"):
@@ -161,33 +186,51 @@ def _replacement(name: str, child: nn.Module, scheme, group_size, scale_dtype):
     return None
 
 
+def _swaps(module: nn.Module, scheme: str, group_size: int | None, scale_dtype: torch.dtype):
+    """Yield (name, float module, empty quantized stand-in made on its device) for every quantized Linear/Experts of
+    `module`, one at a time; the caller puts the stand-in in place. Only names are listed up front, so a float
+    module the caller has replaced is not kept alive here."""
+    for name in [name for name, _ in module.named_modules()]:
+        child = module.get_submodule(name)
+        if not isinstance(child, (nn.Linear, Experts)):
+            continue
+        with torch.device(next(child.parameters()).device):  # built in place: no host copy, nothing to move
+            new = _replacement(name, child, scheme, group_size, scale_dtype)
+        if new is not None:
+            yield name, child, new
+
+
 def swap_modules(module: nn.Module, scheme: str, group_size: int | None,
                  scale_dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
     """Replace every quantized Linear/Experts of `module` (in place, on the old weights' device; run it on a
     meta-built model before loading) and return {module name: the float module it replaced}."""
     check_scheme(scheme, group_size)
     replaced = {}
-    for name, child in list(module.named_modules()):
-        new = _replacement(name, child, scheme, group_size, scale_dtype)
-        if new is None:
-            continue
-        device = next(child.parameters()).device
-        new = new.to(device) if device.type != "meta" else new.to_empty(device="meta")
+    for name, old, new in _swaps(module, scheme, group_size, scale_dtype):
         module.set_submodule(name, new)
-        replaced[name] = child
+        replaced[name] = old
     return replaced
+
+
+def _fill(new: QuantizedWeights, old: nn.Module, scheme: str, group_size: int | None) -> None:
+    """Quantize old's float weights into new's buffers, one expert's [N, K] slice at a time for stacked ones."""
+    for wname, w in old.named_parameters():
+        for index in [()] if w.ndim == 2 else [(e,) for e in range(w.shape[0])]:
+            for suffix, t in quantize_weight(w[index], scheme, group_size).items():
+                getattr(new, wname + suffix)[index].copy_(t)
 
 
 @torch.no_grad()
 def quantize_module(module: nn.Module, scheme: str, group_size: int | None = None) -> nn.Module:
-    """Quantize a loaded float model in place (the same numbers `dgemma quantize` writes); returns it."""
+    """Quantize a loaded float model in place (the same numbers `dgemma quantize` writes); returns it. Module by
+    module, and one expert's slice at a time: each float module is released once its stand-in is filled (if nothing
+    else holds its weights), so a model that fills most of a GPU can be quantized where it is."""
+    check_scheme(scheme, group_size)
     dtype = module.embed_tokens.weight.dtype
-    replaced = swap_modules(module, scheme, group_size, scale_dtype_for(dtype, scheme))
-    for name, old in replaced.items():
-        new = module.get_submodule(name)
-        for wname, w in old.named_parameters():
-            for suffix, t in quantize_weight(w, scheme, group_size).items():
-                getattr(new, wname + suffix).copy_(t)
+    for name, old, new in _swaps(module, scheme, group_size, scale_dtype_for(dtype, scheme)):
+        _fill(new, old, scheme, group_size)
+        module.set_submodule(name, new)
+        del old  # the generator drops its own reference when it moves on, before the next stand-in is made
     return module
 
 

@@ -1,12 +1,20 @@
-"""Weight-only quantization schemes: int8 per output channel, int4 group-wise packed two per byte.
+"""Weight-only quantization schemes: int8 and fp8 per output channel, int4 group-wise packed two per byte.
 
-Both work on weights stored "out x in" with any leading dims ([N,K] for a Linear, [E,N,K] for stacked
+All work on weights stored "out x in" with any leading dims ([N,K] for a Linear, [E,N,K] for stacked
 experts), so one expert's slice of the stacked tensors is itself a quantized matrix.
 
 int8 (symmetric, one scale per output row):
     scale[..., n] = max_k |w[..., n, k]| / 127          (fp32)
     q = round(w / scale) in [-127, 127]                  (int8, same shape as w)
     w ~ q * scale                                        |error| <= scale / 2
+
+fp8 (float8_e4m3fn, one fp32 scale per output row; the layout Hopper's fp8 GEMMs take as is, kernels.py):
+    scale[..., n] = max_k |w[..., n, k]| / 448          (448: the largest finite e4m3fn value)
+    q = fp8(w / scale)  (round to nearest even)          (float8_e4m3fn, same shape as w)
+    w ~ q * scale                                        |error| <= 2^-4 |w| + 2^-10 scale  (3 mantissa bits;
+                                                         subnormals below 2^-6 scale have steps of 2^-9 scale)
+    An all-zero row has scale 0 and q 0, as in int8. The same function quantizes activations row by row for the
+    fp8 GEMMs (kernels.py), so weights and activations share one rounding rule.
 
 int4 (asymmetric, one scale and one zero per group of G consecutive inputs of a row):
     lo, hi = min, max of the group; scale = (hi - lo) / 15; zero = lo + 8 * scale
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "fp8")  # the one table: CLI choices, metadata check, plan
 DEFAULT_GROUP_SIZE = 64  # divides every input width of 26B-A4B (2816, 704, 2112, 4096, 8192)
 
 
@@ -40,7 +48,7 @@ def check_scheme(scheme: str, group_size: int | None) -> None:
 
 
 def scale_dtype_for(dtype: torch.dtype, scheme: str) -> torch.dtype:
-    """dtype of stored scales (and zeros): fp32 for int8; int4 keeps a 16-bit weight's own dtype."""
+    """dtype of stored scales (and zeros): fp32 for int8 and fp8; int4 keeps a 16-bit weight's own dtype."""
     if scheme == "int4" and dtype in (torch.bfloat16, torch.float16):
         return dtype
     return torch.float32
@@ -57,6 +65,27 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(q [..., N, K], scale [..., N]) -> w [..., N, K] in `dtype` (computed in fp32, rounded once)."""
+    return (q.float() * scale.float()[..., None]).to(dtype)
+
+
+# --- fp8 ---------------------------------------------------------------------------------------------
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] float -> (q float8_e4m3fn [..., N, K], scale fp32 [..., N]): one scale per row (absmax / 448).
+    Used for weights (once) and for activations (every call of the fp8 GEMMs, rows = tokens)."""
+    w32 = w.float()
+    scale = w32.abs().amax(dim=-1) / FP8_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: q = 0, scale = 0
+    # the clamp guards w / scale rounding a hair above 448 (e4m3fn has no infinity; saturation is not guaranteed)
+    q = (w32 / safe[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(q [..., N, K], scale [..., N]) -> w [..., N, K] in `dtype` (computed in fp32, rounded once)."""
     return (q.float() * scale.float()[..., None]).to(dtype)
 
@@ -108,10 +137,11 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 def stored_layout(scheme: str, shape: tuple[int, ...], group_size: int | None,
                   scale_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """What a quantized weight of `shape` [..., N, K] is stored as: {key suffix: (shape, dtype)}; the suffix ""
-    keeps the original key (int8 data or packed int4), "_scale" and (int4) "_zero" are added beside it."""
+    keeps the original key (int8/fp8 data or packed int4), "_scale" and (int4) "_zero" are added beside it."""
     *lead, N, K = shape
-    if scheme == "int8":
-        return {"": (tuple(shape), torch.int8), "_scale": ((*lead, N), torch.float32)}
+    if scheme in ("int8", "fp8"):
+        data_dtype = torch.int8 if scheme == "int8" else FP8_DTYPE
+        return {"": (tuple(shape), data_dtype), "_scale": ((*lead, N), torch.float32)}
     if K % 2 or K % group_size:
         raise QuantError(f"input width {K} is not a multiple of the int4 group size {group_size}; pick a group size "
                          "that divides every input width (32 or 64 for DiffusionGemma)")
@@ -121,8 +151,8 @@ def stored_layout(scheme: str, shape: tuple[int, ...], group_size: int | None,
 
 def quantize_weight(w: torch.Tensor, scheme: str, group_size: int | None) -> dict[str, torch.Tensor]:
     """A float weight [..., N, K] -> {key suffix: tensor} as `stored_layout` describes."""
-    if scheme == "int8":
-        q, scale = quantize_int8(w)
+    if scheme in ("int8", "fp8"):
+        q, scale = quantize_int8(w) if scheme == "int8" else quantize_fp8(w)
         return {"": q, "_scale": scale}
     packed, scale, zero = quantize_int4(w, group_size)
     return {"": packed, "_scale": scale, "_zero": zero}
