@@ -1,4 +1,4 @@
-"""Quality of int8 / int4 weights against full precision on the bundled trained models (issue 7, item 4).
+"""Quality of int8 / int4 / fp8 weights against full precision on the bundled trained models (issue 7, item 4).
 
     python bench/quant_quality.py                       # default model; Sudoku too when dgemma/models/sudoku exists
     python bench/quant_quality.py --examples 64 --prompts 24 --puzzles 100 --threads 2
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import dgemma  # noqa: E402
 from dgemma.quant.convert import quantize_checkpoint  # noqa: E402
-from dgemma.quant.schemes import QuantError  # noqa: E402
+from dgemma.quant.schemes import SCHEMES, QuantError  # noqa: E402
 from dgemma.sudoku.commands import BUNDLED as SUDOKU  # noqa: E402
 from dgemma.train.corpus import examples, is_heldout, stdlib_modules  # noqa: E402
 
@@ -142,7 +142,12 @@ def main(argv=None) -> int:
     p.add_argument("--puzzles", type=int, default=100)
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (halved until it divides the widths)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated, from {', '.join(SCHEMES)} "
+                   "(fp8 runs dequantized on a CPU: its quality, not its GPU speed)")
     args = p.parse_args(argv)
+    unknown = sorted(set(args.schemes.split(",")) - set(SCHEMES))
+    if unknown:
+        p.error(f"--schemes: unknown {', '.join(unknown)}; choose from {', '.join(SCHEMES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     chats = heldout_chats(max(args.examples, args.prompts))
@@ -154,7 +159,7 @@ def main(argv=None) -> int:
                 continue
             engines = {"full": dgemma.load(path, quiet=True)}
             groups = {}
-            for scheme in ("int8", "int4"):
+            for scheme in args.schemes.split(","):
                 dst = Path(tmp) / f"{label}-{scheme}"
                 groups[scheme] = convert(path, dst, scheme, args.group_size)
                 engines[scheme] = dgemma.load(dst, quiet=True)
