@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 from ..argtypes import positive_int
 from .schemes import DEFAULT_GROUP_SIZE, SCHEMES
@@ -32,8 +31,7 @@ def cmd_quantize(args) -> int:
 
     if args.group_size is not None and args.scheme != "int4":
         raise ValueError("--group-size applies to --scheme int4 only (int8 and fp8 have one scale per output channel)")
-    # sys.stderr read now: quantize_checkpoint's default was bound when convert.py was first imported
-    summary = quantize_checkpoint(args.src, args.dst, args.scheme, args.group_size, log=sys.stderr)
+    summary = quantize_checkpoint(args.src, args.dst, args.scheme, args.group_size)
     if args.json:
         print(json.dumps(summary))
     else:

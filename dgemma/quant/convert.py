@@ -102,10 +102,15 @@ def _write_shard(src: Path, infos: list[TensorInfo], dst: Path, scheme, group_si
     return dst.stat().st_size, count
 
 
+STDERR = object()  # quantize_checkpoint's default `log`: sys.stderr as it is at the call, not at import
+
+
 def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, group_size: int | None = None,
-                        log=sys.stderr) -> dict:
-    """Write a quantized copy of the model directory `src` to `dst` (which must not exist). Returns a summary."""
+                        log=STDERR) -> dict:
+    """Write a quantized copy of the model directory `src` to `dst` (which must not exist). Returns a summary.
+    `log`: a text stream for one progress line per shard (default: sys.stderr), or None for none."""
     src, dst = Path(src), Path(dst)
+    log = sys.stderr if log is STDERR else log
     group_size = (group_size or DEFAULT_GROUP_SIZE) if scheme == "int4" else None
     check_scheme(scheme, group_size)
     ModelConfig.from_file(src)  # a DiffusionGemma directory, or a clear error

@@ -167,7 +167,11 @@ class QuantExperts(QuantizedWeights, Experts):
 
     def forward_sorted(self, inputs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Experts.forward_sorted for stored weights: inputs [N*K, D] sorted by expert, offsets [E] -> [N*K, D]."""
-        kind = self.kernel_kind(inputs)
+        return self.forward_path(self.kernel_kind(inputs), inputs, offsets)
+
+    def forward_path(self, kind: str, inputs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """`forward_sorted` by the path `kind` ("fp8-grouped", "dequant-grouped" or "loop"), whatever kernel_kind
+        would pick (bench/quant_gpu_check.py times each path)."""
         if kind == "fp8-grouped":
             gate, up = grouped_matmul_fp8(inputs, self.gate_up_proj, self.gate_up_proj_scale, offsets).chunk(2, dim=-1)
             return grouped_matmul_fp8(gelu_tanh(gate) * up, self.down_proj, self.down_proj_scale, offsets)
