@@ -3,7 +3,7 @@
     python recipes/sudoku_report.py MODEL HELDOUT.jsonl [BANDS.jsonl] [--device cuda] [--out report.json]
 
 HELDOUT: the target band (30-36 givens, e.g. `dgemma sudoku generate --count 200 --givens 30-36 --seed 777`).
-BANDS: optional puzzles of other difficulty levels, scored with the plain and the clamped diffusion settings.
+BANDS: optional puzzles of other difficulty levels, scored with the plain, the clamped and the 5-view settings.
 Prints one JSON object per setting as it finishes, then writes all of them to --out. Each setting is what
 `dgemma sudoku eval` runs with the same flags (the same `dgemma.sudoku.evaluate.evaluate` call).
 """
@@ -21,6 +21,7 @@ from dgemma.sudoku.evaluate import evaluate, read_puzzles
 SETTINGS = [  # (name, evaluate() keyword arguments, the equivalent `dgemma sudoku eval` flags)
     ("diffusion", {}, ""),
     ("diffusion_clamped", {"clamp_givens": True}, "--clamp-givens"),
+    ("diffusion_5_views", {"views": 5}, "--views 5"),
     ("diffusion_clamped_96_steps", {"clamp_givens": True, "steps": 96}, "--clamp-givens --steps 96"),
     ("diffusion_clamped_16_steps", {"clamp_givens": True, "steps": 16}, "--clamp-givens --steps 16"),
     ("autoregressive", {"baseline": "ar"}, "--baseline ar"),
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     report = {"model": args.model, "device": args.device, "results": []}
     jobs = [(args.heldout, name, kw, flags) for name, kw, flags in SETTINGS]
     if args.bands:
-        jobs += [(args.bands, name, kw, flags) for name, kw, flags in SETTINGS[:2]]
+        jobs += [(args.bands, name, kw, flags) for name, kw, flags in SETTINGS[:3]]
     for path, name, kw, flags in jobs:
         start = time.perf_counter()
         result = evaluate(engine, read_puzzles(path), batch_size=args.batch_size, **kw)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dgemma.sudoku import commands
-from dgemma.sudoku.evaluate import evaluate, predict, read_puzzles, solve
+from dgemma.sudoku.evaluate import evaluate, plurality, predict, read_puzzles, solve, view_symmetries
 from dgemma.sudoku.format import (
     ANSWER_TOKENS,
     CANVAS_LENGTH,
@@ -28,6 +28,7 @@ from dgemma.sudoku.format import (
     to_jsonl_examples,
 )
 from dgemma.sudoku.puzzles import (
+    IDENTITY,
     SudokuError,
     apply_symmetry,
     band_of,
@@ -145,6 +146,9 @@ def test_symmetries_preserve_validity_uniqueness_and_givens():
         assert count_solutions(p2) == 1 and solve_grid(p2) == s2
         images.add(p2)
     assert len(images) == 10
+    for sym in [IDENTITY, *(random_symmetry(rng) for _ in range(20))]:  # invert() undoes apply(), both ways
+        assert sym.invert(sym.apply(solution)) == solution and sym.apply(sym.invert(puzzle)) == puzzle
+    assert IDENTITY.apply(puzzle) == puzzle
     variants = generate_puzzles(12, "30-36", seed=2, variants=4)
     assert len(variants) == 12 and len({p for p, _ in variants}) == 12
     assert all(count_solutions(p) == 1 and is_valid_solution(s, p) for p, s in variants)
@@ -308,6 +312,13 @@ def test_cli_generate_eval_solve(sudoku_model, tmp_path, capsys):
     assert _cli(["sudoku", "solve", WIKIPEDIA[0], "--model", str(sudoku_model), "--steps", "2"]) == 0
     text = capsys.readouterr().out
     assert "valid: " in text and text.count("------+-------+------") == 4
+    assert _cli(["sudoku", "solve", WIKIPEDIA[0], "--model", str(sudoku_model), "--steps", "2", "--views", "3",
+                 "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["views"] == 3 and 1 <= answer["votes"] <= 3 and len(answer["answer"]) == 81
+    assert _cli(["sudoku", "eval", "--puzzles", str(out), "--model", str(sudoku_model), "--steps", "2",
+                 "--views", "2"]) == 0
+    assert "2 views per puzzle" in capsys.readouterr().out
 
 
 def test_cli_errors(tmp_path, monkeypatch):
@@ -333,18 +344,49 @@ def test_clamped_givens_stay_and_blanks_are_digits(sudoku_model, puzzle_file):
     puzzles = [p for p, _ in pairs]
     free = predict(engine, puzzles, steps=3, batch_size=4, seed=0)
     clamped = predict(engine, puzzles, steps=3, batch_size=4, seed=0, clamp_givens=True)
-    for puzzle, (cells, steps) in zip(puzzles, clamped):
+    for puzzle, (cells, steps, _) in zip(puzzles, clamped):
         assert all(1 <= c <= 9 for c in cells)  # 81 digits: blanks only ever sample 1-9
         assert all(c == g for c, g in zip(cells, puzzle) if g)  # every given kept
         assert 1 <= steps <= 3
     # the random model alone does not keep the givens (the check above could fail without the clamp)
-    assert any(c != g for (cells, _), puzzle in zip(free, puzzles) for c, g in zip(cells, puzzle) if g)
+    assert any(c != g for (cells, _, _), puzzle in zip(free, puzzles) for c, g in zip(cells, puzzle) if g)
     result = evaluate(engine, pairs, steps=3, batch_size=4, clamp_givens=True)
     assert result["mode"] == "diffusion, givens clamped" and result["parse_rate"] == 1.0
     with pytest.raises(SudokuError, match="autoregressive baseline has none"):
         predict(engine, puzzles[:1], baseline="ar", clamp_givens=True)
     assert _cli(["sudoku", "eval", "--puzzles", str(puzzle_file), "--model", str(sudoku_model), "--steps", "2",
                  "--clamp-givens", "--json"]) == 0
+
+
+def test_plurality_and_view_maps():
+    a, b, c = (1,) * 81, (2,) * 81, (3,) * 81
+    assert plurality([a, b, b]) == (b, 2) and plurality([c, a, b]) == (c, 1)
+    assert plurality([b, a, a, b]) == (b, 2)  # a tie goes to the earliest view
+    maps = view_symmetries(4, seed=3)
+    assert maps[0] == IDENTITY and len(set(maps)) == 4 and view_symmetries(4, seed=3) == maps
+    with pytest.raises(SudokuError, match="views must be"):
+        view_symmetries(0)
+
+
+def test_views_vote_over_mapped_back_answers(sudoku_model, puzzle_file):
+    """predict(views=K) = the plurality of K canvases per puzzle, each solved in its own symmetric frame and mapped
+    back. Rebuilt here by hand: the same rows, in the same batch order, through predict(views=1)."""
+    import dgemma
+
+    engine = dgemma.load(sudoku_model)
+    puzzles = [p for p, _ in read_puzzles(puzzle_file)]
+    k, n = 3, len(puzzles)
+    voted = predict(engine, puzzles, steps=3, batch_size=n, seed=5, views=k)  # one batch of n * k canvases
+    maps = view_symmetries(k, seed=5)
+    single = predict(engine, [m.apply(p) for p in puzzles for m in maps], steps=3, batch_size=n * k, seed=5)
+    for i in range(n):
+        answers = [maps[v].invert(single[i * k + v].cells) for v in range(k)]
+        assert (voted[i].cells, voted[i].votes) == plurality(answers)
+        assert voted[i].steps == pytest.approx(sum(single[i * k + v].steps for v in range(k)) / k)
+    result = evaluate(engine, puzzle_file, steps=3, batch_size=4, seed=5, views=k)
+    assert result["views"] == k and result["mode"] == "diffusion, 3 views voting"
+    assert result["steps_per_puzzle"] == pytest.approx(result["mean_steps_per_canvas"] * k, abs=1e-3)
+    assert 1 / k <= result["view_agreement"] <= 1
 
 
 def test_bundled_sudoku_model_is_trained():
@@ -362,6 +404,10 @@ def test_bundled_sudoku_model_is_trained():
     result = evaluate(engine, pairs, steps=16, batch_size=6)
     assert result["num_puzzles"] == 6 and result["parse_rate"] == 1.0
     assert result["cell_accuracy"] > 0.6, result
+    # three views of an easy puzzle, each mapped back to the puzzle's frame, agree (read in the wrong frame they
+    # could not) and solve it
+    voted = predict(engine, [p for p, _ in pairs[:2]], steps=16, views=3)
+    assert [(v.cells, v.votes) for v in voted] == [(s, 3) for _, s in pairs[:2]]
 
 
 def test_sudoku_speed_bench_runs_both_sides(sudoku_model, puzzle_file, capsys):

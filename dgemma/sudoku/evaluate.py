@@ -7,21 +7,42 @@ and the tail after the 81 cells is clamped to <eos>, so the sampler only ever de
 diffusion model can do: it sees and keeps the givens in place while it fills the rest). The baseline runs the
 same weights left to right through the causal encoder (`dgemma.engine.autoregressive`), greedy, one forward
 per token, and reports its forwards where the diffusion path reports steps.
+
+Symmetric views (`views=K`, test-time compute): the Sudoku symmetry group maps a puzzle to another with the same
+unique solution, relabelled and moved. Each puzzle is solved K times, as itself and as K-1 random images of
+itself (all K as rows of one batch), each answer is mapped back, and the answer most views gave wins (ties go to
+the earlier view, the puzzle as given first). No rule checking is involved: a wrong answer that several views
+share still wins; the model's errors on different images of a puzzle are just rarely the same error. It costs
+K canvases per puzzle.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from .format import ANSWER_TOKENS, answer_cells, check_tokenizer, prompt_ids, puzzle_from_prompt
 from ..sampling.constraints import CanvasConstraints
 from ..train.data import read_jsonl
-from .puzzles import Grid, SudokuError, band_of, is_valid_solution, num_givens, parse_grid, solve_unique
+from .puzzles import (
+    IDENTITY,
+    Grid,
+    SudokuError,
+    Symmetry,
+    band_of,
+    is_valid_solution,
+    num_givens,
+    parse_grid,
+    random_symmetry,
+    solve_unique,
+)
 
 BASELINES = ("ar",)
 
@@ -88,10 +109,31 @@ def _text(value, where: str) -> str:
 
 
 # --- prediction --------------------------------------------------------------------------------------
+class Prediction(NamedTuple):
+    cells: Grid  # the 81 answer cells by position, 0 = not a digit
+    steps: float  # denoising steps per canvas (baseline 'ar': decoder forwards), mean over the views
+    votes: int = 1  # how many views gave this answer
+
+
+def view_symmetries(views: int, seed: int = 0) -> list[Symmetry]:
+    """The maps of `views` views: the puzzle as given, then views-1 random symmetric images (from `seed`)."""
+    if not isinstance(views, int) or views < 1:
+        raise SudokuError(f"views must be a whole number >= 1, got {views!r}")
+    rng = random.Random(seed)
+    return [IDENTITY] + [random_symmetry(rng) for _ in range(views - 1)]
+
+
+def plurality(answers: Sequence[Grid]) -> tuple[Grid, int]:
+    """The answer most views gave and how many gave it; a tie goes to the earliest view."""
+    counts = Counter(answers)
+    best = max(counts.values())
+    return next(a for a in answers if counts[a] == best), best
+
+
 def predict(engine, puzzles: Sequence[Sequence[int]], *, steps: int | None = None, batch_size: int = 64,
-            seed: int = 0, baseline: str | None = None, clamp_givens: bool = False) -> list[tuple[Grid, float]]:
-    """(cells, steps) per puzzle: the model's 81 answer cells by position (0 = not a digit) and the denoising
-    steps per canvas it took (baseline 'ar': decoder forwards, i.e. tokens generated)."""
+            seed: int = 0, baseline: str | None = None, clamp_givens: bool = False,
+            views: int = 1) -> list[Prediction]:
+    """One Prediction per puzzle. batch_size counts puzzles: a batch runs batch_size x views canvases."""
     if baseline not in (None, *BASELINES):
         raise SudokuError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
     if baseline and clamp_givens:
@@ -99,12 +141,13 @@ def predict(engine, puzzles: Sequence[Sequence[int]], *, steps: int | None = Non
     if clamp_givens and engine.config.canvas_length < ANSWER_TOKENS:
         raise SudokuError(f"clamp_givens needs the whole answer in one canvas (canvas_length >= {ANSWER_TOKENS}), "
                           f"this model's is {engine.config.canvas_length}")
+    maps = view_symmetries(views, seed)
     tokenizer = engine.require_tokenizer()
     table = check_tokenizer(tokenizer)
-    results: list[tuple[Grid, float]] = []
+    results: list[Prediction] = []
     generator = torch.Generator(device=engine.device).manual_seed(seed)
     for start in range(0, len(puzzles), batch_size):
-        batch = puzzles[start:start + batch_size]
+        batch = [m.apply(p) for p in puzzles[start:start + batch_size] for m in maps]  # puzzle-major
         ids = torch.tensor([prompt_ids(tokenizer, p) for p in batch], dtype=torch.long, device=engine.device)
         if baseline == "ar":
             new, used = _autoregressive(engine, ids, tokenizer.stop_ids)
@@ -112,7 +155,10 @@ def predict(engine, puzzles: Sequence[Sequence[int]], *, steps: int | None = Non
             plan = GivensPlan(batch, table, _eos(tokenizer), engine.config.canvas_length, engine.config.vocab_size,
                               engine.device) if clamp_givens else None
             new, used = _diffusion(engine, ids, steps, generator, plan)
-        results += [(answer_cells(row, table), s) for row, s in zip(new.tolist(), used)]
+        answers = [maps[k % views].invert(answer_cells(row, table)) for k, row in enumerate(new.tolist())]
+        for first in range(0, len(answers), views):
+            cells, votes = plurality(answers[first:first + views])
+            results.append(Prediction(cells, sum(used[first:first + views]) / views, votes))
     return results
 
 
@@ -152,21 +198,22 @@ def _autoregressive(engine, ids: torch.Tensor, stop_ids) -> tuple[torch.Tensor, 
 
 
 def solve(engine, puzzles: Sequence[Sequence[int]], *, steps: int | None = None, batch_size: int = 64,
-          seed: int = 0, baseline: str | None = None, clamp_givens: bool = False) -> list[tuple[Grid | None, float]]:
+          seed: int = 0, baseline: str | None = None, clamp_givens: bool = False,
+          views: int = 1) -> list[tuple[Grid | None, float]]:
     """(grid or None, steps per canvas) per puzzle; None when the answer is not 81 digits 1-9."""
-    return [(cells if all(cells) else None, used)
-            for cells, used in predict(engine, puzzles, steps=steps, batch_size=batch_size, seed=seed,
-                                       baseline=baseline, clamp_givens=clamp_givens)]
+    return [(p.cells if all(p.cells) else None, p.steps)
+            for p in predict(engine, puzzles, steps=steps, batch_size=batch_size, seed=seed, baseline=baseline,
+                             clamp_givens=clamp_givens, views=views)]
 
 
 # --- scoring -----------------------------------------------------------------------------------------
-def score(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], predictions: Sequence[tuple[Grid, float]]) -> dict:
+def score(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], predictions: Sequence[Prediction]) -> dict:
     """Metrics over (puzzle, solution) pairs and predict()'s output; also per difficulty band (by givens)."""
     def metrics(indices: list[int]) -> dict:
         solved = valid = parsed = correct = blanks = 0
         total_steps = 0.0
         for k in indices:
-            (puzzle, solution), (cells, used) = pairs[k], predictions[k]
+            (puzzle, solution), (cells, used, _) = pairs[k], predictions[k]
             parsed += all(cells)
             solved += tuple(cells) == tuple(solution)
             valid += is_valid_solution(cells, puzzle)
@@ -192,12 +239,14 @@ def score(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], predictions: Seq
 
 def evaluate(engine, puzzle_file: str | Path | Sequence[tuple[Sequence[int], Sequence[int]]], *,
              steps: int | None = None, batch_size: int = 64, seed: int = 0, baseline: str | None = None,
-             limit: int | None = None, clamp_givens: bool = False) -> dict:
+             limit: int | None = None, clamp_givens: bool = False, views: int = 1) -> dict:
     """Score the model on a puzzle file (or a list of (puzzle, solution) pairs).
 
     Keys: num_puzzles, solved_rate (exact grid = the solution), valid_rate (a valid completion of the puzzle;
     equals solved_rate for unique puzzles), parse_rate (81 digits produced), cell_accuracy (over blank cells),
-    mean_steps_per_canvas, bands (the same per difficulty level), mode, max_denoising_steps, seconds."""
+    mean_steps_per_canvas, bands (the same per difficulty level), mode, max_denoising_steps, views,
+    steps_per_puzzle (steps per canvas x views), view_agreement (mean share of the views that gave the chosen
+    answer), seconds."""
     pairs = read_puzzles(puzzle_file) if isinstance(puzzle_file, (str, Path)) else list(puzzle_file)
     if limit is not None:
         pairs = pairs[:limit]
@@ -205,12 +254,15 @@ def evaluate(engine, puzzle_file: str | Path | Sequence[tuple[Sequence[int], Seq
         raise SudokuError("no puzzles to evaluate")
     start = time.perf_counter()
     predictions = predict(engine, [p for p, _ in pairs], steps=steps, batch_size=batch_size, seed=seed,
-                          baseline=baseline, clamp_givens=clamp_givens)
+                          baseline=baseline, clamp_givens=clamp_givens, views=views)
     seconds = time.perf_counter() - start
     result = score(pairs, predictions)
+    mode = "autoregressive" if baseline == "ar" else ("diffusion, givens clamped" if clamp_givens else "diffusion")
     result.update({
-        "mode": "autoregressive" if baseline == "ar" else ("diffusion, givens clamped" if clamp_givens else "diffusion"),
+        "mode": mode + (f", {views} views voting" if views > 1 else ""),
         "max_denoising_steps": None if baseline else (steps or engine.generation_config.max_denoising_steps),
+        "views": views, "steps_per_puzzle": round(result["mean_steps_per_canvas"] * views, 3),
+        "view_agreement": round(sum(p.votes for p in predictions) / (views * len(predictions)), 4),
         "seed": seed, "batch_size": batch_size, "seconds": round(seconds, 3),
         "puzzles_per_s": round(len(pairs) / seconds, 3) if seconds > 0 else None,
     })

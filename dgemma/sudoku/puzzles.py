@@ -310,6 +310,21 @@ class Symmetry:
             out = [out[c * 9 + r] for r in range(9) for c in range(9)]
         return tuple(out)
 
+    def invert(self, grid: Sequence[int]) -> Grid:
+        """The grid that apply() maps to `grid`: a view's answer back in the original puzzle's frame."""
+        cells = [grid[c * 9 + r] for r in range(9) for c in range(9)] if self.transpose else list(grid)
+        back = [0] * 10
+        for digit, new in enumerate(self.relabel):
+            back[new] = digit
+        out = [0] * 81
+        for r in range(9):
+            for c in range(9):
+                out[self.rows[r] * 9 + self.cols[c]] = back[cells[r * 9 + c]]
+        return tuple(out)
+
+
+IDENTITY = Symmetry(tuple(range(9)), tuple(range(9)), tuple(range(10)), False)
+
 
 def _line_order(rng: random.Random) -> tuple[int, ...]:
     # permute the three bands (stacks), then the three lines within each
