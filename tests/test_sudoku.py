@@ -427,3 +427,21 @@ def test_sudoku_speed_bench_runs_both_sides(sudoku_model, puzzle_file, capsys):
     assert 1 <= result["rows"]["exact"]["mean_steps_per_canvas"] <= 8  # the checkpoint's 8-step budget
     with pytest.raises(SystemExit, match="unknown"):
         sudoku_speed.main(["--model", str(sudoku_model), "--presets", "turbo"])
+
+
+def test_views_recipe_scores_every_prefix(sudoku_model, puzzle_file, tmp_path, capsys):
+    """recipes/sudoku_views.py: per-view answers saved, and the k=1 row is the first view alone."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
+    import sudoku_views
+    out = tmp_path / "views.json"
+    result = sudoku_views.main([str(puzzle_file), "--model", str(sudoku_model), "--views", "3", "--batch-size", "4",
+                                "--out", str(out)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    rows = result["rows"]
+    assert [r["views"] for r in rows] == [1, 2, 3] and result["num_puzzles"] == 6
+    assert rows[0]["solved_rate"] == rows[0]["mean_single_view"] == rows[0]["any_view_solved"]
+    assert all(r["solved_rate"] <= r["any_view_solved"] for r in rows)
+    saved = json.loads(out.read_text())["answers"]
+    assert len(saved) == 3 and all(len(view) == 6 and all(len(a) == 81 for a in view) for view in saved)
