@@ -118,8 +118,9 @@ def cmd_eval(args) -> int:
               f"max steps {result['max_denoising_steps']}, {result['seconds']:.1f} s)")
         print(_table(result))
         if result["views"] > 1:
-            print(f"{result['views']} views per puzzle: {result['steps_per_puzzle']:.1f} denoising steps per puzzle "
-                  f"in all; on average {result['view_agreement']:.0%} of the views gave the chosen answer")
+            what = "decoder forwards" if args.baseline else "denoising steps"
+            print(f"{result['views']} views per puzzle: {result['steps_per_puzzle']:.1f} {what} per puzzle in all; "
+                  f"on average {result['view_agreement']:.0%} of the views gave the chosen answer")
     print(json.dumps(result))
     return 0
 
