@@ -91,3 +91,17 @@ def test_presets_ratio_at_sudoku_steps_uses_the_fitted_step_cost():
     assert sudoku["exact"]["ratio_at_sudoku_steps"] == pytest.approx(12 / 7, abs=0.01)
     assert sudoku["fast"]["ratio_at_sudoku_steps"] == pytest.approx(3.0)
     assert sudoku["fast+int8"]["ratio_at_sudoku_steps"] == pytest.approx(12 / 2.5, abs=0.01)
+
+
+def test_row_skipping_bench_runs_both_ways_and_restores_the_switch(capsys):
+    """bench/row_skipping.py on a few puzzles: the same answers both ways, fewer decoder rows when skipping, and the
+    scheduler's switch and tick are restored afterwards."""
+    import row_skipping
+
+    import dgemma.engine.scheduler as scheduler_module
+    tick = scheduler_module.Scheduler.tick
+    result = row_skipping.main(["--count", "4", "--views", "2", "--batch-size", "2", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert result["identical"] and result["forwards"]["skip"] == result["forwards"]["whole"]
+    assert result["decoder_rows"]["skip"] < result["decoder_rows"]["whole"]
+    assert scheduler_module.SKIP_DONE_ROWS is True and scheduler_module.Scheduler.tick is tick

@@ -129,3 +129,23 @@ class StackedCaches:
             part = None if part is None else part[:, :n]
             cache.extend(n, None if part is None or bool(part.all()) else part)
         self._stacked.clear()
+
+
+class RowSubset:
+    """Some rows of a cache, read as a batch of their own: the decoder's view while only those rows of a Rows are
+    still denoising (engine/scheduler.py). Read-only; each layer's rows are gathered once, on first read (copies of
+    their stored K/V: build a new view when the rows or the cache change). Stacks like a KVCache (StackedCaches)."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor):
+        self.cache, self.rows = cache, rows
+        self.config = cache.config
+        self.batch_size = int(rows.numel())
+        self.length = cache.length
+        self._gathered: dict[int, tuple | None] = {}
+
+    def context(self, layer: int):
+        if layer not in self._gathered:
+            part = self.cache.context(layer)
+            self._gathered[layer] = None if part is None else tuple(
+                None if t is None else t.index_select(0, self.rows) for t in part)
+        return self._gathered[layer]

@@ -14,7 +14,9 @@ A `Scheduler` holds any number of Rows and advances all of them with one `tick()
     2. step: ONE decoder forward over the canvases of every Rows still denoising (rows at different steps,
        canvases and context lengths), then each Rows' own sampler step on its slice of the logits (its own
        settings, stop rule, constraints and random stream: its tokens do not depend on who shares the batch,
-       up to the last bits of the decoder's fp32 GEMMs);
+       up to the last bits of the decoder's fp32 GEMMs). On the CPU a row whose canvas is already done is left out
+       of the forward (`Rows.computed_rows`) and of the sampler's vocabulary work: a batch whose rows finish at
+       different steps no longer pays for its finished rows until the slowest one is done;
     3. commit: every Rows whose canvas is done commits now; Rows with nothing left to generate leave at once.
 
 Events come back as (rows, Step | Commit), in that order for each Rows. `remove()` takes a Rows out between ticks
@@ -36,10 +38,11 @@ import torch
 from ..config import GenerationConfig
 from ..sampling import (CanvasConstraints, DenoiseState, StepConfig, init_canvas, init_state, sample_reference,
                         step_lean, truncate_at_stop_ids)
-from .cache import KVCache, StackedCaches
+from .cache import KVCache, RowSubset, StackedCaches
 from .settle import Settling
 
 SC_CHUNK = 64  # positions per self-conditioning chunk: smaller re-reads E too often on CPU (measured)
+SKIP_DONE_ROWS = True  # done rows leave the decoder's forward (`Rows.computed_rows`); False only to measure that
 
 
 class CanvasPlan(Protocol):
@@ -91,6 +94,7 @@ class Rows:
         self.state: DenoiseState | None = None
         self.constraints: CanvasConstraints | None = None
         self.settling: Settling | None = None  # this canvas's settled positions (gen.settle_after; engine/settle.py)
+        self._subset: tuple[list[int], RowSubset] | None = None  # the cache view of the rows still denoising
         self.left = self.num_canvases <= 0  # nothing more to generate: the scheduler drops it
 
     @property
@@ -107,6 +111,7 @@ class Rows:
         c = None if self.plan is None else self.plan.for_canvas(self.canvas_index, self.committed)
         self.constraints = c
         self.settling = None
+        self._subset = None  # the cache has grown
         if c is None:
             self.state = init_state(noise, self.cfg)
             if self.gen.settle_after is not None:  # plans clamp positions: their canvases never settle
@@ -118,11 +123,58 @@ class Rows:
             nothing_free = c.fully_clamped()  # such rows stop before their first step (frozen, 0 steps)
             self.state = dataclasses.replace(state, stopped=nothing_free, done=nothing_free)
 
-    def soft(self, module) -> torch.Tensor | None:
-        """Self-conditioning input for the next step (None on a canvas's first step)."""
+    def computed_rows(self, module) -> torch.Tensor | None:
+        """The rows the next decoder forward computes: None = all of them, else the indices of those still denoising.
+
+        A done row is frozen: its step's logits would be thrown away (the sampler keeps its tokens and ℓ̃), so it is
+        left out of the forward where that saves work and changes no result: on the CPU, where a step is bound by
+        arithmetic (a row left out is its compute saved; on a GPU a step is bound by reading the weights, so rows
+        are nearly free), on an eager module (a compiled step compiles anew for every batch size), and after the
+        canvas's first step (a row frozen from the start has no ℓ̃ to keep yet). The rows computed get the same
+        bits as in the whole batch wherever the BLAS rounds a row of a product the same whatever the number of rows,
+        the assumption bit-parity with the reference already rests on (README "Parity"). Reference-RNG mode keeps
+        the reference's random stream: the sampler still draws for every row."""
+        state = self.state
+        if not SKIP_DONE_ROWS or state.sc_logits is None or state.tokens.device.type != "cpu" \
+                or "denoise" in vars(module):
+            return None  # (engine/compiled.py installs the compiled step as the instance attribute `denoise`)
+        if not bool(state.done.any()):
+            return None
+        return (~state.done).nonzero().squeeze(1)
+
+    def decoder_inputs(self, module):
+        """(tokens [R,L], cache view, soft [R,L,D] | None, rows) for this Rows' part of the next decoder forward:
+        R = all B rows (rows None) or the `computed_rows`."""
+        rows = self.computed_rows(module)
+        if rows is None:
+            return self.state.tokens, self.cache, self.soft(module), None
+        key = rows.tolist()
+        if self._subset is None or self._subset[0] != key:
+            self._subset = (key, RowSubset(self.cache, rows))
+        return self.state.tokens.index_select(0, rows), self._subset[1], self.soft(module, rows), rows
+
+    def logits(self, module, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Final-normed states [R,L,D] of this Rows' part of a decoder forward -> logits [B,L,V] for its sampler
+        step. With `computed_rows`, each computed row's head product is written into its place in one new [B,L,V]
+        buffer and a frozen row gets its kept ℓ̃ (what the step keeps for it anyway; it does not compute it again,
+        sampling/lean.py): one vocabulary-sized buffer per row, as without skipping (dgemma/plan.py)."""
+        if rows is None:
+            return module.head(hidden)
+        state = self.state
+        full = torch.empty(self.batch_size, *state.sc_logits.shape[1:], dtype=torch.float32, device=hidden.device)
+        for j, i in enumerate(rows.tolist()):
+            module.head_into(hidden[j], full[i])
+        for i in state.done.nonzero().squeeze(1).tolist():
+            full[i].copy_(state.sc_logits[i])
+        return full
+
+    def soft(self, module, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Self-conditioning input for the next step (None on a canvas's first step), of `rows` only if given."""
         sc = self.state.sc_logits
         if sc is None:
             return None
+        if rows is not None:
+            sc = sc.index_select(0, rows)
         # reference-RNG mode promises the reference's tokens: its whole-canvas product, since the chunked one can
         # differ in the last bits with one CPU thread (different GEMM blocking; measured at V=32768, D=512)
         return module.soft_embedding(sc, chunk=None if self.cfg.sample is sample_reference else SC_CHUNK)
@@ -149,13 +201,15 @@ class Rows:
 
 
 class Scheduler:
-    """Rows that share decoder forwards; `forwards` counts decoder forwards, `encodes` encoder passes."""
+    """Rows that share decoder forwards; `forwards` counts decoder forwards, `encodes` encoder passes, `rows_computed`
+    the canvas rows that went through the decoder (a done row's canvas is skipped: `Rows.computed_rows`)."""
 
     def __init__(self, module):
         self.module = module
         self.rows: list[Rows] = []
         self.forwards = 0
         self.encodes = 0
+        self.rows_computed = 0
         self._view: tuple[list[KVCache], list[int], StackedCaches] | None = None
 
     def add(self, rows: Rows) -> Rows:
@@ -167,7 +221,7 @@ class Scheduler:
         """Take rows out between ticks (cancelled, or done from its caller's point of view); frees its place."""
         if rows in self.rows:
             self.rows.remove(rows)
-        if self._view is not None and any(c is rows.cache for c in self._view[0]):
+        if self._view is not None and any(getattr(c, "cache", c) is rows.cache for c in self._view[0]):
             self._view = None  # do not keep a departed request's context alive
 
     def tick(self) -> list[tuple[Rows, Step | Commit]]:
@@ -210,25 +264,32 @@ class Scheduler:
         for r in stepping:
             if r.settling is not None:
                 self.forwards += 1
+                self.rows_computed += r.batch_size
                 out.append((r, r.settling.forward(self.module, r.cache, SC_CHUNK)))
         whole = [r for r in stepping if r.settling is None]
         if not whole:
             return out
         self.forwards += 1
+        inputs = [r.decoder_inputs(self.module) for r in whole]  # (tokens, cache view, soft, computed rows)
+        self.rows_computed += sum(i[0].shape[0] for i in inputs)
+        skipping = any(i[3] is not None for i in inputs)  # then the head runs per Rows (`Rows.logits`)
+        hidden = {"return_hidden": True} if skipping else {}  # (only eager modules skip; compiled.py has no such knob)
         if len(whole) == 1:
-            r = whole[0]
-            return out + [(r, self.module.denoise(r.state.tokens, r.cache, soft=r.soft(self.module)))]
-        softs = [r.soft(self.module) for r in whole]
+            tokens, cache, soft, rows = inputs[0]
+            result = self.module.denoise(tokens, cache, soft=soft, **hidden)
+            return out + [(whole[0], whole[0].logits(self.module, result, rows) if skipping else result)]
         soft = None
-        if any(s is not None for s in softs):  # a zero signal is exactly "none" (no biases; rms-norm of 0 is 0)
+        if any(i[2] is not None for i in inputs):  # a zero signal is exactly "none" (no biases; rms-norm of 0 is 0)
             w = self.module.embed_tokens.weight
-            soft = torch.cat([w.new_zeros(*r.state.tokens.shape, w.shape[1]) if s is None else s
-                              for r, s in zip(whole, softs)])
-        tokens = torch.cat([r.state.tokens for r in whole])
-        logits = self.module.denoise(tokens, self._stacked([r.cache for r in whole]), soft=soft)
-        return out + list(zip(whole, logits.split([r.batch_size for r in whole])))
+            soft = torch.cat([w.new_zeros(*i[0].shape, w.shape[1]) if i[2] is None else i[2] for i in inputs])
+        tokens = torch.cat([i[0] for i in inputs])
+        result = self.module.denoise(tokens, self._stacked([i[1] for i in inputs]), soft=soft, **hidden)
+        parts = result.split([i[0].shape[0] for i in inputs])
+        if not skipping:
+            return out + list(zip(whole, parts))
+        return out + [(r, r.logits(self.module, part, i[3])) for r, part, i in zip(whole, parts, inputs)]
 
-    def _stacked(self, caches: list[KVCache]) -> StackedCaches:
+    def _stacked(self, caches: list) -> StackedCaches:
         """The stacked view of these caches, rebuilt only when the set of rows or a cache's length changed."""
         lengths = [c.length for c in caches]
         if self._view is not None:

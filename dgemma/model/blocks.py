@@ -131,12 +131,23 @@ class DiffusionGemma(nn.Module):
         inplace = not (torch.is_grad_enabled() and product.requires_grad)
         return softcap(product, self.config.final_logit_softcapping, inplace=inplace)
 
+    def head_into(self, normed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`head(normed)` written into `out` (fp32, contiguous, normed's leading shape + [V]): the fp32 tied head's
+        product goes straight into it and is soft-capped there, so no second vocabulary-sized buffer is made
+        (the engine fills a batch's logits row by row this way, engine/scheduler.py). No gradient."""
+        w = self.embed_tokens.weight
+        if self.head_product is None and w.dtype == torch.float32:
+            torch.matmul(normed, w.t(), out=out)
+            return softcap(out, self.config.final_logit_softcapping, inplace=True)
+        return out.copy_(self.head(normed))
+
     # --- the two passes (implemented in encoder.py / decoder.py) -----------------------------------
     def encode(self, tokens, cache, valid=None, return_hidden=False):
         return encode(self, tokens, cache, valid=valid, return_hidden=return_hidden)
 
-    def denoise(self, tokens, cache, soft=None, positions=None, canvas_kv=None):
-        return denoise(self, tokens, cache, soft=soft, positions=positions, canvas_kv=canvas_kv)
+    def denoise(self, tokens, cache, soft=None, positions=None, canvas_kv=None, return_hidden=False):
+        return denoise(self, tokens, cache, soft=soft, positions=positions, canvas_kv=canvas_kv,
+                       return_hidden=return_hidden)
 
     def soft_embedding(self, sc_logits, sc_mask=None, chunk=None):
         return soft_embedding(self, sc_logits, sc_mask, chunk)

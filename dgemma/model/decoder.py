@@ -76,8 +76,10 @@ def context_positions(start, T: int, device) -> torch.Tensor:
 
 
 def denoise(model, tokens: torch.Tensor, cache, soft: torch.Tensor | None = None,
-            positions: torch.Tensor | None = None, canvas_kv: list | None = None) -> torch.Tensor:
-    """tokens [B,L] int64, soft [B,L,D] or None (first step) -> logits [B,L,V] fp32 (soft-capped).
+            positions: torch.Tensor | None = None, canvas_kv: list | None = None,
+            return_hidden: bool = False) -> torch.Tensor:
+    """tokens [B,L] int64, soft [B,L,D] or None (first step) -> logits [B,L,V] fp32 (soft-capped); with
+    return_hidden, the final-normed states [B,L,D] instead (the logits are then `model.head` of them).
 
     A subset of the canvas (engine/settle.py): tokens [B,M] and soft [B,M,D] of the canvas offsets `positions`
     [B,M] (each row's own, distinct, except L: a filler whose results nobody reads), with `canvas_kv` one (k, v)
@@ -107,7 +109,7 @@ def denoise(model, tokens: torch.Tensor, cache, soft: torch.Tensor | None = None
         cos, sin = rope[layer.is_sliding]
         buffers = None if canvas_kv is None else (*canvas_kv[i], positions)
         x, _ = layer(x, cos, sin, None if context is None else context[:2], mask, is_encoder=False, canvas=buffers)
-    return model.logits(x)
+    return model.norm(x) if return_hidden else model.logits(x)
 
 
 def canvas_kv_buffers(model, batch: int, length: int, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:

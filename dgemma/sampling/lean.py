@@ -35,6 +35,12 @@ How the bits stay equal. Every vocabulary-sized quantity in `step` is a per-posi
     faster than torch.argmax on fp32 rows on CPU (tests/test_sampler_lean.py checks ties, zeros, inf and NaN).
 Any other cfg.sample falls back to `step`.
 
+Frozen rows. A done row's step results are all discarded (`_advance` keeps its tokens, argmax, entropy and
+confidence, the merge its ℓ̃), so on the CPU a chunk that holds only frozen rows' positions is not computed: it
+gets the kept values and the old ℓ̃ (`_keep_frozen`), and in reference-RNG mode its noise is still drawn. With the
+engine's canvas loop skipping done rows in the decoder too (engine/scheduler.py `Rows.computed_rows`), a finished
+row costs a batch no vocabulary work and no forward until its canvas is committed.
+
 Why overwriting the logits in place is safe: ℓ is only ever used as ℓ / T (§6.2) and the engine's canvas loop
 passes the decoder's fresh output straight into the step and never reads it again. A caller that needs the raw
 logits afterwards passes inplace=False (one [B,L,V] copy) or a clone. The returned sc_logits IS that buffer, which
@@ -101,6 +107,21 @@ def _argmax_nonnegative(ratio: Tensor, no_zero_noise: bool, out: Tensor) -> None
     torch.argmax(ratio.view(torch.int32) if no_zero_noise else ratio, dim=-1, out=out)
 
 
+def _keep_frozen(state: DenoiseState, start: int, end: int, x: Tensor, old_sc: Tensor, proposal: Tensor,
+                 argmax: Tensor, entropy: Tensor, confidence: Tensor, noise_buffer: Tensor | None,
+                 generator: torch.Generator | None) -> None:
+    """Positions [start, end) of the flattened canvas, all in frozen (done) rows, without their vocabulary work:
+    whatever a step computes there is discarded (`_advance` keeps a frozen row's tokens, argmax, entropy and
+    confidence; the merge keeps its ℓ̃), so the outputs get the kept values straight away and ℓ̃ its old rows.
+    In reference-RNG mode the chunk's exponential noise is still drawn: the reference draws it for every row."""
+    if noise_buffer is not None:
+        noise.exponential_(noise_buffer, generator)
+    x.copy_(old_sc[start:end])
+    for out, kept in ((proposal, state.tokens), (argmax, state.argmax), (entropy, state.entropy),
+                      (confidence, state.confidence)):
+        out[start:end] = kept.reshape(-1)[start:end]
+
+
 @torch.no_grad()
 def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: torch.Generator | None = None,
               chunk: int | None = None, inplace: bool = True,
@@ -152,9 +173,16 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
     # frozen rows keep their previous ℓ̃ (step's torch.where); with none frozen that pass is skipped (a free check on
     # the CPU; elsewhere the where always runs, so that no step waits on the device)
     merge = old_sc is not None and (dev.type != "cpu" or bool(state.done.any()))
+    # on the CPU a chunk of frozen rows only is not computed at all (see `_keep_frozen`); elsewhere that would
+    # need a host read of `done`
+    frozen_rows = state.done.tolist() if merge and dev.type == "cpu" else None
     for start, end in ranges:
         n = end - start
         x, work, scratch = x_all[start:end], work_all[:n], scratch_all[:n]
+        if frozen_rows is not None and all(frozen_rows[start // length:(end - 1) // length + 1]):
+            _keep_frozen(state, start, end, x, old_sc, proposal, argmax, entropy, confidence,
+                         noise_all[:n] if reference_rng else None, generator)
+            continue
         con.mask_rows(x, constraints, start, end)  # -inf outside the allowed class, before ÷T as in `step`
         x.div_(temp[start:end])  # ℓ̃ = ℓ / T in place: the same IEEE division as `logits / T`
         # argmax and row max in one reduction: torch.max(dim) also returns the FIRST maximal index (first NaN, if any)
