@@ -117,3 +117,25 @@ def test_row_subset_reads_the_chosen_rows_of_every_layer(sudoku):
         k, v, valid = rows.cache.context(layer)
         got = view.context(layer)
         assert torch.equal(got[0], k[pick]) and torch.equal(got[1], v[pick]) and got[2] is None and valid is None
+
+
+def test_two_batches_sharing_forwards_skip_their_done_rows(sudoku, monkeypatch):
+    """Two Rows of three puzzles each in one Scheduler (one forward over both, each leaving its done rows out) commit
+    what each commits alone with every row computed."""
+    engine, ids = sudoku
+    gen = engine.generation_settings(max_new_tokens=ANSWER_TOKENS)
+    cfg = step_config(gen, sampling="fast")
+    scheduler = Scheduler(engine.module)
+    groups = [scheduler.add(Rows(engine.module, part, gen, cfg, generator=torch.Generator().manual_seed(k)))
+              for k, part in enumerate((ids[::2], ids[1::2]))]
+    commits = {}
+    while scheduler.rows:
+        for rows, event in scheduler.tick():
+            if isinstance(event, Commit):
+                commits[groups.index(rows)] = event
+    steps = torch.cat([commits[0].num_steps, commits[1].num_steps])
+    assert scheduler.rows_computed == int(steps.sum()) and scheduler.forwards == int(steps.max())
+    monkeypatch.setattr(scheduler_module, "SKIP_DONE_ROWS", False)
+    for k, part in enumerate((ids[::2], ids[1::2])):
+        tokens, num_steps, _, _ = run(engine, part, "fast", seed=k)
+        assert torch.equal(commits[k].tokens, tokens) and torch.equal(commits[k].num_steps, num_steps), k
