@@ -139,3 +139,37 @@ def test_two_batches_sharing_forwards_skip_their_done_rows(sudoku, monkeypatch):
     for k, part in enumerate((ids[::2], ids[1::2])):
         tokens, num_steps, _, _ = run(engine, part, "fast", seed=k)
         assert torch.equal(commits[k].tokens, tokens) and torch.equal(commits[k].num_steps, num_steps), k
+
+
+def test_rows_that_ended_start_later_canvases_done_in_fast_mode_only():
+    """A row that hit a stop id is committed as all pad in every later canvas, so in fast mode it is not denoised
+    there (0 steps: it neither costs forwards nor keeps the batch's canvas going); reference-RNG mode keeps
+    denoising it, as the reference does (its steps decide when the canvas ends, hence the random stream)."""
+    from conftest import TINY_CONFIG
+
+    from dgemma.config import GenerationConfig, ModelConfig
+    from dgemma.engine.generate import generate
+    from dgemma.model.blocks import DiffusionGemma
+    from dgemma.model.saving import init_weights
+
+    module = DiffusionGemma(ModelConfig.from_dict(TINY_CONFIG)).eval()
+    init_weights(module, torch.Generator().manual_seed(0), std=0.5)  # some rows hit the stop id early
+    ids = torch.randint(3, 500, (4, 5), generator=torch.Generator().manual_seed(1))
+    L = module.config.canvas_length
+    for sampling in ("fast", "reference"):
+        gen = GenerationConfig(max_new_tokens=4 * L, max_denoising_steps=5, eos_token_id=(1,), pad_token_id=0)
+        cfg = step_config(gen, sampling=sampling)
+        out = generate(module, ids, gen, cfg, generator=torch.Generator().manual_seed(2))
+        steps = torch.stack(out.steps_per_canvas)  # [canvases, B]
+        canvases = out.sequences[:, ids.shape[1]:].unflatten(1, (-1, L))  # [B, canvases, L]
+        ended = torch.stack([(canvases[:, :k] == 1).flatten(1).any(1) for k in range(steps.shape[0])])  # [canvases, B]
+        assert ended.any() and not ended.all(), f"{sampling}: want rows that end before others: {ended.tolist()}"
+        assert (canvases.transpose(0, 1)[ended] == 0).all(), "a row that ended commits pad"
+        if sampling == "fast":
+            assert (steps[ended] == 0).all() and (steps[~ended] > 0).all(), steps.tolist()
+        else:
+            assert (steps > 0).all(), steps.tolist()
+    # without a pad id an ended row's later canvases are returned as denoised, so it is still denoised
+    gen = GenerationConfig(max_new_tokens=4 * L, max_denoising_steps=5, eos_token_id=(1,), pad_token_id=None)
+    out = generate(module, ids, gen, step_config(gen, sampling="fast"), generator=torch.Generator().manual_seed(2))
+    assert (torch.stack(out.steps_per_canvas) > 0).all()

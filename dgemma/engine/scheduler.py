@@ -113,7 +113,7 @@ class Rows:
         self.settling = None
         self._subset = None  # the cache has grown
         if c is None:
-            self.state = init_state(noise, self.cfg)
+            self.state = _start_done(init_state(noise, self.cfg), self._ended())
             if self.gen.settle_after is not None:  # plans clamp positions: their canvases never settle
                 self.settling = Settling(module, self.state, self.cfg, self.gen.settle_after, self.gen.settle_entropy)
         else:
@@ -121,7 +121,19 @@ class Rows:
             c.check_ids(V)
             state = init_state(c.start_canvas(noise), self.cfg)
             nothing_free = c.fully_clamped()  # such rows stop before their first step (frozen, 0 steps)
-            self.state = dataclasses.replace(state, stopped=nothing_free, done=nothing_free)
+            ended = self._ended()
+            self.state = _start_done(state, nothing_free if ended is None else nothing_free | ended)
+
+    def _ended(self) -> torch.Tensor | None:
+        """Rows that start this canvas done because they ended in an earlier one (a stop id), in fast mode only.
+
+        Such a row's canvas is committed as all pad whatever is denoised in it (`truncate_at_stop_ids`), so denoising
+        it only costs steps: its own, and the batch's, whose canvas lasts until its slowest row is done. The reference
+        keeps denoising it, and its steps decide when the canvas ends, so reference-RNG mode does too (the same
+        random stream). Without a pad id the ended row's later canvases are returned as denoised: kept as well."""
+        if self.cfg.sample is sample_reference or self.gen.pad_token_id is None or not bool(self.finished.any()):
+            return None
+        return self.finished
 
     def computed_rows(self, module) -> torch.Tensor | None:
         """The rows the next decoder forward computes: None = all of them, else the indices of those still denoising.
@@ -198,6 +210,13 @@ class Rows:
         else:
             self.pending = tokens
         return Commit(self.canvas_index, tokens, self.finished, state.num_steps_taken)
+
+
+def _start_done(state: DenoiseState, rows: torch.Tensor | None) -> DenoiseState:
+    """`state` with `rows` [B] bool (None = none) stopped before their first step: frozen, 0 steps."""
+    if rows is None:
+        return state
+    return dataclasses.replace(state, stopped=state.stopped | rows, done=state.done | rows)
 
 
 class Scheduler:
