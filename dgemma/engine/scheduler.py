@@ -175,7 +175,7 @@ class Rows:
         state = self.state
         full = torch.empty(self.batch_size, *state.sc_logits.shape[1:], dtype=torch.float32, device=hidden.device)
         for j, i in enumerate(rows.tolist()):
-            module.head_into(hidden[j], full[i])
+            module.head(hidden[j], out=full[i])
         for i in state.done.nonzero().squeeze(1).tolist():
             full[i].copy_(state.sc_logits[i])
         return full

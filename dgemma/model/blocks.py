@@ -122,24 +122,21 @@ class DiffusionGemma(nn.Module):
         """Final norm, tied head, fp32 soft-cap (spec §4.6). hidden [B,L,D] -> logits [B,L,V] fp32."""
         return self.head(self.norm(hidden))
 
-    def head(self, normed: torch.Tensor) -> torch.Tensor:
-        """Tied head + fp32 soft-cap on ALREADY final-normed states (what `encode(return_hidden=True)` returns)."""
+    def head(self, normed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tied head + fp32 soft-cap on ALREADY final-normed states (what `encode(return_hidden=True)` returns).
+        `out` (fp32, contiguous, normed's leading shape + [V]; no gradient) receives the logits: the fp32 tied
+        head's product goes straight into it and is soft-capped there, so no second vocabulary-sized buffer is
+        made (the engine fills a batch's logits row by row this way, engine/scheduler.py)."""
+        w = self.embed_tokens.weight
         if self.head_product is not None:
             product = self.head_product(normed)
+        elif out is not None and w.dtype == torch.float32:
+            product = torch.matmul(normed, w.t(), out=out)
         else:
-            product = normed @ self.embed_tokens.weight.t()
+            product = normed @ w.t()
         inplace = not (torch.is_grad_enabled() and product.requires_grad)
-        return softcap(product, self.config.final_logit_softcapping, inplace=inplace)
-
-    def head_into(self, normed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """`head(normed)` written into `out` (fp32, contiguous, normed's leading shape + [V]): the fp32 tied head's
-        product goes straight into it and is soft-capped there, so no second vocabulary-sized buffer is made
-        (the engine fills a batch's logits row by row this way, engine/scheduler.py). No gradient."""
-        w = self.embed_tokens.weight
-        if self.head_product is None and w.dtype == torch.float32:
-            torch.matmul(normed, w.t(), out=out)
-            return softcap(out, self.config.final_logit_softcapping, inplace=True)
-        return out.copy_(self.head(normed))
+        logits = softcap(product, self.config.final_logit_softcapping, inplace=inplace)
+        return logits if out is None or logits is out else out.copy_(logits)
 
     # --- the two passes (implemented in encoder.py / decoder.py) -----------------------------------
     def encode(self, tokens, cache, valid=None, return_hidden=False):
