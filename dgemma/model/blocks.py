@@ -89,6 +89,9 @@ class DiffusionGemma(nn.Module):
         # Optional callable normed [..., D] -> head product [..., V] (dgemma.quant.dynamic's int8 head); None:
         # the tied embedding's float product. A runtime choice, never saved.
         self.head_product = None
+        # Optional callable ℓ̃ rows [n, V] -> softmax(ℓ̃) @ E [n, D] (the int8 self-conditioning product, same
+        # module); None: the float product in decoder.soft_embedding. A runtime choice, never saved.
+        self.soft_product = None
         self._rope_freqs: dict = {}  # (is_sliding, device) -> inverse frequencies (derived, never saved)
         self._embed_scales: dict = {}  # dtype -> sqrt(D) rounded to it (derived, never saved)
 

@@ -37,10 +37,16 @@ def soft_embedding(model, sc_logits: torch.Tensor, sc_mask: torch.Tensor | None 
     Same bits as chunk None on CPU (MKL, fp32 and bf16, measured): softmax and casts are per position, and the
     chunk products equal the rows of the whole product as long as no chunk has fewer than MIN_CHUNK_ROWS rows
     (MKL takes small-M paths that round differently: M = 1 a matrix-vector product, and on an AMD EPYC also
-    M = 2 and 3), so chunks have at least that many rows and a shorter remainder joins the previous chunk."""
+    M = 2 and 3), so chunks have at least that many rows and a shorter remainder joins the previous chunk.
+
+    `model.soft_product` (set by dgemma/quant/dynamic.py's int8 mode) replaces softmax-then-product, chunk by
+    chunk (the whole canvas as one chunk when chunk is None)."""
     w = model.embed_tokens.weight
     scale = model.embed_scale(w.dtype)
-    if chunk is None:
+    product = getattr(model, "soft_product", None)  # stand-ins with only the table (tests) have none
+    if chunk is None and product is not None:
+        soft = product(sc_logits.reshape(-1, sc_logits.shape[-1])).view(*sc_logits.shape[:-1], -1) * scale
+    elif chunk is None:
         # the reference casts ℓ̃ to the embedding dtype before the fp32 softmax; do the same (bf16 rounding included)
         probs = torch.softmax(sc_logits.to(w.dtype), dim=-1, dtype=torch.float32).to(w.dtype)
         soft = (probs @ w) * scale
@@ -55,6 +61,9 @@ def soft_embedding(model, sc_logits: torch.Tensor, sc_mask: torch.Tensor | None 
         low = None if w.dtype == torch.float32 else torch.empty(flat.shape, dtype=w.dtype, device=w.device)
         parts = []
         for start, end in itertools.pairwise(bounds):
+            if product is not None:
+                parts.append(product(flat[start:end]))
+                continue
             probs = torch.softmax(flat[start:end].to(w.dtype), dim=-1, dtype=torch.float32)
             if low is None:
                 parts.append(probs @ w)

@@ -9,8 +9,9 @@ On this project's 2-core Xeon (AVX512-VNNI) a 256 x 1024 by 1024 x 4096 product 
 
 What runs in int8: the same projections `dgemma quantize` stores quantized (`modules.QUANTIZED`: attention,
 dense MLP, self-conditioning MLP, the stacked experts, one packed matrix per expert) plus the tied LM head's
-product (a packed int8 copy of the embedding; the token lookup and the self-conditioning soft embedding keep
-reading the float table). The routers, norms and the sampler stay in fp32. The float modules are kept inside the
+product (a packed int8 copy of the embedding) and the self-conditioning product softmax(ℓ̃) @ E (a packed copy of
+E^T, `_SoftProduct`); the token lookup reads the float table. The routers, norms, softmaxes and the sampler stay in
+fp32. The float modules are kept inside the
 swapped ones (`.reference`), so `restore_float` undoes the swap exactly and tests compare against them.
 
 The packed weights are plain attributes, not parameters or buffers: the state dict, `dgemma quantize` and
@@ -117,6 +118,21 @@ class _Head:
         return matmul(normed, self.packed)
 
 
+class _SoftProduct:
+    """The self-conditioning product softmax(ℓ̃) @ E through a packed int8 copy of E^T (one scale per hidden
+    channel). Each row's probabilities go in divided by the row's largest one, as exp(ℓ̃ - max ℓ̃): values in
+    [0, 1] with a 1 in every row, so the call's one activation scale suits every row; the product is then divided
+    by the row's sum of them. A probability under 1/510 of its row's largest counts as 0."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.packed = pack(weight.t())
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        ratios = (logits - logits.amax(-1, keepdim=True)).exp_()
+        return matmul(ratios, self.packed) / ratios.sum(-1, keepdim=True)
+
+
 def apply(model: nn.Module) -> nn.Module:
     """Swap the int8 stand-ins into a float32 CPU model, in place; returns the model. Inference only."""
     check_available()
@@ -140,13 +156,14 @@ def apply(model: nn.Module) -> nn.Module:
         raise DynamicInt8Error("found no float projections to swap (a weight-only quantized checkpoint already "
                                "runs its own int kernels); load a full-precision model for --int8-dynamic")
     model.head_product = _Head(w)
+    model.soft_product = _SoftProduct(w)
     return model
 
 
 def restore_float(model: nn.Module) -> nn.Module:
-    """Undo `apply`: the float modules back in place, the float head product."""
+    """Undo `apply`: the float modules back in place, the float head and self-conditioning products."""
     for name, child in list(model.named_modules()):
         if isinstance(child, (DynamicInt8Linear, DynamicInt8Experts)):
             model.set_submodule(name, child.reference)
-    model.head_product = None
+    model.head_product = model.soft_product = None
     return model
