@@ -124,7 +124,8 @@ class _SoftProduct:
     """The self-conditioning product softmax(ℓ̃) @ E through a packed int8 copy of E^T (one scale per hidden
     channel). Each row's probabilities go in divided by the row's largest one, as exp(ℓ̃ - max ℓ̃): values in
     [0, 1] with a 1 in every row, so the call's one activation scale suits every row; the product is then divided
-    by the row's sum of them. A probability under 1/510 of its row's largest counts as 0."""
+    by the row's sum of them. A probability under half a quantization step of its row's largest counts as 0 (1/510
+    of it with 8-bit activations, 1/254 with 7, see REDUCE_RANGE)."""
 
     def __init__(self, weight: torch.Tensor):
         self.packed = pack(weight.t())
