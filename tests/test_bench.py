@@ -105,3 +105,45 @@ def test_row_skipping_bench_runs_both_ways_and_restores_the_switch(capsys):
     assert result["identical"] and result["forwards"]["skip"] == result["forwards"]["whole"]
     assert result["decoder_rows"]["skip"] < result["decoder_rows"]["whole"]
     assert scheduler_module.SKIP_DONE_ROWS is True and scheduler_module.Scheduler.tick is tick
+
+
+def test_int8_parts_bench_configures_each_variant_and_runs_them_all(tmp_path, capsys, random_engine):
+    """bench/int8_parts.py: each variant puts back exactly its named part in float, and on the tiny config every
+    variant is timed, with ratios against int8 and float, ending in one JSON line."""
+    from dgemma.model.moe import Experts
+    from dgemma.quant import dynamic
+    try:
+        dynamic.check_available()
+    except dynamic.DynamicInt8Error as e:
+        pytest.skip(str(e))
+    import int8_parts
+
+    module = random_engine.module
+
+    def state():
+        kinds = {type(m) for m in module.modules()}
+        return (module.soft_product is not None, module.head_product is not None,
+                dynamic.DynamicInt8Experts in kinds, dynamic.DynamicInt8Linear in kinds)
+
+    expected = {"float": (False, False, False, False), "int8": (True, True, True, True),
+                "int8-soft-float": (False, True, True, True), "int8-head-float": (True, False, True, True),
+                "int8-experts-float": (True, True, False, True)}
+    try:
+        for variant in int8_parts.VARIANTS:
+            int8_parts.configure(random_engine, variant)
+            assert state() == expected[variant], variant
+        assert any(type(m) is Experts for m in module.modules())  # the float experts are back in place
+    finally:
+        random_engine.use_int8_dynamic(False)
+    with pytest.raises(ValueError, match="unknown variant"):
+        int8_parts.configure(random_engine, "int4")
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    result = int8_parts.main(["--config", str(config), "--steps", "2", "--reps", "1", "--prompt-len", "8",
+                              "--threads", "1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert set(result["variants"]) == set(int8_parts.VARIANTS)
+    for name, row in result["variants"].items():
+        assert row["wall_s"] > 0 and len(row["walls"]) == 1, name
+    assert result["variants"]["int8"]["vs_int8"] == 1.0 and result["variants"]["float"]["speed_vs_float"] == 1.0
