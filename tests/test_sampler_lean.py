@@ -176,7 +176,7 @@ def stub_model(vocab, dim, dtype):
     emb = torch.nn.Embedding(vocab, dim, dtype=dtype)
     torch.nn.init.normal_(emb.weight, std=0.05, generator=torch.Generator().manual_seed(vocab))
     # embed_scale as DiffusionGemma.embed_scale: sqrt(D) rounded to the weight dtype, a Python number
-    return SimpleNamespace(embed_tokens=emb, config=SimpleNamespace(embed_scale=dim ** 0.5),
+    return SimpleNamespace(embed_tokens=emb, config=SimpleNamespace(embed_scale=dim ** 0.5), soft_product=None,
                            embed_scale=lambda dt: float(torch.tensor(dim ** 0.5, dtype=dt)))
 
 

@@ -43,7 +43,7 @@ def soft_embedding(model, sc_logits: torch.Tensor, sc_mask: torch.Tensor | None 
     chunk (the whole canvas as one chunk when chunk is None)."""
     w = model.embed_tokens.weight
     scale = model.embed_scale(w.dtype)
-    product = getattr(model, "soft_product", None)  # stand-ins with only the table (tests) have none
+    product = model.soft_product
     if chunk is None and product is not None:
         soft = product(sc_logits.reshape(-1, sc_logits.shape[-1])).view(*sc_logits.shape[:-1], -1) * scale
     elif chunk is None:
