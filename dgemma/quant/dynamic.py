@@ -11,9 +11,9 @@ What runs in int8: the same projections `dgemma quantize` stores quantized (`mod
 dense MLP, self-conditioning MLP, the stacked experts, one packed matrix per expert) plus the tied LM head's
 product (a packed int8 copy of the embedding) and the self-conditioning product softmax(ℓ̃) @ E (a packed copy of
 E^T, `_SoftProduct`); the token lookup reads the float table. The routers, norms, softmaxes and the sampler stay in
-fp32. The int8 self-conditioning product made the int8 fast preset's canvas on `small` 1.26x faster (it had been 26%
-of an int8 step) for about 1% soft-embedding error in real steps; the README's Speed presets section has the
-measurements, and those of per-row activation scales, tried and not adopted. The float modules are kept inside the
+fp32. The int8 self-conditioning product made the int8 fast preset's canvas on `small` 1.24x faster (it had been 26%
+of an int8 step; `bench/int8_parts.py`) for about 1% soft-embedding error in real steps; the README's Speed presets
+section has the measurements, and those of per-row activation scales, tried and not adopted. The float modules are kept inside the
 swapped ones (`.reference`), so `restore_float` undoes the swap exactly and tests compare against them.
 
 The packed weights are plain attributes, not parameters or buffers: the state dict, `dgemma quantize` and
