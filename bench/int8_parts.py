@@ -16,18 +16,15 @@ Prints each variant's median wall and its ratio against `int8` (above 1: that pa
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from _common import hardware, read_config
-from vs_reference import build, random_prompt
+import _canvas
+from _common import hardware
 
 VARIANTS = ("float", "int8", "int8-soft-float", "int8-head-float", "int8-experts-float")
 
@@ -46,7 +43,7 @@ def configure(engine, variant: str) -> None:
     if variant == "int8-soft-float":
         module.soft_product = None
     elif variant == "int8-head-float":
-        module.head_product = None
+        module.head_logits = None
     elif variant == "int8-experts-float":
         for name, m in list(module.named_modules()):
             if isinstance(m, DynamicInt8Experts):
@@ -54,31 +51,15 @@ def configure(engine, variant: str) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="small", help="a bench/configs name or a path (default small)")
-    p.add_argument("--steps", type=int, default=16, help="denoising steps of the canvas (default 16, fast's budget)")
-    p.add_argument("--reps", type=int, default=5, help="measured reps, after one warm-up (default 5)")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default torch's choice)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    label, raw = read_config(args.config)
-    with tempfile.TemporaryDirectory(prefix="dgemma-int8-parts-") as tmp:
-        ref, eng = build(raw, args.seed, torch.float32, torch.device("cpu"), Path(tmp))
-    del ref
-    ids = random_prompt(raw, eng.config.vocab_size, 1, args.prompt_len, args.seed)
+    args = _canvas.parse(__doc__.splitlines()[0], argv)
+    label, eng, ids = _canvas.setup(args)
     L = eng.config.canvas_length
-    eng.use_preset("fast")
     walls = {v: [] for v in VARIANTS}
     for rep in range(args.reps + 1):  # rep 0 warms up
         for variant in VARIANTS:
             configure(eng, variant)
             start = time.perf_counter()
-            eng.generate(ids.clone(), max_new_tokens=L, max_denoising_steps=args.steps, eos_token_id=None,
-                         stability_threshold=None, confidence_threshold=None, sampling="fast",
-                         generator=torch.Generator().manual_seed(args.seed))
+            _canvas.run(eng, ids, args)
             if rep:
                 walls[variant].append(time.perf_counter() - start)
     eng.use_int8_dynamic(False)

@@ -122,7 +122,7 @@ def test_int8_parts_bench_configures_each_variant_and_runs_them_all(tmp_path, ca
 
     def state():
         kinds = {type(m) for m in module.modules()}
-        return (module.soft_product is not None, module.head_product is not None,
+        return (module.soft_product is not None, module.head_logits is not None,
                 dynamic.DynamicInt8Experts in kinds, dynamic.DynamicInt8Linear in kinds)
 
     expected = {"float": (False, False, False, False), "int8": (True, True, True, True),
@@ -147,3 +147,42 @@ def test_int8_parts_bench_configures_each_variant_and_runs_them_all(tmp_path, ca
     for name, row in result["variants"].items():
         assert row["wall_s"] > 0 and len(row["walls"]) == 1, name
     assert result["variants"]["int8"]["vs_int8"] == 1.0 and result["variants"]["float"]["speed_vs_float"] == 1.0
+
+
+def test_logits_buffers_bench_configures_each_variant_and_restores_the_defaults(tmp_path, capsys, random_engine):
+    """bench/logits_buffers.py: `new` variants turn buffer reuse off (and int8-new makes the int8 head one block),
+    the defaults come back afterwards, and on the tiny config every variant runs, ending in one JSON line."""
+    import dgemma.engine.scheduler as scheduler_module
+    from dgemma.quant import dynamic
+    try:
+        dynamic.check_available()
+    except dynamic.DynamicInt8Error as e:
+        pytest.skip(str(e))
+    import logits_buffers
+
+    module, columns = random_engine.module, dynamic.HEAD_COLUMNS
+    vocab = random_engine.config.vocab_size
+    try:
+        for variant in logits_buffers.VARIANTS:
+            logits_buffers.configure(random_engine, variant)
+            assert scheduler_module.REUSE_LOGITS is variant.endswith("reused"), variant
+            head = module.head_logits
+            assert (head is not None) is variant.startswith("int8"), variant
+            if variant == "int8-new":
+                assert [(c0, c1) for c0, c1, _ in head.blocks] == [(0, vocab)]
+            assert dynamic.HEAD_COLUMNS == columns
+    finally:
+        scheduler_module.REUSE_LOGITS = True
+        random_engine.use_int8_dynamic(False)
+    with pytest.raises(ValueError, match="unknown variant"):
+        logits_buffers.configure(random_engine, "int4-new")
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    result = logits_buffers.main(["--config", str(config), "--steps", "2", "--reps", "1", "--prompt-len", "8",
+                                  "--threads", "1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert set(result["variants"]) == set(logits_buffers.VARIANTS) and scheduler_module.REUSE_LOGITS is True
+    for name, row in result["variants"].items():
+        assert row["wall_s"] > 0 and row["page_faults"] >= 0 and len(row["walls"]) == 1, name
+    assert result["variants"]["int8-reused"]["speed_vs_new"] > 0

@@ -43,6 +43,7 @@ from .settle import Settling
 
 SC_CHUNK = 64  # positions per self-conditioning chunk: smaller re-reads E too often on CPU (measured)
 SKIP_DONE_ROWS = True  # done rows leave the decoder's forward (`Rows.computed_rows`); False only to measure that
+REUSE_LOGITS = True  # step logits go into reused buffers on the CPU (`Rows.logits_buffer`); False only to measure that
 
 
 class CanvasPlan(Protocol):
@@ -95,6 +96,7 @@ class Rows:
         self.constraints: CanvasConstraints | None = None
         self.settling: Settling | None = None  # this canvas's settled positions (gen.settle_after; engine/settle.py)
         self._subset: tuple[list[int], RowSubset] | None = None  # the cache view of the rows still denoising
+        self._logits_buffers: list[torch.Tensor] = []  # reused step logits on the CPU (`logits_buffer`)
         self.left = self.num_canvases <= 0  # nothing more to generate: the scheduler drops it
 
     @property
@@ -165,20 +167,49 @@ class Rows:
             self._subset = (key, RowSubset(self.cache, rows))
         return self.state.tokens.index_select(0, rows), self._subset[1], self.soft(module, rows), rows
 
+    def heads_own_logits(self, module) -> bool:
+        """Whether the loop runs the head itself (`logits`) into a reused buffer: on the CPU, with an eager module
+        (a compiled step returns logits made in its graph; a GPU's caching allocator reuses memory already)."""
+        return REUSE_LOGITS and self.state.tokens.device.type == "cpu" and "denoise" not in vars(module)
+
+    def logits_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A [B,L,V] fp32 CPU buffer for this step's logits that the sampler state does not read: two alternate.
+
+        Why: logits are 32 MiB per canvas row at V = 32,768 (256 MiB at 262,144), and glibc serves every allocation
+        of 32 MiB or more with a fresh mmap, freed back to the kernel, so each step's logits were new pages that the
+        kernel zeroed one fault at a time as the head wrote them (8,192 faults a step per canvas row on `small`,
+        more with dynamic int8; bench/logits_buffers.py). How: a step's logits become its ℓ̃ (the sampler overwrites
+        them in place and keeps them as `sc_logits`), which the NEXT step reads, so the step after next writes into
+        that buffer again. A caller keeping a yielded Step's `state.sc_logits` longer than one step must copy it
+        (nothing in dgemma does). Memory: the two buffers the loop held anyway at a step's peak, kept for the
+        Rows' life instead of returned; a new shape keeps only the buffer the state reads beside the new one."""
+        sc = None if self.state is None else self.state.sc_logits
+        busy = None if sc is None else sc.untyped_storage().data_ptr()
+        for buffer in self._logits_buffers:
+            if buffer.untyped_storage().data_ptr() != busy and buffer.shape == shape:
+                return buffer
+        self._logits_buffers = [b for b in self._logits_buffers if b.untyped_storage().data_ptr() == busy]
+        self._logits_buffers.append(torch.empty(shape, dtype=torch.float32))
+        return self._logits_buffers[-1]
+
     def logits(self, module, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """Final-normed states [R,L,D] of this Rows' part of a decoder forward -> logits [B,L,V] for its sampler
-        step. With `computed_rows`, each computed row's head product is written into its place in one new [B,L,V]
-        buffer and a frozen row gets its kept ℓ̃ (what the step keeps for it anyway; it does not compute it again,
-        sampling/lean.py): one vocabulary-sized buffer per row, as without skipping (dgemma/plan.py)."""
+        step, written into a reused buffer (`logits_buffer`). With `computed_rows`, each computed row's head product
+        is written into its place and a frozen row gets its kept ℓ̃ (what the step keeps for it anyway; it does not
+        compute it again, sampling/lean.py)."""
+        shape = (self.batch_size, hidden.shape[1], module.config.vocab_size)
+        if REUSE_LOGITS:
+            out = self.logits_buffer(shape)
+        else:
+            out = torch.empty(shape, dtype=torch.float32, device=hidden.device)
         if rows is None:
-            return module.head(hidden)
+            return module.head(hidden, out=out)
         state = self.state
-        full = torch.empty(self.batch_size, *state.sc_logits.shape[1:], dtype=torch.float32, device=hidden.device)
         for j, i in enumerate(rows.tolist()):
-            module.head(hidden[j], out=full[i])
+            module.head(hidden[j], out=out[i])
         for i in state.done.nonzero().squeeze(1).tolist():
-            full[i].copy_(state.sc_logits[i])
-        return full
+            out[i].copy_(state.sc_logits[i])
+        return out
 
     def soft(self, module, rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """Self-conditioning input for the next step (None on a canvas's first step), of `rows` only if given."""
@@ -291,12 +322,13 @@ class Scheduler:
         self.forwards += 1
         inputs = [r.decoder_inputs(self.module) for r in whole]  # (tokens, cache view, soft, computed rows)
         self.rows_computed += sum(i[0].shape[0] for i in inputs)
-        skipping = any(i[3] is not None for i in inputs)  # then the head runs per Rows (`Rows.logits`)
-        hidden = {"return_hidden": True} if skipping else {}  # (only eager modules skip; compiled.py has no such knob)
+        # the head runs per Rows (`Rows.logits`) when rows are skipped or it writes into a reused buffer (eager, CPU)
+        own_head = any(i[3] is not None for i in inputs) or whole[0].heads_own_logits(self.module)
+        hidden = {"return_hidden": True} if own_head else {}  # (only eager modules; compiled.py has no such knob)
         if len(whole) == 1:
             tokens, cache, soft, rows = inputs[0]
             result = self.module.denoise(tokens, cache, soft=soft, **hidden)
-            return out + [(whole[0], whole[0].logits(self.module, result, rows) if skipping else result)]
+            return out + [(whole[0], whole[0].logits(self.module, result, rows) if own_head else result)]
         soft = None
         if any(i[2] is not None for i in inputs):  # a zero signal is exactly "none" (no biases; rms-norm of 0 is 0)
             w = self.module.embed_tokens.weight
@@ -304,7 +336,7 @@ class Scheduler:
         tokens = torch.cat([i[0] for i in inputs])
         result = self.module.denoise(tokens, self._stacked([i[1] for i in inputs]), soft=soft, **hidden)
         parts = result.split([i[0].shape[0] for i in inputs])
-        if not skipping:
+        if not own_head:
             return out + list(zip(whole, parts))
         return out + [(r, r.logits(self.module, part, i[3])) for r, part, i in zip(whole, parts, inputs)]
 

@@ -86,9 +86,10 @@ class DiffusionGemma(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
-        # Optional callable normed [..., D] -> head product [..., V] (dgemma.quant.dynamic's int8 head); None:
-        # the tied embedding's float product. A runtime choice, never saved.
-        self.head_product = None
+        # Optional callable (normed [..., D], out=None) -> soft-capped logits [..., V] fp32, written into `out` if
+        # given (dgemma.quant.dynamic's int8 head); None: the tied embedding's float product and the reference's
+        # soft-cap. A runtime choice, never saved.
+        self.head_logits = None
         # Optional callable ℓ̃ rows [n, V] -> softmax(ℓ̃) @ E [n, D] (the int8 self-conditioning product, same
         # module); None: the float product in decoder.soft_embedding. A runtime choice, never saved.
         self.soft_product = None
@@ -131,9 +132,9 @@ class DiffusionGemma(nn.Module):
         head's product goes straight into it and is soft-capped there, so no second vocabulary-sized buffer is
         made (the engine fills a batch's logits row by row this way, engine/scheduler.py)."""
         w = self.embed_tokens.weight
-        if self.head_product is not None:
-            product = self.head_product(normed)
-        elif out is not None and w.dtype == torch.float32:
+        if self.head_logits is not None:
+            return self.head_logits(normed, out=out)
+        if out is not None and w.dtype == torch.float32:
             product = torch.matmul(normed, w.t(), out=out)
         else:
             product = normed @ w.t()

@@ -9,12 +9,13 @@ On this project's 2-core Xeon (AVX512-VNNI) a 256 x 1024 by 1024 x 4096 product 
 
 What runs in int8: the same projections `dgemma quantize` stores quantized (`modules.QUANTIZED`: attention,
 dense MLP, self-conditioning MLP, the stacked experts, one packed matrix per expert) plus the tied LM head's
-product (a packed int8 copy of the embedding) and the self-conditioning product softmax(ℓ̃) @ E (a packed copy of
-E^T, `_SoftProduct`); the token lookup reads the float table. The routers, norms, softmaxes and the sampler stay in
-fp32. The int8 self-conditioning product made the int8 fast preset's canvas on `small` 1.24x faster (it had been 26%
-of an int8 step; `bench/int8_parts.py`) for about 1% soft-embedding error in real steps; the README's Speed presets
-section has the measurements, and those of per-row activation scales, tried and not adopted. The float modules are kept inside the
-swapped ones (`.reference`), so `restore_float` undoes the swap exactly and tests compare against them.
+product (packed int8 copies of the embedding in column blocks, `_Head`, which also soft-caps in a cheaper form) and
+the self-conditioning product softmax(ℓ̃) @ E (a packed copy of E^T, `_SoftProduct`); the token lookup reads the
+float table. The routers, norms, softmaxes and the sampler stay in fp32. The int8 self-conditioning product made
+the int8 fast preset's canvas on `small` 1.24x faster (it had been 26% of an int8 step; `bench/int8_parts.py`) for
+about 1% soft-embedding error in real steps; the README's Speed presets section has the measurements, and those of
+per-row activation scales, tried and not adopted. The float modules are kept inside the swapped ones
+(`.reference`), so `restore_float` undoes the swap exactly and tests compare against them.
 
 The packed weights are plain attributes, not parameters or buffers: the state dict, `dgemma quantize` and
 checkpoints never see them. The torch ops behind this are marked deprecated in torch 2.13 (they still ship and
@@ -110,14 +111,40 @@ class DynamicInt8Experts(Experts):
         return matmul(gelu_tanh(gate) * up, self.packed_down[e]).to(x.dtype)
 
 
+HEAD_COLUMNS = 4096  # vocabulary columns per int8 head call (see _Head)
+
+
 class _Head:
-    """The tied head's product `normed @ embed.t()` through a packed int8 copy of the embedding."""
+    """The tied head's logits through packed int8 copies of the embedding: `normed @ embed.t()` HEAD_COLUMNS
+    vocabulary entries per call, each block soft-capped into `out` (or a new tensor) while it is in cache.
 
-    def __init__(self, weight: torch.Tensor):
-        self.packed = pack(weight)
+    Blocks: one call over the whole vocabulary returns a [rows, V] fp32 tensor and, inside FBGEMM, an int32 one as
+    large: 32 MiB each for one 256-position canvas row at V = 32,768, which glibc serves with fresh mmaps whose
+    pages the kernel zeroes fault by fault, every step (bench/logits_buffers.py). Blocks of 4,096 columns stay under
+    that (up to 7 canvas rows) and reuse the heap's memory. Every call quantizes the same activations the same way
+    and each output column is its own dot product, so the blocks give the product's bits of one call.
 
-    def __call__(self, normed: torch.Tensor) -> torch.Tensor:
-        return matmul(normed, self.packed)
+    Soft-cap: cap * tanh(z / cap) as 2 cap * sigmoid(2 z / cap) - cap, the same function; torch's CPU tanh is
+    about 3x slower than its sigmoid (10 of a 190 ms int8 step on `small`, [256, 32768]). It differs from the
+    float path's tanh by up to ~1e-5 (8e-6 measured at |z| <= 20): below the int8 product's own error, so only
+    this approximate path takes it; the float head keeps the reference's tanh (model/layers.py softcap)."""
+
+    def __init__(self, weight: torch.Tensor, cap: float | None):
+        self.vocab, self.cap = weight.shape[0], cap
+        self.blocks = [(c0, min(c0 + HEAD_COLUMNS, self.vocab), pack(weight[c0:c0 + HEAD_COLUMNS]))
+                       for c0 in range(0, self.vocab, HEAD_COLUMNS)]
+
+    def __call__(self, normed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty(*normed.shape[:-1], self.vocab, dtype=torch.float32)
+        flat, x, cap = out.view(-1, self.vocab), normed.reshape(-1, normed.shape[-1]), self.cap
+        for c0, c1, packed in self.blocks:
+            block, dst = matmul(x, packed), flat[:, c0:c1]
+            if cap is None:
+                dst.copy_(block)
+            else:
+                torch.sigmoid(block.mul_(2 / cap), out=dst).mul_(2 * cap).sub_(cap)
+        return out
 
 
 class _SoftProduct:
@@ -158,7 +185,7 @@ def apply(model: nn.Module) -> nn.Module:
     if not swapped:
         raise DynamicInt8Error("found no float projections to swap (a weight-only quantized checkpoint already "
                                "runs its own int kernels); load a full-precision model for --int8-dynamic")
-    model.head_product = _Head(w)
+    model.head_logits = _Head(w, model.config.final_logit_softcapping)
     model.soft_product = _SoftProduct(w)
     return model
 
@@ -168,5 +195,5 @@ def restore_float(model: nn.Module) -> nn.Module:
     for name, child in list(model.named_modules()):
         if isinstance(child, (DynamicInt8Linear, DynamicInt8Experts)):
             model.set_submodule(name, child.reference)
-    model.head_product = model.soft_product = None
+    model.head_logits = model.soft_product = None
     return model

@@ -1,0 +1,44 @@
+"""One fixed-step canvas on a bench config with random weights: the shared setup of the CPU benches that time
+variants of the same canvas (int8_parts.py, logits_buffers.py)."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from _common import read_config
+from vs_reference import build, random_prompt
+
+
+def parse(description: str, argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default="small", help="a bench/configs name or a path (default small)")
+    p.add_argument("--steps", type=int, default=16, help="denoising steps of the canvas (default 16, fast's budget)")
+    p.add_argument("--reps", type=int, default=5, help="measured reps, after one warm-up (default 5)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def setup(args):
+    """-> (config label, engine at the fast preset's knobs, prompt ids [1, prompt_len]) for `args`."""
+    label, raw = read_config(args.config)
+    with tempfile.TemporaryDirectory(prefix="dgemma-canvas-bench-") as tmp:
+        ref, engine = build(raw, args.seed, torch.float32, torch.device("cpu"), Path(tmp))
+    del ref
+    engine.use_preset("fast")
+    return label, engine, random_prompt(raw, engine.config.vocab_size, 1, args.prompt_len, args.seed)
+
+
+def run(engine, ids: torch.Tensor, args) -> None:
+    """One canvas: `args.steps` fixed steps (no stop rule, no stop id), fast sampling, seeded."""
+    engine.generate(ids.clone(), max_new_tokens=engine.config.canvas_length, max_denoising_steps=args.steps,
+                    eos_token_id=None, stability_threshold=None, confidence_threshold=None, sampling="fast",
+                    generator=torch.Generator().manual_seed(args.seed))
