@@ -3,11 +3,12 @@
     python bench/sampler_ops.py [--vocab 262144] [--canvas 256] [--batch 1] [--device cpu|cuda] [--reps 5]
 
 `sampling/lean.py` walks the [B*L, V] logits in chunks of positions, each chunk ~40 operator calls whatever its size.
-Its budgets (CHUNK_BYTES / BLOCK_BYTES) are per device type: small on a CPU (the chunk stays in cache), large on
-an accelerator, where every call is a kernel launch. For each budget this prints the positions per chunk, the
-ATen calls of one step (torch.profiler, top level; views included, so an upper bound on kernel launches) and, with
---reps > 0, the median wall time of one step on --device (after one warm-up). Both budgets run on the same
-device, so on a GPU the time column is the change that the accelerator budget buys there. Ends with one JSON line.
+Its budgets (CHUNK_BYTES / BLOCK_BYTES, and sampler.ENTROPY_COLUMNS for fast mode's entropy) are per device type:
+small on a CPU (the chunk stays in cache), large on an accelerator, where every call is a kernel launch. For each
+budget this prints the positions per chunk, the ATen calls of one step (torch.profiler, top level; views included,
+so an upper bound on kernel launches) and, with --reps > 0, the median wall time of one step on --device (after one
+warm-up). Both budgets run on the same device, so on a GPU the time column is the change that the accelerator budget
+buys there. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def one_step(logits: torch.Tensor, state: S.DenoiseState, cfg: S.StepConfig, chu
 
 def measure(args, budget: str, state, cfg, dev) -> dict:
     """One budget's row: the lean step with that budget's chunk and column block, on `dev`."""
-    saved = dict(lean.CHUNK_BYTES), dict(lean.BLOCK_BYTES)
+    saved = dict(lean.CHUNK_BYTES), dict(lean.BLOCK_BYTES), dict(S.ENTROPY_COLUMNS)
     kind = lean.device_kind(dev)  # the entry step_lean reads on this device
     lean.CHUNK_BYTES[kind], lean.BLOCK_BYTES[kind] = saved[0][budget], saved[1][budget]
+    S.ENTROPY_COLUMNS[kind] = saved[2][budget]
     try:
         chunk = lean.default_chunk(args.vocab, dev)
         shape = (args.batch, args.canvas, args.vocab)
@@ -74,6 +76,7 @@ def measure(args, budget: str, state, cfg, dev) -> dict:
     finally:
         lean.CHUNK_BYTES.update(saved[0])
         lean.BLOCK_BYTES.update(saved[1])
+        S.ENTROPY_COLUMNS.update(saved[2])
 
 
 def main(argv=None) -> int:

@@ -17,15 +17,15 @@ from .acceptance import (
 )
 from .constraints import CanvasConstraints, clamped_logprob, free_constraints
 from .lean import default_chunk, step_lean
-from .sampler import (DenoiseState, StepConfig, init_canvas, init_state, sample_inverse_cdf, sample_reference, step,
-                      token_entropy)
+from .sampler import (DenoiseState, StepConfig, entropy_from_probs, init_canvas, init_state, sample_inverse_cdf,
+                      sample_reference, step, token_entropy)
 from .schedules import linear_temperature
 from .stopping import StopRule, all_of, any_of, mean_entropy_below, token_stable, truncate_at_stop_ids
 
 __all__ = [
-    "AcceptRule", "CanvasConstraints", "DenoiseState", "StepConfig", "StopRule",
-    "all_of", "any_of", "clamped_logprob", "confidence_threshold", "confidence_threshold_accept", "default_chunk",
-    "entropy_bound", "entropy_bound_accept", "free_constraints", "init_canvas", "init_state", "linear_quota",
-    "linear_temperature", "mean_entropy_below", "quota", "quota_accept", "sample_inverse_cdf", "sample_reference",
-    "step", "step_lean", "token_entropy", "token_stable", "truncate_at_stop_ids",
+    "AcceptRule", "CanvasConstraints", "DenoiseState", "StepConfig", "StopRule", "all_of", "any_of", "clamped_logprob",
+    "confidence_threshold", "confidence_threshold_accept", "default_chunk", "entropy_bound", "entropy_bound_accept",
+    "entropy_from_probs", "free_constraints", "init_canvas", "init_state", "linear_quota", "linear_temperature",
+    "mean_entropy_below", "quota", "quota_accept", "sample_inverse_cdf", "sample_reference", "step", "step_lean",
+    "token_entropy", "token_stable", "truncate_at_stop_ids",
 ]

@@ -29,6 +29,9 @@ How the bits stay equal. Every vocabulary-sized quantity in `step` is a per-posi
     draws them bit for bit as torch's serial loop would, about twice as fast. Per chunk the softmax is then divided
     by its rows of q and the argmax taken: the same elementwise division and per-row argmax, without multinomial's
     extra passes, its [B*L, V] noise tensor and the step's other full-size temporaries.
+  * the entropy: reference-RNG mode replicates `token_entropy`'s op sequence (the reference's values); fast mode
+    takes `entropy_from_probs` (the same quantity from the softmax it has computed, in about 2 passes instead of
+    10), whose fixed column blocks and per-row sums `step` uses too, so chunking does not change it either;
   * argmaxes: ℓ̃'s comes from torch.max(dim), which returns argmax's index (the first maximal one, or the first NaN)
     and amax's values (reused by the logsumexp) in one pass; p / q's is taken on the int32 view of those finite,
     non-negative floats, which order as their bit patterns do (see `_argmax_nonnegative`). Both are several times
@@ -59,8 +62,8 @@ import torch
 from torch import Tensor
 
 from . import constraints as con, noise
-from .sampler import DenoiseState, StepConfig, _advance, _check_logits, _temperature, sample_inverse_cdf, \
-    sample_reference, step
+from .sampler import DenoiseState, StepConfig, _advance, _check_logits, _temperature, entropy_columns, \
+    entropy_from_probs, sample_inverse_cdf, sample_reference, step
 
 INVALID_PROBS = "probability tensor contains either `inf`, `nan` or element < 0"  # torch.multinomial's words
 
@@ -165,7 +168,10 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
     ranges = _chunks(n_pos, chunk)
     rows = max(end - start for start, end in ranges)
     work_all = torch.empty(rows, vocab, dtype=torch.float32, device=dev)  # the one [chunk, V] buffer
-    block = max(1, min(vocab, _budget(BLOCK_BYTES, dev) // (4 * rows)))
+    if reference_rng:  # the reference's entropy sequence, its clamped log-probs a column block at a time
+        block = max(1, min(vocab, _budget(BLOCK_BYTES, dev) // (4 * rows)))
+    else:  # `entropy_from_probs`, in its own fixed blocks
+        block = min(vocab, entropy_columns(dev))
     scratch_all = torch.empty(rows, block, dtype=torch.float32, device=dev)
     noise_all = torch.empty(rows, vocab, dtype=torch.float32, device=dev) if reference_rng else None
     maxes_all = torch.empty(rows, 1, dtype=torch.float32, device=dev)
@@ -194,22 +200,25 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
         if reference_rng:  # multinomial's draw: id = argmax(p / q), q this chunk's rows of the exponential noise
             q = noise.exponential_(noise_all[:n], generator)
             _argmax_nonnegative(torch.div(work, q, out=q), bool(q.amin() > 0), proposal[start:end])
-        else:  # inverse CDF: cdf = cumsum p (in place); id = first index with cdf > u * total
+        else:  # entropy from p (`entropy_from_probs`), then inverse CDF: cdf = cumsum p (in place); id = first
+            # index with cdf > u * total
+            entropy[start:end] = entropy_from_probs(x, work, maxes, confidence[start:end], scratch)
             work.cumsum_(dim=-1)
             ids = torch.searchsorted(work, u[start:end] * work[:, -1:], right=True)
             proposal[start:end] = ids.squeeze(-1).clamp_(max=vocab - 1)
-        # token_entropy(ℓ̃), op for op: lse = logsumexp(ℓ̃) (ATen's own sequence: amax, inf -> 0, sub, exp, sum, log,
-        # add), log_p = ℓ̃ - lse, p = softmax(log_p), H = -sum(clamp(log_p) * p). log_p is recomputed per column
-        # block into the scratch instead of being kept whole.
-        maxes.masked_fill_(maxes.abs() == float("inf"), 0)
-        lse = torch.sub(x, maxes, out=work).exp_().sum(dim=-1, keepdim=True).log_().add_(maxes)
-        torch.sub(x, lse, out=work)
-        torch.ops.aten._softmax.out(work, -1, False, out=work)  # in place: a row's max is read before any write
-        for c0 in range(0, vocab, block):
-            c1 = min(c0 + block, vocab)
-            log_p = torch.sub(x[:, c0:c1], lse, out=scratch[:, : c1 - c0]).clamp_(min=fmin)
-            work[:, c0:c1].mul_(log_p)  # p * log_p == log_p * p (IEEE multiplication commutes)
-        torch.sum(work, dim=-1, out=entropy[start:end]).neg_()
+        if reference_rng:
+            # token_entropy(ℓ̃), op for op: lse = logsumexp(ℓ̃) (ATen's own sequence: amax, inf -> 0, sub, exp, sum,
+            # log, add), log_p = ℓ̃ - lse, p = softmax(log_p), H = -sum(clamp(log_p) * p). log_p is recomputed per
+            # column block into the scratch instead of being kept whole.
+            maxes.masked_fill_(maxes.abs() == float("inf"), 0)
+            lse = torch.sub(x, maxes, out=work).exp_().sum(dim=-1, keepdim=True).log_().add_(maxes)
+            torch.sub(x, lse, out=work)
+            torch.ops.aten._softmax.out(work, -1, False, out=work)  # in place: a row's max is read before any write
+            for c0 in range(0, vocab, block):
+                c1 = min(c0 + block, vocab)
+                log_p = torch.sub(x[:, c0:c1], lse, out=scratch[:, : c1 - c0]).clamp_(min=fmin)
+                work[:, c0:c1].mul_(log_p)  # p * log_p == log_p * p (IEEE multiplication commutes)
+            torch.sum(work, dim=-1, out=entropy[start:end]).neg_()
         if merge:  # written into the buffer
             torch.where(frozen[start:end], old_sc[start:end], x, out=x)
     if reference_rng:
