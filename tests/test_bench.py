@@ -107,6 +107,18 @@ def test_row_skipping_bench_runs_both_ways_and_restores_the_switch(capsys):
     assert scheduler_module.SKIP_DONE_ROWS is True and scheduler_module.Scheduler.tick is tick
 
 
+def run_canvas_bench_tiny(bench, tmp_path, capsys) -> dict:
+    """A bench built on bench/_canvas.py (int8_parts, logits_buffers) on the tiny config, 2 steps, 1 rep: its
+    result, checked to be the JSON line it printed last and to hold a row for each of its variants."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    result = bench.main(["--config", str(config), "--steps", "2", "--reps", "1", "--prompt-len", "8",
+                         "--threads", "1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert set(result["variants"]) == set(bench.VARIANTS)
+    return result
+
+
 def test_int8_parts_bench_configures_each_variant_and_runs_them_all(tmp_path, capsys, random_engine):
     """bench/int8_parts.py: each variant puts back exactly its named part in float, and on the tiny config every
     variant is timed, with ratios against int8 and float, ending in one JSON line."""
@@ -138,12 +150,7 @@ def test_int8_parts_bench_configures_each_variant_and_runs_them_all(tmp_path, ca
     with pytest.raises(ValueError, match="unknown variant"):
         int8_parts.configure(random_engine, "int4")
 
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(TINY_CONFIG))
-    result = int8_parts.main(["--config", str(config), "--steps", "2", "--reps", "1", "--prompt-len", "8",
-                              "--threads", "1"])
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
-    assert set(result["variants"]) == set(int8_parts.VARIANTS)
+    result = run_canvas_bench_tiny(int8_parts, tmp_path, capsys)
     for name, row in result["variants"].items():
         assert row["wall_s"] > 0 and len(row["walls"]) == 1, name
     assert result["variants"]["int8"]["vs_int8"] == 1.0 and result["variants"]["float"]["speed_vs_float"] == 1.0
@@ -177,12 +184,8 @@ def test_logits_buffers_bench_configures_each_variant_and_restores_the_defaults(
     with pytest.raises(ValueError, match="unknown variant"):
         logits_buffers.configure(random_engine, "int4-new")
 
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(TINY_CONFIG))
-    result = logits_buffers.main(["--config", str(config), "--steps", "2", "--reps", "1", "--prompt-len", "8",
-                                  "--threads", "1"])
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
-    assert set(result["variants"]) == set(logits_buffers.VARIANTS) and scheduler_module.REUSE_LOGITS is True
+    result = run_canvas_bench_tiny(logits_buffers, tmp_path, capsys)
+    assert scheduler_module.REUSE_LOGITS is True
     for name, row in result["variants"].items():
         assert row["wall_s"] > 0 and row["page_faults"] >= 0 and len(row["walls"]) == 1, name
     assert result["variants"]["int8-reused"]["speed_vs_new"] > 0

@@ -62,8 +62,8 @@ import torch
 from torch import Tensor
 
 from . import constraints as con, noise
-from .sampler import DenoiseState, StepConfig, _advance, _check_logits, _temperature, entropy_columns, \
-    entropy_from_probs, sample_inverse_cdf, sample_reference, step
+from .sampler import DenoiseState, StepConfig, _advance, _check_logits, _temperature, device_kind, \
+    entropy_columns, entropy_from_probs, sample_inverse_cdf, sample_reference, step
 
 INVALID_PROBS = "probability tensor contains either `inf`, `nan` or element < 0"  # torch.multinomial's words
 
@@ -73,11 +73,6 @@ INVALID_PROBS = "probability tensor contains either `inf`, `nan` or element < 0"
 # 128 MiB = 128 positions at V = 262,144, two chunks a canvas row.
 CHUNK_BYTES = {"cpu": 16 << 20, "accelerator": 128 << 20}
 BLOCK_BYTES = {"cpu": 2 << 20, "accelerator": 32 << 20}  # scratch for the entropy's clamped log-probs, per column block
-
-
-def device_kind(device: torch.device | str | None) -> str:
-    """The key of CHUNK_BYTES / BLOCK_BYTES for `device` (None = CPU): "cpu" or "accelerator"."""
-    return "cpu" if device is None or torch.device(device).type == "cpu" else "accelerator"
 
 
 def _budget(table: dict[str, int], device: torch.device | str | None) -> int:
@@ -200,13 +195,6 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
         if reference_rng:  # multinomial's draw: id = argmax(p / q), q this chunk's rows of the exponential noise
             q = noise.exponential_(noise_all[:n], generator)
             _argmax_nonnegative(torch.div(work, q, out=q), bool(q.amin() > 0), proposal[start:end])
-        else:  # entropy from p (`entropy_from_probs`), then inverse CDF: cdf = cumsum p (in place); id = first
-            # index with cdf > u * total
-            entropy[start:end] = entropy_from_probs(x, work, maxes, confidence[start:end], scratch)
-            work.cumsum_(dim=-1)
-            ids = torch.searchsorted(work, u[start:end] * work[:, -1:], right=True)
-            proposal[start:end] = ids.squeeze(-1).clamp_(max=vocab - 1)
-        if reference_rng:
             # token_entropy(ℓ̃), op for op: lse = logsumexp(ℓ̃) (ATen's own sequence: amax, inf -> 0, sub, exp, sum,
             # log, add), log_p = ℓ̃ - lse, p = softmax(log_p), H = -sum(clamp(log_p) * p). log_p is recomputed per
             # column block into the scratch instead of being kept whole.
@@ -219,6 +207,12 @@ def step_lean(logits: Tensor, state: DenoiseState, cfg: StepConfig, generator: t
                 log_p = torch.sub(x[:, c0:c1], lse, out=scratch[:, : c1 - c0]).clamp_(min=fmin)
                 work[:, c0:c1].mul_(log_p)  # p * log_p == log_p * p (IEEE multiplication commutes)
             torch.sum(work, dim=-1, out=entropy[start:end]).neg_()
+        else:  # entropy from p (`entropy_from_probs`), then inverse CDF: cdf = cumsum p (in place); id = first
+            # index with cdf > u * total
+            entropy[start:end] = entropy_from_probs(x, work, maxes, confidence[start:end], scratch)
+            work.cumsum_(dim=-1)
+            ids = torch.searchsorted(work, u[start:end] * work[:, -1:], right=True)
+            proposal[start:end] = ids.squeeze(-1).clamp_(max=vocab - 1)
         if merge:  # written into the buffer
             torch.where(frozen[start:end], old_sc[start:end], x, out=x)
     if reference_rng:

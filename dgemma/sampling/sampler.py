@@ -75,8 +75,14 @@ def token_entropy(logits: Tensor) -> Tensor:
 ENTROPY_COLUMNS = {"cpu": 16384, "accelerator": 65536}
 
 
+def device_kind(device: torch.device | str | None) -> str:
+    """The key of the per-device tables (ENTROPY_COLUMNS; lean.py's CHUNK_BYTES / BLOCK_BYTES) for `device`
+    (None = CPU): "cpu" or "accelerator"."""
+    return "cpu" if device is None or torch.device(device).type == "cpu" else "accelerator"
+
+
 def entropy_columns(device: torch.device) -> int:
-    return ENTROPY_COLUMNS["cpu" if device.type == "cpu" else "accelerator"]
+    return ENTROPY_COLUMNS[device_kind(device)]
 
 
 def entropy_from_probs(logits: Tensor, probs: Tensor, maxes: Tensor, confidence: Tensor,
