@@ -45,9 +45,7 @@ def run_json(args, engine, prompt: str, options: dict) -> int:
     r = engine.generate_json(**where, response_format=fmt, **options)
     print(r.text)
     if args.stats:
-        d = r.done
-        print(f"[{d.completion_tokens} tokens, {d.canvases} canvases, steps {d.steps_per_canvas}, "
-              f"{d.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+        print(r.done.summary(), file=sys.stderr)
     return 0
 
 

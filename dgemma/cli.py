@@ -128,8 +128,7 @@ def cmd_generate(args) -> int:
     else:
         print()
         if args.stats:
-            print(f"[{done.completion_tokens} tokens, {done.canvases} canvases, steps {done.steps_per_canvas}, "
-                  f"{done.tokens_per_s:.1f} tok/s, finish={done.finish_reason}]", file=sys.stderr)
+            print(done.summary(), file=sys.stderr)
     return 0
 
 

@@ -189,3 +189,39 @@ def test_logits_buffers_bench_configures_each_variant_and_restores_the_defaults(
     for name, row in result["variants"].items():
         assert row["wall_s"] > 0 and row["page_faults"] >= 0 and len(row["walls"]) == 1, name
     assert result["variants"]["int8-reused"]["speed_vs_new"] > 0
+
+
+def test_step_profile_charges_every_operator_to_one_phase_and_kind(tmp_path, capsys):
+    """bench/step_profile.py on the tiny config (CPU): the kinds add up to the busy time of the steps, each kind the
+    tiny model has is seen (its head, experts and attention), the prefill and commit are kept apart, and the
+    annotations it wraps around the model still let generation run."""
+    import step_profile
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    r = step_profile.main(["--config", str(config), "--device", "cpu", "--dtype", "fp32", "--steps", "3",
+                           "--prompt", "6"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == r
+    kinds = r["kinds_ms_per_step"]
+    assert set(kinds) == set(step_profile.KINDS)
+    assert sum(kinds.values()) == pytest.approx(r["busy_ms_per_step"], abs=0.05)
+    assert r["busy_ms_per_step"] == pytest.approx(r["forward_ms_per_step"] + r["sampler_ms_per_step"], abs=0.02)
+    for kind in ("head and self-conditioning", "experts", "attention", "elementwise and reductions"):
+        assert kinds[kind] > 0, kind
+    assert r["encode_ms"] > 0 and r["forward_ms_per_step"] > 0 and r["sampler_ms_per_step"] > 0
+    assert r["operators_per_step"]["forward"] > 10 and r["operators_per_step"]["sampler"] > 5
+    assert 0 < r["busy_share"] <= 1.5 and r["steps"] == 3
+
+
+def test_step_profile_kinds_from_annotations_and_names():
+    import step_profile as sp
+
+    assert sp.kind_of("aten::mm", ["aten::linear", sp.VOCAB, sp.FORWARD]) == "head and self-conditioning"
+    assert sp.kind_of("aten::sigmoid", [sp.VOCAB]) == "head and self-conditioning"
+    assert sp.kind_of("quantized::linear_dynamic", [sp.EXPERTS, sp.FORWARD]) == "experts"
+    assert sp.kind_of("aten::gelu", [sp.EXPERTS, sp.FORWARD]) == "experts"
+    assert sp.kind_of("aten::_grouped_mm", [sp.FORWARD]) == "other matrix products"
+    assert sp.kind_of("aten::mm", [sp.FORWARD]) == "other matrix products"
+    assert sp.kind_of("aten::_scaled_dot_product_flash_attention_for_cpu", [sp.FORWARD]) == "attention"
+    assert sp.kind_of("aten::index_select", []) == "copies and indexing"
+    assert sp.kind_of("aten::exp", []) == "elementwise and reductions"

@@ -125,6 +125,18 @@ def test_cli_generate_json(model_dir, capsys):
     assert out["finish_reason"] in ("stop", "length") and out["stats"]["canvases"] == 1
 
 
+def test_cli_stats_line_matches_the_run(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "--max-tokens", "3", "--seed", "1", "--stats", "hi"]) == 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    done = Done("length", None, 5, 1, [7], steps_per_canvas=[4], wall_s=0.5)
+    assert done.summary() == "[1 token, 1 canvas, steps [4], 2.0 tok/s, finish=length]"
+    done.completion_tokens, done.steps_per_canvas = 3, [4, 2]
+    assert done.summary().startswith("[3 tokens, 2 canvases, steps [4, 2], 6.0 tok/s")
+    assert line.startswith("[") and " canvas" in line and "finish=" in line, line
+    n = int(line[1:].split()[0])
+    assert 1 <= n <= 3 and line.split(", ")[0] == f"[{n} token{'' if n == 1 else 's'}", line
+
+
 def test_cli_errors(model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "Hi"]) == 2
     assert "does not exist" in capsys.readouterr().err
