@@ -2,8 +2,8 @@
 # Issue 5's device checks for one lent GPU session (15 minutes of device time, at most 10 minutes a call), as two
 # prepared calls that each fit the 600 s limit with a margin:
 #   OUT=$OUT bench/gpu_session.sh 1   # ~6 min: fp8 kernel checks + GPU tests, the sampler's launches, then eager
-#                                     #   bf16 and eager fp8 (batches 1 and 4) on the same warm machine, then where
-#                                     #   an eager bf16 step's kernel time goes (bench/step_profile.py)
+#                                     #   bf16 and eager fp8 (batches 1 and 4) on the same warm machine, then where the
+#                                     #   kernel time of an eager bf16 step, commit and 1K prefill goes (step_profile.py)
 #   OUT=$OUT bench/gpu_session.sh 2   # ~7 min: compiled (reduce-overhead) bf16 and fp8, batches 1 and 4
 # Each step writes $OUT/NAME.log and prints its last lines; a failing or timed-out step does not stop the others.
 # Step limits: LIMIT_SCALE=2 doubles them (a slower card). No downloads; weights are random, built on the GPU.
@@ -32,7 +32,7 @@ case "${1:-1}" in
     step sampler_ops 60 "$PY" bench/sampler_ops.py --device cuda --batch 4 --reps 5
     step eager_bf16 110 "$PY" bench/gpu.py --compile "" --batches 1,4 --no-loop
     step eager_fp8 110 "$PY" bench/gpu.py --compile "" --batches 1,4 --no-loop --quantize fp8
-    step profile_bf16 80 "$PY" bench/step_profile.py --steps 4
+    step profile_bf16 80 "$PY" bench/step_profile.py --steps 4 --prompt 1024
     ;;
 2)
     step compiled_bf16 230 "$PY" bench/gpu.py --compile reduce-overhead --batches 1,4 --no-loop --long-prompt 1024

@@ -1,15 +1,16 @@
-"""Where a denoising step's time goes, by kind of work: torch.profiler over one canvas at fixed steps.
+"""Where a denoising step's time goes, by kind of work: torch.profiler over two canvases at fixed steps.
 
     python bench/step_profile.py [--config 26b-a4b] [--device cuda] [--dtype bf16] [--batch 1] [--steps 8]
                                  [--compile MODE] [--quantize {none,int8,int4,fp8}] [--sampling fast]
     python bench/step_profile.py --device cpu --config small --dtype fp32 --steps 4      # the same on a CPU
 
-Builds the config with random weights on the device (bench/gpu.py's `build`), runs one warm-up canvas, times one
-canvas at --steps steps without the profiler (the wall clock per step), then profiles one more. Every operator
+Builds the config with random weights on the device (bench/gpu.py's `build`), runs a warm-up, times a run of two
+canvases at --steps steps each without the profiler (the wall clock per step), then profiles another. Every operator
 the profiler records is charged its own (self) device time (kernel time on a GPU, CPU time on a CPU) and sorted
 into:
-  phase     prefill and commit (`module.encode`), forward (`denoise`, `soft_embedding`, `head`: the decoder and the
-            self-conditioning product), sampler and loop (everything else between the encodes)
+  phase     prefill and commit (`module.encode`: the prompt's, then the canvas's; in all), forward (`denoise`,
+            `soft_embedding`, `head`: the decoder and the self-conditioning product), sampler and loop (everything
+            else between the encodes)
   kind      head and self-conditioning (`head` and `soft_embedding`: the two products with the vocabulary as a
             dimension, with their soft-cap and softmax), experts (inside the MoE's experts; eager only), other
             matrix products (projections, dense and self-conditioning MLPs, routers), attention (SDPA), copies and
@@ -17,7 +18,8 @@ into:
 Per step it reports: wall ms, device-busy ms and its share of the wall (a GPU step far below 100% is bound by
 launching kernels, not by the kernels), the kernel (or operator) count, the forward's and each kind's ms, and the
 bandwidth the forward's device time implies for the weights one step reads (bench/_common.py StepCost). A step of
-26B-A4B reads ~50 GB of bf16 weights; on an H200 (4.8 TB/s) that is 10.5 ms, the floor of a one-user step.
+26B-A4B reads ~50 GB of bf16 weights; on an H200 (4.8 TB/s) that is 10.5 ms, the floor of a one-user step. The
+prefill (--prompt tokens) and the commit (one canvas) get their ms by kind too.
 
 With --compile MODE the step runs torch.compiled (Engine.compile). reduce-overhead replays CUDA graphs, whose
 kernels the profiler may not attribute to operators: profile `default` (inductor, no graphs) for the kinds.
@@ -90,38 +92,56 @@ def _ancestors(event):
 
 
 def summarize(events, device: torch.device, steps: int) -> dict:
-    """Profiled events -> ms per step by phase and kind, operator (or kernel) counts, the top operators."""
+    """Profiled events of one canvas -> ms by phase (prefill, commit: in all; forward, sampler: per step) and by kind
+    within each, operator (or kernel) counts, the top operators of the steps."""
     on_gpu = device.type != "cpu"
+    encodes = sorted(e.time_range.start for e in events if e.name == ENCODE)  # the first is the prompt's prefill
     phase_ms, kind_ms, top, launches = Counter(), Counter(), Counter(), Counter()
     for e in events:
         if e.device_type != torch.autograd.DeviceType.CPU or e.name.startswith("dgemma."):
             continue
         own = (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e3
-        names = [a.name for a in _ancestors(e)]  # self times exclude the children's: summed, nothing counts twice
-        phase = "encode" if ENCODE in names else "forward" if FORWARD in names or VOCAB in names else "sampler"
+        ancestors = list(_ancestors(e))  # self times exclude the children's: summed, nothing counts twice
+        names = [a.name for a in ancestors]
+        encode = next((a for a in ancestors if a.name == ENCODE), None)
+        if encode is not None:
+            phase = "prefill" if encode.time_range.start == encodes[0] else "commit"
+        else:
+            phase = "forward" if FORWARD in names or VOCAB in names else "sampler"
         launches[phase] += len(e.kernels) if on_gpu else 1
         if own <= 0:
             continue
+        kind = kind_of(e.name, names)
         phase_ms[phase] += own
-        if phase != "encode":
-            kind = kind_of(e.name, names)
-            kind_ms[kind] += own
+        kind_ms[phase, kind] += own
+        if phase in ("forward", "sampler"):
             top[f"{kind}: {e.name}"] += own
     per = 1.0 / steps
+
+    def kinds(phases, scale):
+        return {k: round(sum(kind_ms[p, k] for p in phases) * scale, 2) for k in KINDS}
+
     return {"busy_ms_per_step": round((phase_ms["forward"] + phase_ms["sampler"]) * per, 2),
             "forward_ms_per_step": round(phase_ms["forward"] * per, 2),
             "sampler_ms_per_step": round(phase_ms["sampler"] * per, 2),
-            "encode_ms": round(phase_ms["encode"], 2),
-            "kinds_ms_per_step": {k: round(kind_ms[k] * per, 2) for k in KINDS},
+            "encode_ms": round(phase_ms["prefill"] + phase_ms["commit"], 2),
+            "kinds_ms_per_step": kinds(("forward", "sampler"), per),
             ("kernels" if on_gpu else "operators") + "_per_step": {
                 "forward": round(launches["forward"] * per, 1), "sampler": round(launches["sampler"] * per, 1)},
-            "top_ms_per_step": {n: round(t * per, 2) for n, t in top.most_common(16)}}
+            "top_ms_per_step": {n: round(t * per, 2) for n, t in top.most_common(16)},
+            "prefill_ms": round(phase_ms["prefill"], 2), "prefill_kinds_ms": kinds(("prefill",), 1.0),
+            "commit_ms": round(phase_ms["commit"], 2), "commit_kinds_ms": kinds(("commit",), 1.0),
+            ("kernels" if on_gpu else "operators") + "_encode": {"prefill": launches["prefill"],
+                                                                  "commit": launches["commit"]}}
 
 
-def one_canvas(eng, args, ids) -> float:
+CANVASES = 2  # per run: the prompt's prefill, a canvas, its commit, a canvas (the last canvas is not committed)
+
+
+def run_canvases(eng, args, ids) -> float:
     sync(eng.device)
     t0 = time.perf_counter()
-    eng.generate(ids, max_new_tokens=eng.config.canvas_length, max_denoising_steps=args.steps,
+    eng.generate(ids, max_new_tokens=CANVASES * eng.config.canvas_length, max_denoising_steps=args.steps,
                  stability_threshold=None, confidence_threshold=None, eos_token_id=None, sampling=args.sampling,
                  generator=torch.Generator(device=eng.device).manual_seed(args.seed))
     sync(eng.device)
@@ -158,11 +178,11 @@ def main(argv=None) -> dict:
         eng.compile(args.compile)
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(3, min(eng.config.vocab_size, 255_000), (args.batch, args.prompt), generator=g).to(device)
-    one_canvas(eng, args, ids)  # warm-up (and the compile)
+    run_canvases(eng, args, ids)  # warm-up (and the compile)
     timers = Timers(device)  # the unprofiled wall clock of a step: the canvas less its prefill and commit
     timers.wrap(eng.module, "encode", "encoder")
     try:
-        wall = one_canvas(eng, args, ids) - sum(end - start for _, start, end, *_ in timers.events)
+        wall = run_canvases(eng, args, ids) - sum(end - start for _, start, end, *_ in timers.events)
     finally:
         timers.restore()
     for method, annotation in (("denoise", FORWARD), ("head", VOCAB), ("soft_embedding", VOCAB)):
@@ -170,12 +190,12 @@ def main(argv=None) -> dict:
     _annotate(eng.module, "encode", ENCODE)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        one_canvas(eng, args, ids)
-    result = summarize(prof.events(), device, args.steps)
+        run_canvases(eng, args, ids)
+    result = summarize(prof.events(), device, CANVASES * args.steps)
     model_bytes, quant_itemsize = weight_bytes(eng.module)
     step_bytes = StepCost(eng.config, args.batch, torch.finfo(DTYPES[args.dtype]).bits // 8,
                           quant_itemsize).bytes(args.prompt, True)
-    wall_step = wall / args.steps * 1e3
+    wall_step = wall / (CANVASES * args.steps) * 1e3
     result = {"bench": "step_profile", "config": label, "hardware": hardware(device), "dtype": args.dtype,
               "torch": torch.__version__, "batch": args.batch, "steps": args.steps, "sampling": args.sampling,
               "compile": args.compile or None, "quantize": args.quantize, "int8_dynamic": args.int8_dynamic,
@@ -183,14 +203,18 @@ def main(argv=None) -> dict:
               "wall_ms_per_step": round(wall_step, 2),
               "busy_share": round(result["busy_ms_per_step"] / wall_step, 3),
               "forward_weight_gb_s": round(step_bytes / max(result["forward_ms_per_step"], 1e-6) / 1e6, 1), **result}
-    print(f"{label} on {hardware(device)}, {args.dtype}, batch {args.batch}, {args.steps} steps"
+    print(f"{label} on {hardware(device)}, {args.dtype}, batch {args.batch}, {CANVASES} canvases of {args.steps} steps"
           f"{', compiled ' + args.compile if args.compile else ''}: wall {wall_step:.1f} ms a step, device busy "
           f"{result['busy_ms_per_step']:.1f} ms (forward {result['forward_ms_per_step']:.1f}, sampler and loop "
           f"{result['sampler_ms_per_step']:.1f}); the forward reads the weights at "
           f"{result['forward_weight_gb_s']} GB/s")
     for kind, ms in result["kinds_ms_per_step"].items():
         print(f"  {kind:28s} {ms:9.2f} ms a step")
-    print("the largest operators, by kind:")
+    for phase in ("prefill", "commit"):
+        print(f"{phase} ({args.prompt if phase == 'prefill' else eng.config.canvas_length} tokens): "
+              f"{result[phase + '_ms']:.1f} ms: " + ", ".join(f"{k} {ms:.1f}" for k, ms in
+                                                            result[phase + "_kinds_ms"].items() if ms))
+    print("the largest operators of a step, by kind:")
     for name, ms in result["top_ms_per_step"].items():
         print(f"  {name:70s} {ms:9.2f} ms a step")
     print(json.dumps(result))

@@ -209,6 +209,11 @@ def test_step_profile_charges_every_operator_to_one_phase_and_kind(tmp_path, cap
     for kind in ("head and self-conditioning", "experts", "attention", "elementwise and reductions"):
         assert kinds[kind] > 0, kind
     assert r["encode_ms"] > 0 and r["forward_ms_per_step"] > 0 and r["sampler_ms_per_step"] > 0
+    assert r["encode_ms"] == pytest.approx(r["prefill_ms"] + r["commit_ms"], abs=0.02)
+    for phase in ("prefill", "commit"):
+        assert r[phase + "_ms"] > 0 and r["operators_encode"][phase] > 10
+        assert sum(r[phase + "_kinds_ms"].values()) == pytest.approx(r[phase + "_ms"], abs=0.05)
+        assert r[phase + "_kinds_ms"]["experts"] > 0 and r[phase + "_kinds_ms"]["attention"] > 0
     assert r["operators_per_step"]["forward"] > 10 and r["operators_per_step"]["sampler"] > 5
     assert 0 < r["busy_share"] <= 1.5 and r["steps"] == 3
 
