@@ -32,7 +32,7 @@ case "${1:-1}" in
     step sampler_ops 60 "$PY" bench/sampler_ops.py --device cuda --batch 4 --reps 5
     step eager_bf16 110 "$PY" bench/gpu.py --compile "" --batches 1,4 --no-loop
     step eager_fp8 110 "$PY" bench/gpu.py --compile "" --batches 1,4 --no-loop --quantize fp8
-    step profile_bf16 80 "$PY" bench/step_profile.py --steps 4 --prompt 1024
+    step profile_bf16 100 "$PY" bench/step_profile.py --steps 4 --prompt 1024
     ;;
 2)
     step compiled_bf16 230 "$PY" bench/gpu.py --compile reduce-overhead --batches 1,4 --no-loop --long-prompt 1024
