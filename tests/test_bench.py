@@ -215,7 +215,7 @@ def test_step_profile_charges_every_operator_to_one_phase_and_kind(tmp_path, cap
         assert sum(r[phase + "_kinds_ms"].values()) == pytest.approx(r[phase + "_ms"], abs=0.05)
         assert r[phase + "_kinds_ms"]["experts"] > 0 and r[phase + "_kinds_ms"]["attention"] > 0
     assert r["operators_per_step"]["forward"] > 10 and r["operators_per_step"]["sampler"] > 5
-    assert 0 < r["busy_share"] <= 1.5 and r["steps"] == 3
+    assert r["busy_share"] > 0 and r["wall_ms_per_step"] > 0 and r["steps"] == 3  # (profiled vs unprofiled runs)
 
 
 def test_step_profile_kinds_from_annotations_and_names():
