@@ -1,5 +1,6 @@
-"""One fixed-step canvas on a bench config with random weights: the shared setup of the CPU benches that time
-variants of the same canvas (int8_parts.py, logits_buffers.py)."""
+"""One fixed-step canvas on a bench config with random weights: the shared setup, run and report envelope of the
+CPU benches that time variants of the same canvas (int8_parts.py, logits_buffers.py); `run` also serves
+step_profile.py (any device)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import json
+
 import torch
 
-from _common import read_config
+from _common import hardware, read_config
 from vs_reference import build, random_prompt
 
 
@@ -37,8 +40,20 @@ def setup(args):
     return label, engine, random_prompt(raw, engine.config.vocab_size, 1, args.prompt_len, args.seed)
 
 
-def run(engine, ids: torch.Tensor, args) -> None:
-    """One canvas: `args.steps` fixed steps (no stop rule, no stop id), fast sampling, seeded."""
-    engine.generate(ids.clone(), max_new_tokens=engine.config.canvas_length, max_denoising_steps=args.steps,
-                    eos_token_id=None, stability_threshold=None, confidence_threshold=None, sampling="fast",
-                    generator=torch.Generator().manual_seed(args.seed))
+def run(engine, ids: torch.Tensor, args, canvases: int = 1, sampling: str = "fast") -> None:
+    """`canvases` canvases of `args.steps` fixed steps each (no stop rule, no stop id), seeded with `args.seed`."""
+    engine.generate(ids.clone(), max_new_tokens=canvases * engine.config.canvas_length, max_denoising_steps=args.steps,
+                    eos_token_id=None, stability_threshold=None, confidence_threshold=None, sampling=sampling,
+                    generator=torch.Generator(device=engine.device).manual_seed(args.seed))
+
+
+def title(label: str, args, length: int) -> str:
+    return f"{label}, {args.steps} steps, one {length}-token canvas, {hardware(torch.device('cpu'))}"
+
+
+def result(bench: str, label: str, args, rows: dict) -> dict:
+    """The bench's JSON line (printed) and return value: its name, the setup and the variants' rows."""
+    out = {"bench": bench, "config": label, "steps": args.steps, "reps": args.reps,
+           "threads": torch.get_num_threads(), "hardware": hardware(torch.device("cpu")), "variants": rows}
+    print(json.dumps(out))
+    return out

@@ -16,15 +16,12 @@ Prints each variant's median wall and its ratio against `int8` (above 1: that pa
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
 
-import torch
 
 import _canvas
-from _common import hardware
 
 VARIANTS = ("float", "int8", "int8-soft-float", "int8-head-float", "int8-experts-float")
 
@@ -67,14 +64,11 @@ def main(argv=None) -> dict:
     rows = {v: {"wall_s": round(medians[v], 3), "vs_int8": round(medians[v] / medians["int8"], 3),
                 "speed_vs_float": round(medians["float"] / medians[v], 3), "walls": [round(w, 3) for w in walls[v]]}
             for v in VARIANTS}
-    print(f"{label}, {args.steps} steps, one {L}-token canvas, {hardware(torch.device('cpu'))}")
+    print(_canvas.title(label, args, L))
     print(f"  {'variant':<20}{'median wall':>12}{'wall / int8':>13}{'speed vs float':>16}")
     for v, r in rows.items():
         print(f"  {v:<20}{r['wall_s']:>11.3f}s{r['vs_int8']:>13.3f}{r['speed_vs_float']:>16.3f}")
-    result = {"bench": "int8_parts", "config": label, "steps": args.steps, "reps": args.reps,
-              "threads": torch.get_num_threads(), "hardware": hardware(torch.device("cpu")), "variants": rows}
-    print(json.dumps(result))
-    return result
+    return _canvas.result("int8_parts", label, args, rows)
 
 
 if __name__ == "__main__":

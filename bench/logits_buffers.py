@@ -16,16 +16,13 @@ of `reused` over `new`. Ends with one JSON line.
 
 from __future__ import annotations
 
-import json
 import resource
 import statistics
 import sys
 import time
 
-import torch
 
 import _canvas
-from _common import hardware
 
 VARIANTS = ("float-new", "float-reused", "int8-new", "int8-reused")
 
@@ -76,15 +73,12 @@ def main(argv=None) -> dict:
     for kind in ("float", "int8"):
         new, reused = rows[f"{kind}-new"], rows[f"{kind}-reused"]
         reused["speed_vs_new"] = round(new["wall_s"] / reused["wall_s"], 3)
-    print(f"{label}, {args.steps} steps, one {L}-token canvas, {hardware(torch.device('cpu'))}")
+    print(_canvas.title(label, args, L))
     print(f"  {'variant':<14}{'median wall':>12}{'page faults':>13}{'system s':>10}{'speed vs new':>14}")
     for v, r in rows.items():
         print(f"  {v:<14}{r['wall_s']:>11.3f}s{r['page_faults']:>13}{r['system_s']:>10.3f}"
               f"{r.get('speed_vs_new', ''):>14}")
-    result = {"bench": "logits_buffers", "config": label, "steps": args.steps, "reps": args.reps,
-              "threads": torch.get_num_threads(), "hardware": hardware(torch.device("cpu")), "variants": rows}
-    print(json.dumps(result))
-    return result
+    return _canvas.result("logits_buffers", label, args, rows)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _canvas  # noqa: E402
 from _common import DTYPES, StepCost, Timers, hardware, read_config, sync  # noqa: E402
 from gpu import build, weight_bytes  # noqa: E402
 
@@ -141,9 +142,7 @@ CANVASES = 2  # per run: the prompt's prefill, a canvas, its commit, a canvas (t
 def run_canvases(eng, args, ids) -> float:
     sync(eng.device)
     t0 = time.perf_counter()
-    eng.generate(ids, max_new_tokens=CANVASES * eng.config.canvas_length, max_denoising_steps=args.steps,
-                 stability_threshold=None, confidence_threshold=None, eos_token_id=None, sampling=args.sampling,
-                 generator=torch.Generator(device=eng.device).manual_seed(args.seed))
+    _canvas.run(eng, ids, args, CANVASES, args.sampling)
     sync(eng.device)
     return time.perf_counter() - t0
 
