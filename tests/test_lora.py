@@ -212,6 +212,8 @@ def test_errors():
         apply_lora(model, rank=2.5)
     with pytest.raises(ValueError, match="alpha"):
         apply_lora(model, alpha=0)
+    with pytest.raises(ValueError, match="LoRA alpha must be a finite number"):  # inf * (B = 0) would be NaN
+        apply_lora(model, alpha=float("inf"))
     with pytest.raises(ValueError, match="no LoRA adapters"):
         merge_lora(model)
     other = tiny_model()

@@ -439,6 +439,16 @@ def test_cli_flags_build_the_config(work, tmp_path):
         TrainConfig(data=("a",), out="o")
 
 
+@pytest.mark.parametrize("knob, value", [("weight_decay", float("nan")), ("lr", float("inf")),
+                                          ("grad_clip", float("inf")), ("time_budget", float("nan"))])
+def test_non_finite_numbers_are_refused(work, tmp_path, knob, value):
+    """NaN / inf slip through `x < 0`-style checks; weight_decay=nan trained a model of NaN weights."""
+    with pytest.raises(ValueError, match=f"need finite numbers, got {knob}="):
+        base_config(work, tmp_path, **{knob: value})
+    with pytest.raises(ValueError, match="ar_weight must be a finite number >= 0"):
+        LossConfig(ar_weight=float("inf"))
+
+
 def test_png_writer_round_trips(tmp_path):
     path = plot_losses(tmp_path / "p.png", [(1, 5.0), (2, 3.0), (3, 2.5)], [(3, 2.8)], width=50, height=40)
     data = path.read_bytes()

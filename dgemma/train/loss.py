@@ -22,6 +22,7 @@ the global batch, so the noise does not depend on how examples are split into mi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +41,8 @@ class LossConfig:
     t_min: float = 1e-3  # corruption level t ~ U(t_min, 1)
 
     def __post_init__(self):
-        if not self.ar_weight >= 0:
-            raise ValueError(f"ar_weight must be >= 0, got {self.ar_weight}")
+        if not 0 <= self.ar_weight < math.inf:
+            raise ValueError(f"ar_weight must be a finite number >= 0, got {self.ar_weight}")
         if not 0.0 <= self.self_cond_prob <= 1.0:
             raise ValueError(f"self_cond_prob must be in [0, 1], got {self.self_cond_prob}")
         if not 0.0 <= self.t_min < 1.0:
