@@ -125,12 +125,24 @@ def test_too_long_examples_truncate_drop_or_raise(tmp_path, tok):
      r"bad.jsonl:3: .*unknown role 'wizard'"),
     ({"prompt": "a", "completion": 5}, r"bad.jsonl:3: 'completion' must be a string, got int"),
     ({"prompt": "a", "completion": "b", "raw": "yes"}, r"bad.jsonl:3: 'raw' must be true or false"),
+    ({"prompt": "a", "answer": "b"}, r"bad.jsonl:3: no 'completion' key \(a string\); the record has \['answer', "),
+    ('{"prompt": "caf\xe9", "completion": "b"}', r"bad.jsonl:3: not UTF-8 text \(byte 0xe9 at byte 16 of the line\)"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, tok, line, message):
     good = {"prompt": "a", "completion": "b"}
     path = write_lines(tmp_path / "bad.jsonl", [good, "", line])  # line 2 is blank and skipped, not miscounted
+    if isinstance(line, str) and "\xe9" in line:  # a Latin-1 file
+        path.write_bytes(path.read_text().encode("latin-1"))
     with pytest.raises(DataError, match=message):
         load_examples(path, tok, canvas_length=16)
+
+
+def test_data_file_with_byte_order_mark_or_not_a_file(tmp_path, tok):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "a", "completion": "b"}).encode() + b"\n")
+    assert len(load_examples(path, tok, canvas_length=16)) == 1
+    with pytest.raises(DataError, match=f"{tmp_path}: is a directory; pass a JSONL file"):
+        load_examples(tmp_path, tok, canvas_length=16)
 
 
 def test_order_split_and_collate_are_deterministic(tok, work):

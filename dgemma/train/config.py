@@ -82,7 +82,8 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}")
         infinite = [f"{name}={getattr(self, name)}" for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip",
-                                                                "time_budget") if not math.isfinite(getattr(self, name))]
+                                                                "time_budget")
+                    if not math.isfinite(getattr(self, name))]
         if infinite:
             raise ValueError(f"need finite numbers, got {', '.join(infinite)}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0 or not self.grad_clip > 0:

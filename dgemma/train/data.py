@@ -54,12 +54,18 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
     """("file:line", record) for every non-blank line; a line that is not a JSON object raises DataError."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file; pass a JSONL file with one training example per line")
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+        raise DataError(f"{path}: {'is a directory' if path.is_dir() else 'no such file'}; pass a JSONL file with "
+                        "one training example per line")
+    with path.open("rb") as f:  # lines decoded one by one, so a bad byte is reported at its line
+        for number, data in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = data.decode("utf-8-sig" if number == 1 else "utf-8")  # a leading byte-order mark is fine
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte {e.start + 1} of the "
+                                "line); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -70,7 +76,9 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
 
 
 def _string(record: dict, key: str, where: str) -> str:
-    value = record.get(key)
+    if key not in record:
+        raise DataError(f"{where}: no '{key}' key (a string); the record has {sorted(record)[:6]}")
+    value = record[key]
     if not isinstance(value, str):
         raise DataError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
     return value
