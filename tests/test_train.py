@@ -444,7 +444,17 @@ def test_cli_flags_build_the_config(work, tmp_path):
     assert scratch.init == "scratch" and scratch.router_frozen is False
     (tmp_path / "train_config.json").write_text(json.dumps(scratch.to_json()))
     again = config_from_args(parser.parse_args(["train", "--out", str(tmp_path), "--resume"]))
-    assert again == dataclasses.replace(scratch, resume=True)
+    assert again == dataclasses.replace(scratch, resume=True) and scratch.steps == 1000
+    # a moved run resumes where it is now (not into the saved "out"), and --steps lengthens it; other flags would
+    # be silently ignored, so they are refused
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "train_config.json").write_text(json.dumps({**scratch.to_json(), "out": "/gone/elsewhere"}))
+    longer = config_from_args(parser.parse_args(["train", "--out", str(moved), "--resume", "--steps", "1500"]))
+    assert longer == dataclasses.replace(scratch, out=str(moved), steps=1500, resume=True)
+    with pytest.raises(ValueError, match=r"without --data continues .* which --batch-size, --lr would not change"):
+        config_from_args(parser.parse_args(["train", "--out", str(moved), "--resume", "--lr", "1", "--batch-size",
+                                            "2"]))
     with pytest.raises(ValueError, match="batch_size 7 must be a multiple of grad_accum 2"):
         dataclasses.replace(scratch, batch_size=7, grad_accum=2)
     with pytest.raises(ValueError, match="needs config .* and tokenizer"):

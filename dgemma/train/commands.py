@@ -37,7 +37,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--max-seq-len", type=positive_int, default=None, help="prompt + padded response limit")
     g.add_argument("--on-too-long", choices=["truncate", "drop", "error"], default="truncate")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps (with --time-budget: at most)")
+    g.add_argument("--steps", type=positive_int, default=None,
+                   help="optimizer steps (default 1000; with --time-budget: at most; with --resume alone: a new total)")
     g.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
                    help="fit the run into this much wall time: the step count is fixed after "
                         "the first steps are timed (needs --warmup >= 20); logged, and saved in train_config.json")
@@ -69,11 +70,20 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=0)
     g.add_argument("--save-every", type=int, default=0)
     g.add_argument("--keep-checkpoints", type=positive_int, default=2)
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out; alone, "
-                                                         "reuses --out's train_config.json")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out; without "
+                                                         "--data, reuses --out's train_config.json (only --steps "
+                                                         "may change)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
     return p
+
+
+def _explicit_flags(args) -> set[str]:
+    """The `dgemma train` options whose value differs from the parser's default (those the user set)."""
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    defaults = vars(parser.parse_args(["train", "--out", str(args.out)]))
+    return {name for name, value in vars(args).items() if name in defaults and value != defaults[name]}
 
 
 def config_from_args(args):
@@ -84,7 +94,15 @@ def config_from_args(args):
         saved = Path(args.out) / "train_config.json"
         if not saved.is_file():
             raise ValueError(f"{saved} not found: pass --data and the model flags to start a run")
-        raw = {**json.loads(saved.read_text()), "resume": True, "progress": not args.no_progress}
+        given = sorted(_explicit_flags(args) - {"out", "resume", "steps", "no_progress"})
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(f"--resume without --data continues the run saved in {saved}, which {flags} would not "
+                             "change; pass --data and the model flags too to resume with new settings")
+        raw = json.loads(saved.read_text())
+        raw.update(out=args.out, resume=True, progress=not args.no_progress)  # --out: the run may have been moved
+        if args.steps is not None:
+            raw["steps"] = args.steps
         return TrainConfig.from_json(raw)
     if not args.data:
         raise ValueError("no training data: pass --data FILE.jsonl")
@@ -92,7 +110,8 @@ def config_from_args(args):
     return TrainConfig(
         data=tuple(args.data), out=args.out, init=mode, model=args.model, config=args.config,
         tokenizer=args.tokenizer, eval_data=tuple(args.eval_data), eval_holdout=args.eval_holdout, raw=args.raw,
-        max_seq_len=args.max_seq_len, on_too_long=args.on_too_long, steps=args.steps, batch_size=args.batch_size,
+        max_seq_len=args.max_seq_len, on_too_long=args.on_too_long,
+        steps=TrainConfig.steps if args.steps is None else args.steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup,
         weight_decay=args.weight_decay, betas=tuple(args.betas), grad_clip=args.grad_clip,
         freeze_router=args.freeze_router,
