@@ -246,6 +246,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True) if checkpoint else None
     if state is not None:
         _check_resume(state["config"], cfg, checkpoint)
+        if state["step"] > cfg.steps:
+            raise ValueError(f"{checkpoint} is at step {state['step']}, past steps={cfg.steps}; resume with more "
+                             "steps, or start the shorter run in another out")
 
     tokenizer = Tokenizer.from_dir(cfg.tokenizer or cfg.model)
     model = _build_model(cfg, device, checkpoint)
