@@ -433,15 +433,18 @@ def test_cli_flags_build_the_config(work, tmp_path):
     args = parser.parse_args(["train", "--data", "a.jsonl", "--data", "b.jsonl", "--model", "m", "--mode", "lora",
                               "--out", str(tmp_path), "--steps", "7", "--batch-size", "6", "--grad-accum", "3",
                               "--lr", "2e-4", "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets",
-                              "attention, experts", "--seed", "9", "--ar-weight", "0", "--no-freeze-router",
+                              "attention, experts", "--seed", "9", "--ar-weight", "0",
                               "--eval-data", "e.jsonl", "--betas", "0.9", "0.95", "--raw"])
     cfg = config_from_args(args)
     assert (cfg.data, cfg.init, cfg.model, cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.lr) == \
         (("a.jsonl", "b.jsonl"), "lora", "m", 7, 6, 3, 2e-4)
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed, cfg.loss.ar_weight) == \
         (4, 8.0, ("attention", "experts"), 9, 0.0)
-    assert cfg.freeze_router is False and not cfg.router_frozen and cfg.eval_data == ("e.jsonl",) and cfg.raw
+    assert cfg.freeze_router is None and cfg.router_frozen and cfg.eval_data == ("e.jsonl",) and cfg.raw
     assert cfg.betas == (0.9, 0.95)
+    full = config_from_args(parser.parse_args(["train", "--data", "a", "--model", "m", "--out", "o",
+                                               "--no-freeze-router"]))
+    assert full.init == "full" and full.freeze_router is False and not full.router_frozen
     scratch = config_from_args(parser.parse_args(["train", "--data", "a.jsonl", "--config", "c.json", "--tokenizer",
                                                   "t", "--out", str(tmp_path)]))
     assert scratch.init == "scratch" and scratch.router_frozen is False
@@ -458,6 +461,11 @@ def test_cli_flags_build_the_config(work, tmp_path):
     with pytest.raises(ValueError, match=r"without --data continues .* which --batch-size, --lr would not change"):
         config_from_args(parser.parse_args(["train", "--out", str(moved), "--resume", "--lr", "1", "--batch-size",
                                             "2"]))
+    with pytest.raises(ValueError, match=r"--lora-rank only apply to --mode lora \(this run is --mode full\)"):
+        config_from_args(parser.parse_args(["train", "--data", "a", "--model", "m", "--out", "o", "--lora-rank", "4"]))
+    with pytest.raises(ValueError, match="init='lora' trains adapters only, never the router"):
+        config_from_args(parser.parse_args(["train", "--data", "a", "--model", "m", "--out", "o", "--mode", "lora",
+                                            "--no-freeze-router"]))
     with pytest.raises(ValueError, match="batch_size 7 must be a multiple of grad_accum 2"):
         dataclasses.replace(scratch, batch_size=7, grad_accum=2)
     with pytest.raises(ValueError, match="needs config .* and tokenizer"):

@@ -107,6 +107,10 @@ def config_from_args(args):
     if not args.data:
         raise ValueError("no training data: pass --data FILE.jsonl")
     mode = args.mode or ("scratch" if args.config else "full")
+    lora_flags = sorted({"lora_rank", "lora_alpha", "lora_targets"} & _explicit_flags(args))
+    if mode != "lora" and lora_flags:
+        raise ValueError(f"{', '.join('--' + f.replace('_', '-') for f in lora_flags)} only apply to --mode lora "
+                         f"(this run is --mode {mode})")
     return TrainConfig(
         data=tuple(args.data), out=args.out, init=mode, model=args.model, config=args.config,
         tokenizer=args.tokenizer, eval_data=tuple(args.eval_data), eval_holdout=args.eval_holdout, raw=args.raw,

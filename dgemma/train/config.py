@@ -71,6 +71,9 @@ class TrainConfig:
                              "tokenizer.json)")
         if self.init != "scratch" and self.model is None:
             raise ValueError(f"init={self.init!r} fine-tunes a model: pass model (a model directory)")
+        if self.init == "lora" and self.freeze_router is False:
+            raise ValueError("init='lora' trains adapters only, never the router; drop freeze_router=False "
+                             "(--no-freeze-router) or fine-tune with init='full'")
         if not self.data:
             raise ValueError("no training data: pass at least one JSONL file")
         for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "lora_rank"):
