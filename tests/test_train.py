@@ -466,6 +466,8 @@ def test_cli_flags_build_the_config(work, tmp_path):
     with pytest.raises(ValueError, match="init='lora' trains adapters only, never the router"):
         config_from_args(parser.parse_args(["train", "--data", "a", "--model", "m", "--out", "o", "--mode", "lora",
                                             "--no-freeze-router"]))
+    with pytest.raises(ValueError, match="eval_every=5 has nothing to evaluate: pass eval_data"):
+        dataclasses.replace(scratch, eval_every=5)  # was silently never evaluated
     with pytest.raises(ValueError, match="batch_size 7 must be a multiple of grad_accum 2"):
         dataclasses.replace(scratch, batch_size=7, grad_accum=2)
     with pytest.raises(ValueError, match="needs config .* and tokenizer"):

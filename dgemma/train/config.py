@@ -82,6 +82,9 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "warmup_steps", "eval_holdout"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.eval_every and not (self.eval_data or self.eval_holdout):
+            raise ValueError(f"eval_every={self.eval_every} has nothing to evaluate: pass eval_data (--eval-data FILE) "
+                             "or eval_holdout (--eval-holdout N)")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}")
         infinite = [f"{name}={getattr(self, name)}" for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip",
