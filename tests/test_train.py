@@ -112,6 +112,8 @@ def test_too_long_examples_truncate_drop_or_raise(tmp_path, tok):
     with pytest.warns(DataWarning, match=r"1 example\(s\) longer than max_len 40 were truncated \(.*long.jsonl:1\)"):
         examples = load_examples(path, tok, canvas_length=16, max_len=40)
     assert [len(e.prompt) + len(e.response) <= 40 for e in examples] == [True, True]
+    with pytest.warns(DataWarning), pytest.raises(DataError, match=r"no usable examples \(all 2 longer than max_len 5"):
+        load_examples(path, tok, canvas_length=16, max_len=5)
 
 
 @pytest.mark.parametrize("line, message", [
@@ -482,6 +484,14 @@ def test_non_finite_numbers_are_refused(work, tmp_path, knob, value):
         base_config(work, tmp_path, **{knob: value})
     with pytest.raises(ValueError, match="ar_weight must be a finite number >= 0"):
         LossConfig(ar_weight=float("inf"))
+
+
+def test_bad_device_is_a_clear_error(work, tmp_path):
+    with pytest.raises(ValueError, match="device 'tpu' is not a torch device; use cpu or cuda"):
+        train(base_config(work, tmp_path, device="tpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': this torch sees no CUDA device; use cpu"):
+            train(base_config(work, tmp_path, device="cuda"))
 
 
 def test_png_writer_round_trips(tmp_path):

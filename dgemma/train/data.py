@@ -169,7 +169,8 @@ def load_examples(paths: str | Path | Iterable[str | Path], tokenizer, *, canvas
             warnings.warn(f"{len(wheres)} example(s) longer than max_len {max_len} were {fate} "
                           f"({', '.join(wheres[:3])}{', ...' if len(wheres) > 3 else ''})", DataWarning, stacklevel=2)
     if not examples:
-        raise DataError(f"{', '.join(map(str, paths))}: no usable examples")
+        why = f" (all {len(skipped['dropped'])} longer than max_len {max_len})" if skipped["dropped"] else ""
+        raise DataError(f"{', '.join(map(str, paths))}: no usable examples{why}")
     return examples
 
 

@@ -84,7 +84,12 @@ def _fix_steps(cfg: TrainConfig, step: int, elapsed: float, timed: list[float], 
 def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     """(rank, world size, device); joins the process group when launched by torchrun with WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"device {cfg.device!r} is not a torch device; use cpu or cuda (or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r}: this torch sees no CUDA device; use cpu (or omit the device)")
     if world == 1:
         return 0, 1, device
     if device.type == "cuda":
