@@ -4,6 +4,7 @@ experts adapters through the grouped dispatch and the reference loop, adapter-on
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -225,3 +226,17 @@ def test_errors():
     apply_lora(model, targets="mlp")
     with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(model)
+
+
+def test_saved_weights_get_the_umask_permissions(tmp_path):
+    """safetensors 0.8 writes 0600 files: an exported model that a server account could not read."""
+    model = tiny_model()
+    apply_lora(model, rank=2, targets=("attention",))
+    old = os.umask(0o027)
+    try:
+        save_adapter(model, tmp_path / "adapter")
+        save_checkpoint(merge_lora(model), tmp_path / "model")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "adapter" / "adapter.safetensors", tmp_path / "model" / "model.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o640, path

@@ -4,6 +4,7 @@ models use it), so `dgemma.load` and transformers 5.23 both read what we write."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -50,13 +51,22 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             "vision_config": dict(_VISION_STUB)}
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, leaving the file with the permissions every other file we write gets (0666 less the
+    umask): safetensors 0.8 creates it 0600, a model that a server account or another user cannot read."""
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_checkpoint(module, directory: str | Path, *, generation_config: dict | None = None,
                     metadata: dict | None = None) -> Path:
     """Write config.json, model.safetensors (HF key names) and optionally generation_config.json."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {checkpoint_key(name): t.detach().contiguous().cpu() for name, t in module.state_dict().items()}
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt", **(metadata or {})})
+    save_safetensors(tensors, directory / "model.safetensors", metadata={"format": "pt", **(metadata or {})})
     (directory / "config.json").write_text(json.dumps(config_to_hf(module.config), indent=2) + "\n")
     if generation_config is not None:
         (directory / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")

@@ -32,11 +32,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..model.layers import gelu_tanh
 from ..model.moe import Experts
+from ..model.saving import save_safetensors
 
 TARGETS = ("attention", "mlp", "self_conditioning", "experts")
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
@@ -253,7 +254,7 @@ def save_adapter(model, directory: str | Path, *, base_model: str | None = None)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = lora_config(model)
     tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    save_file(tensors, directory / ADAPTER_FILE, metadata={"format": "pt"})
+    save_safetensors(tensors, directory / ADAPTER_FILE, metadata={"format": "pt"})
     mc = model.config
     meta = {"format": "dgemma-lora", **asdict(cfg), "targets": list(cfg.targets),
             "base_model": base_model or "a DiffusionGemma checkpoint with the shape below (not recorded by name)",
