@@ -340,6 +340,8 @@ def test_resume_gives_the_same_weights(work, tmp_path):
     shutil.copytree(a, b)  # pretend the run died after the step-2 checkpoint
     shutil.rmtree(b / "checkpoints" / "step-000004")
     shutil.rmtree(b / "model")
+    # ... while writing the step-4 checkpoint, before renaming it into place (resuming read "step-000004.partial")
+    shutil.copytree(a / "checkpoints" / "step-000004", b / "checkpoints" / "step-000004.partial")
     resumed = train(dataclasses.replace(cfg, out=str(b), resume=True))
     assert resumed.step == 4
     wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")

@@ -175,7 +175,8 @@ def _generation_config(cfg: TrainConfig, model_config: ModelConfig, tokenizer: T
 
 # --- checkpoints ---------------------------------------------------------------------------------------------
 def _checkpoints(out: Path) -> list[Path]:
-    found = [p for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.pt").is_file()]
+    found = [p for p in (out / "checkpoints").glob("step-*")  # not step-N.partial: a save interrupted before rename
+             if p.name[5:].isdigit() and (p / "trainer_state.pt").is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
