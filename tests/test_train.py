@@ -488,6 +488,12 @@ def test_non_finite_numbers_are_refused(work, tmp_path, knob, value):
         LossConfig(ar_weight=float("inf"))
 
 
+def test_max_seq_len_past_the_models_positions_is_refused(work, tmp_path):
+    """It trained positions that inference then refuses (Engine.check_context)."""
+    with pytest.raises(ValueError, match="max_seq_len 1040 exceeds the model's max_position_embeddings 1024"):
+        train(base_config(work, tmp_path, max_seq_len=1040))
+
+
 def test_bad_device_is_a_clear_error(work, tmp_path):
     with pytest.raises(ValueError, match="device 'tpu' is not a torch device; use cpu or cuda"):
         train(base_config(work, tmp_path, device="tpu"))

@@ -263,6 +263,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {mc.vocab_size}; "
                          "use a bigger vocab_size in the config or a smaller tokenizer")
     L, max_len = mc.canvas_length, cfg.max_seq_len or mc.max_position_embeddings
+    if max_len > mc.max_position_embeddings:  # inference refuses positions past it (Engine.check_context)
+        raise ValueError(f"max_seq_len {max_len} exceeds the model's max_position_embeddings "
+                         f"{mc.max_position_embeddings}; pass --max-seq-len {mc.max_position_embeddings} or less")
     load = dict(canvas_length=L, max_len=max_len, raw=cfg.raw, on_too_long=cfg.on_too_long)
     examples = load_examples(cfg.data, tokenizer, **load)
     examples, heldout = split_heldout(examples, cfg.eval_holdout, cfg.seed)
