@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import make_config, randomise
 
-from dgemma.config import ModelConfig
+from dgemma.config import ConfigError, ModelConfig
 from dgemma.engine.cache import KVCache
 from dgemma.model import DiffusionGemma
 from dgemma.model.decoder import denoise
@@ -492,6 +492,16 @@ def test_max_seq_len_past_the_models_positions_is_refused(work, tmp_path):
     """It trained positions that inference then refuses (Engine.check_context)."""
     with pytest.raises(ValueError, match="max_seq_len 1040 exceeds the model's max_position_embeddings 1024"):
         train(base_config(work, tmp_path, max_seq_len=1040))
+
+
+def test_bad_out_or_model_path_is_a_clear_error(work, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file; pass a directory"):  # was FileExistsError from mkdir
+        train(base_config(work, tmp_path / "file"))
+    adapter = tmp_path / "adapter"  # a directory without config.json (was: "no tokenizer found")
+    adapter.mkdir()
+    with pytest.raises(ConfigError, match=f"{adapter}/config.json: no such file; pass a model directory"):
+        train(base_config(work, tmp_path / "o", init="lora", model=str(adapter), config=None))
 
 
 def test_bad_device_is_a_clear_error(work, tmp_path):

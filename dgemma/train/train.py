@@ -245,6 +245,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     if device.type == "cuda":  # process-wide switches: the trainer owns its process (the CLI, torchrun)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {out} is a file; pass a directory (new, or a run's to resume)")
+    ModelConfig.from_file(cfg.config if cfg.init == "scratch" else cfg.model)  # a wrong path says so, not the tokenizer
     torch.manual_seed(cfg.seed)
     checkpoint = _checkpoints(out)[-1] if cfg.resume and _checkpoints(out) else None
     if not cfg.resume and _checkpoints(out):
