@@ -353,6 +353,8 @@ def test_resume_gives_the_same_weights(work, tmp_path):
     assert strip == [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "seconds")} for x in log_b]
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train(cfg)
+    with pytest.warns(UserWarning, match=r"resuming with changed settings \['max_seq_len', 'grad_clip'\]"):
+        train(dataclasses.replace(cfg, out=str(b), resume=True, grad_clip=0.5, max_seq_len=500))  # different examples
     # fewer steps than the checkpoint has: refused (it exported the step-4 weights labelled as step 3)
     with pytest.raises(ValueError, match=r"step-000004 is at step 4, past steps=3; resume with more steps"):
         train(dataclasses.replace(cfg, out=str(b), resume=True, steps=3))

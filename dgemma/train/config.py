@@ -16,8 +16,10 @@ MODES = ("scratch", "full", "lora")
 CALIBRATION_STEPS = 20  # with a time budget, the step count is fixed after this many steps (the first 3 untimed)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # what a resumed run must share with the original for the resume to be exact (the rest may change, e.g. steps)
-SAME_ON_RESUME = ("init", "model", "config", "data", "eval_holdout", "batch_size", "grad_accum", "lr", "min_lr_ratio",
-                  "warmup_steps", "weight_decay", "betas", "seed", "loss", "lora_rank", "lora_alpha", "lora_targets")
+SAME_ON_RESUME = ("init", "model", "config", "tokenizer", "data", "raw", "max_seq_len", "on_too_long",
+                  "eval_holdout", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+                  "betas", "grad_clip", "freeze_router", "seed", "loss", "lora_rank", "lora_alpha", "lora_targets",
+                  "dtype")
 
 
 @dataclass(frozen=True)
