@@ -10,6 +10,7 @@ Output directory (`out`):
     checkpoints/step-N/     resumable: HF model files (lora: adapter files) + trainer_state.pt
     model/                  final model (LoRA merged) + tokenizer files + generation_config.json; `dgemma.load` and
                             transformers 5.23 both read it
+    adapter/                lora only: the final adapters unmerged (lora.load_adapter puts them on the base model)
 
 Reproducibility. The data order (data.Order), the noise of every example (seeded by its slot in the stream of
 examples, data.mix) and the learning rate (`learning_rate`) are pure functions of (seed, step). A checkpoint
