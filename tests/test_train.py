@@ -552,6 +552,12 @@ def test_time_budget_fixes_the_step_count_after_calibration(work, tmp_path):
     budget = [json.loads(x) for x in (tmp_path / "spent" / "log.jsonl").read_text().splitlines()]
     assert [r["steps"] for r in budget if r["kind"] == "budget"] == [CALIBRATION_STEPS]
 
+    # a run stopped before its step count was fixed: resuming it is not the --steps N run, and says so
+    early = base_config(work, tmp_path / "early", steps=4, warmup_steps=20, time_budget=1000.0, batch_size=2)
+    train(early)
+    with pytest.warns(UserWarning, match="resuming with a time budget: the step count is fitted again after 20"):
+        train(dataclasses.replace(early, resume=True))
+
     # ... and is exactly the run that the fixed step count gives
     fixed = train(base_config(work, tmp_path / "fixed", steps=CALIBRATION_STEPS, warmup_steps=20, batch_size=2))
     wa, wb = (load_file(r.model_dir / "model.safetensors") for r in (spent, fixed))

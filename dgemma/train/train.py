@@ -256,6 +256,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True) if checkpoint else None
     if state is not None:
         _check_resume(state["config"], cfg, checkpoint)
+        if cfg.time_budget:  # timed afresh from here: the LR of the steps until then follows the maximum step count
+            warnings.warn(f"{checkpoint}: resuming with a time budget: the step count is fitted again after "
+                          f"{CALIBRATION_STEPS} more steps, so the run will not equal an uninterrupted one (nor "
+                          "--steps N); resume with a fixed step count for that", stacklevel=2)
         if state["step"] > cfg.steps:
             raise ValueError(f"{checkpoint} is at step {state['step']}, past steps={cfg.steps}; resume with more "
                              "steps, or start the shorter run in another out")
