@@ -217,12 +217,24 @@ BAD_CHAT = [
 ]
 
 
+def test_null_means_the_default_as_in_openai(client):
+    """The OpenAI client types n, stream and echo as Optional: an explicit None is sent as null."""
+    r = chat(client, max_tokens=2, n=None, stream=None)
+    assert r.object == "chat.completion" and len(r.choices) == 1
+    r = client.completions.create(model=MODEL, prompt="hi", max_tokens=2, n=None, stream=None, echo=None,
+                                  extra_body=dict(FAST))
+    assert r.object == "text_completion" and len(r.choices) == 1
+
+
 def test_bad_chat_requests(url):
     with httpx.Client(base_url=url, timeout=30) as http:
         for change, status, param in BAD_CHAT:
             assert_error(http.post("/v1/chat/completions", json={**OK, **change}), status, param)
         for raw in (b"{bad json", b"[1, 2]", b'{"model": "tiny", "t_min": NaN}', b"\xff\xfe"):
             assert_error(http.post("/v1/chat/completions", content=raw), 400)
+        for knob in ("entropy_bound", "t_max"):  # 1e999 is JSON, but Python reads it as inf: refused, not run
+            raw = json.dumps(OK)[:-1] + f', "{knob}": 1e999}}'
+            assert "out of range" in assert_error(http.post("/v1/chat/completions", content=raw), 400)["message"]
         assert_error(http.post("/v1/chat/completions", json={"model": MODEL}), 400, "messages")
         assert_error(http.post("/v1/chat/completions", content=b" " * (MAX_BODY_BYTES + 1)), 413)
         assert_error(http.get("/v1/chat/completions"), 405)
