@@ -20,7 +20,7 @@ from dgemma.bundled import build_random_model
 from dgemma.cli import build_parser
 from dgemma.engine.stream import Done, Text
 from dgemma.serve import create_app
-from dgemma.serve.schemas import MAX_BODY_BYTES
+from dgemma.serve.schemas import MAX_BODY_BYTES, MAX_DENOISING_STEPS
 from dgemma.serve.worker import Cancelled, Job, Overloaded, SerialWorker, Ticket
 from dgemma.text.parse import ParsedOutput
 
@@ -164,6 +164,7 @@ def test_draft_frames_are_an_extension_standard_clients_ignore(url, client):
 def test_diffusion_knobs_and_ignored_openai_fields(url):
     with httpx.Client(base_url=url, timeout=30) as http:
         for extra in ({"acceptance": "linear-quota"}, {"acceptance": "confidence:0.5"}, {"acceptance": "quota:16"},
+                      {"acceptance": f"quota:{10**20}"}, {"stability_threshold": 6},  # a quota past int64: all
                       {"sampling": "reference", "seed": 1}, {"t_min": None, "t_max": None},
                       {"stability_threshold": None, "confidence_threshold": None, "entropy_bound": 0.5},
                       {"temperature": 0.7, "top_p": 0.9, "presence_penalty": 0.1, "user": "u", "stop": []},
@@ -196,6 +197,7 @@ BAD_CHAT = [
     ({"t_min": 0.9, "t_max": 0.5}, 400, "t_max"),
     ({"max_denoising_steps": 0}, 400, "max_denoising_steps"),
     ({"max_denoising_steps": 10**6}, 400, "max_denoising_steps"),
+    ({"stability_threshold": MAX_DENOISING_STEPS + 1}, 400, "stability_threshold"),  # [threshold, 64] ids a canvas
     ({"entropy_bound": -1}, 400, "entropy_bound"),
     ({"confidence_threshold": 0}, 400, "confidence_threshold"),
     ({"acceptance": "bogus"}, 400, "acceptance"),

@@ -75,7 +75,8 @@ class _Common(_Strict):
     entropy_bound: float | None = None
     t_min: float | None = None
     t_max: float | None = None
-    stability_threshold: int | None = None
+    # past canvases kept per row ([threshold, L] ids): beyond the step limit it could never be met anyway
+    stability_threshold: Annotated[int, Field(le=MAX_DENOISING_STEPS)] | None = None
     confidence_threshold: float | None = None
     acceptance: str | None = None  # entropy:B | confidence:T | quota:K | linear-quota
     sampling: Literal["fast", "reference"] = "fast"
