@@ -430,6 +430,19 @@ def test_response_format_json_schema_and_json_object(client):
                       dict)
 
 
+def test_a_schema_too_long_for_the_context_is_refused_without_laying_it_out(url):
+    """maxItems 10**9 was laid out item by item in a server thread (minutes of CPU, gigabytes): now building stops
+    at the model's context and the request gets a 400 at once."""
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for bounds in ({"maxItems": 10**9}, {"minItems": 10**4}):
+            schema = {"type": "array", "items": {"type": "integer"}, **bounds}
+            fmt = {"type": "json_schema", "json_schema": {"name": "many", "schema": schema}}
+            start = time.monotonic()
+            err = assert_error(http.post("/v1/chat/completions", json={**OK, "max_tokens": 200, "response_format": fmt}),
+                               400, "response_format")
+            assert "context" in err["message"] and time.monotonic() - start < 10, err
+
+
 def test_completion_suffix_is_an_infill(client):
     prefix, suffix = "def add(a, b):\n", "\n    return total\n"
     reply = client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=12, seed=3,
