@@ -234,6 +234,14 @@ def test_bad_chat_requests(url):
             assert_error(http.post("/v1/chat/completions", json={**OK, **change}), status, param)
         for raw in (b"{bad json", b"[1, 2]", b'{"model": "tiny", "t_min": NaN}', b"\xff\xfe"):
             assert_error(http.post("/v1/chat/completions", content=raw), 400)
+        deep = json.dumps(OK)[:-1].encode() + b', "metadata": {"a": ' + b"[" * 10**5 + b"]" * 10**5 + b"}}"
+        assert "nested too deeply" in assert_error(http.post("/v1/chat/completions", content=deep), 400)["message"]
+        params = {"type": "string"}
+        for _ in range(100):  # the chat template renders tool parameters with a recursive macro
+            params = {"type": "object", "properties": {"a": params}}
+        tools = [{"type": "function", "function": {"name": "f", "parameters": params}}]
+        err = assert_error(http.post("/v1/chat/completions", json={**OK, "tools": tools}), 400)
+        assert "nested too deeply" in err["message"]
         for knob in ("entropy_bound", "t_max"):  # 1e999 is JSON, but Python reads it as inf: refused, not run
             raw = json.dumps(OK)[:-1] + f', "{knob}": 1e999}}'
             assert "out of range" in assert_error(http.post("/v1/chat/completions", content=raw), 400)["message"]
