@@ -219,6 +219,16 @@ BAD_CHAT = [
 ]
 
 
+def test_a_prompt_that_leaves_no_canvas_says_how_long_a_prompt_fits(url):
+    card = httpx.get(url + "/v1/models/" + MODEL).json()
+    fits = card["max_model_len"] - card["canvas_length"]
+    with httpx.Client(base_url=url, timeout=30) as http:
+        body = {"model": MODEL, "prompt": [5] * (fits + 1), **FAST}  # no max_tokens: the server picks what fits
+        err = assert_error(http.post("/v1/completions", json=body), 400, "prompt")
+        assert f"at most {fits} prompt tokens" in err["message"] and "max_tokens" not in err["message"], err
+        assert http.post("/v1/completions", json={**body, "prompt": [5] * fits, "max_tokens": 2}).status_code == 200
+
+
 def test_null_means_the_default_as_in_openai(client):
     """The OpenAI client types n, stream and echo as Optional: an explicit None is sent as null."""
     r = chat(client, max_tokens=2, n=None, stream=None)
