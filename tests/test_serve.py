@@ -19,7 +19,7 @@ import dgemma
 from dgemma.bundled import build_random_model
 from dgemma.cli import build_parser
 from dgemma.engine.stream import Done, Text
-from dgemma.serve import create_app
+from dgemma.serve import create_app, server
 from dgemma.serve.schemas import MAX_BODY_BYTES, MAX_DENOISING_STEPS
 from dgemma.serve.worker import Cancelled, Job, Overloaded, SerialWorker, Ticket
 from dgemma.text.parse import ParsedOutput
@@ -333,6 +333,32 @@ def test_the_worker_interleaves_admitted_requests(model_dir):
     finally:
         worker.stop()
     assert worker.load()["running"] == 0
+
+
+def test_shutdown_ends_an_open_stream_with_an_error_and_done(model_dir):
+    """Ctrl-C (should_exit) with a long stream open: after the grace time the stream ends properly, with an error
+    chunk that says why and [DONE], instead of being cut mid-body by uvicorn's graceful-shutdown timeout."""
+    import socket
+    import threading
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = server(create_app(new_engine(model_dir), model_name=MODEL), grace_s=0.5, log_level="critical")
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.01)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with httpx.stream("POST", base + "/v1/chat/completions", json=LONG, timeout=30) as r:
+        lines = r.iter_lines()
+        for line in lines:  # committed text: the request is generating
+            if line.startswith("data: ") and '"content": "' in line and '"content": ""' not in line:
+                break
+        srv.should_exit = True
+        rest = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    thread.join(10)
+    sock.close()
+    assert rest[-1] == "[DONE]" and "shut down" in json.loads(rest[-2])["error"]["message"], rest[-3:]
 
 
 def test_api_key(model_dir):
