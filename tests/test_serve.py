@@ -450,6 +450,13 @@ def test_a_failing_generation_is_reported_not_fatal(model_dir):
 def test_serve_binds_loopback_by_default():
     args = build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.api_key is None
+    assert build_parser().parse_args(["serve", "--max-queue", "0"]).max_queue == 0
+
+
+def test_a_negative_queue_is_refused_before_the_model_loads(capsys):
+    with pytest.raises(SystemExit):  # argparse's usage error, not a ValueError after minutes of loading
+        build_parser().parse_args(["serve", "--max-queue", "-1"])
+    assert "--max-queue: must be at least 0, got -1" in capsys.readouterr().err
 
 
 # -- structured output and infill (issue 8's server side) ------------------------------------------------------------
