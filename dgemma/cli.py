@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .argtypes import accept_rule, positive_int
+from .argtypes import accept_rule, non_negative_int, positive_int
 
 
 def _fmt_count(n: int) -> str:
@@ -242,9 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every endpoint but /health (or set DGEMMA_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on every path but / and /health (or set DGEMMA_API_KEY)")
     p.add_argument("--max-concurrency", type=positive_int, default=8, help="requests generating at once (default 8)")
-    p.add_argument("--max-queue", type=int, default=64,
+    p.add_argument("--max-queue", type=non_negative_int, default=64,
                    help="requests waiting for a slot before new ones get 429 (default 64)")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
     p.add_argument("--default-max-tokens", type=positive_int, default=None,

@@ -19,8 +19,8 @@ import dgemma
 from dgemma.bundled import build_random_model
 from dgemma.cli import build_parser
 from dgemma.engine.stream import Done, Text
-from dgemma.serve import create_app
-from dgemma.serve.schemas import MAX_BODY_BYTES
+from dgemma.serve import create_app, server
+from dgemma.serve.schemas import MAX_BODY_BYTES, MAX_DENOISING_STEPS
 from dgemma.serve.worker import Cancelled, Job, Overloaded, SerialWorker, Ticket
 from dgemma.text.parse import ParsedOutput
 
@@ -164,6 +164,7 @@ def test_draft_frames_are_an_extension_standard_clients_ignore(url, client):
 def test_diffusion_knobs_and_ignored_openai_fields(url):
     with httpx.Client(base_url=url, timeout=30) as http:
         for extra in ({"acceptance": "linear-quota"}, {"acceptance": "confidence:0.5"}, {"acceptance": "quota:16"},
+                      {"acceptance": f"quota:{10**20}"}, {"stability_threshold": 6},  # a quota past int64: all
                       {"sampling": "reference", "seed": 1}, {"t_min": None, "t_max": None},
                       {"stability_threshold": None, "confidence_threshold": None, "entropy_bound": 0.5},
                       {"temperature": 0.7, "top_p": 0.9, "presence_penalty": 0.1, "user": "u", "stop": []},
@@ -196,6 +197,7 @@ BAD_CHAT = [
     ({"t_min": 0.9, "t_max": 0.5}, 400, "t_max"),
     ({"max_denoising_steps": 0}, 400, "max_denoising_steps"),
     ({"max_denoising_steps": 10**6}, 400, "max_denoising_steps"),
+    ({"stability_threshold": MAX_DENOISING_STEPS + 1}, 400, "stability_threshold"),  # [threshold, 64] ids a canvas
     ({"entropy_bound": -1}, 400, "entropy_bound"),
     ({"confidence_threshold": 0}, 400, "confidence_threshold"),
     ({"acceptance": "bogus"}, 400, "acceptance"),
@@ -217,12 +219,42 @@ BAD_CHAT = [
 ]
 
 
+def test_a_prompt_that_leaves_no_canvas_says_how_long_a_prompt_fits(url):
+    card = httpx.get(url + "/v1/models/" + MODEL).json()
+    fits = card["max_model_len"] - card["canvas_length"]
+    with httpx.Client(base_url=url, timeout=30) as http:
+        body = {"model": MODEL, "prompt": [5] * (fits + 1), **FAST}  # no max_tokens: the server picks what fits
+        err = assert_error(http.post("/v1/completions", json=body), 400, "prompt")
+        assert f"at most {fits} prompt tokens" in err["message"] and "max_tokens" not in err["message"], err
+        assert http.post("/v1/completions", json={**body, "prompt": [5] * fits, "max_tokens": 2}).status_code == 200
+
+
+def test_null_means_the_default_as_in_openai(client):
+    """The OpenAI client types n, stream and echo as Optional: an explicit None is sent as null."""
+    r = chat(client, max_tokens=2, n=None, stream=None)
+    assert r.object == "chat.completion" and len(r.choices) == 1
+    r = client.completions.create(model=MODEL, prompt="hi", max_tokens=2, n=None, stream=None, echo=None,
+                                  extra_body=dict(FAST))
+    assert r.object == "text_completion" and len(r.choices) == 1
+
+
 def test_bad_chat_requests(url):
     with httpx.Client(base_url=url, timeout=30) as http:
         for change, status, param in BAD_CHAT:
             assert_error(http.post("/v1/chat/completions", json={**OK, **change}), status, param)
         for raw in (b"{bad json", b"[1, 2]", b'{"model": "tiny", "t_min": NaN}', b"\xff\xfe"):
             assert_error(http.post("/v1/chat/completions", content=raw), 400)
+        deep = json.dumps(OK)[:-1].encode() + b', "metadata": {"a": ' + b"[" * 10**5 + b"]" * 10**5 + b"}}"
+        assert "nested too deeply" in assert_error(http.post("/v1/chat/completions", content=deep), 400)["message"]
+        params = {"type": "string"}
+        for _ in range(100):  # the chat template renders tool parameters with a recursive macro
+            params = {"type": "object", "properties": {"a": params}}
+        tools = [{"type": "function", "function": {"name": "f", "parameters": params}}]
+        err = assert_error(http.post("/v1/chat/completions", json={**OK, "tools": tools}), 400)
+        assert "nested too deeply" in err["message"]
+        for knob in ("entropy_bound", "t_max"):  # 1e999 is JSON, but Python reads it as inf: refused, not run
+            raw = json.dumps(OK)[:-1] + f', "{knob}": 1e999}}'
+            assert "out of range" in assert_error(http.post("/v1/chat/completions", content=raw), 400)["message"]
         assert_error(http.post("/v1/chat/completions", json={"model": MODEL}), 400, "messages")
         assert_error(http.post("/v1/chat/completions", content=b" " * (MAX_BODY_BYTES + 1)), 413)
         assert_error(http.get("/v1/chat/completions"), 405)
@@ -301,6 +333,32 @@ def test_the_worker_interleaves_admitted_requests(model_dir):
     finally:
         worker.stop()
     assert worker.load()["running"] == 0
+
+
+def test_shutdown_ends_an_open_stream_with_an_error_and_done(model_dir):
+    """Ctrl-C (should_exit) with a long stream open: after the grace time the stream ends properly, with an error
+    chunk that says why and [DONE], instead of being cut mid-body by uvicorn's graceful-shutdown timeout."""
+    import socket
+    import threading
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = server(create_app(new_engine(model_dir), model_name=MODEL), grace_s=0.5, log_level="critical")
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.01)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with httpx.stream("POST", base + "/v1/chat/completions", json=LONG, timeout=30) as r:
+        lines = r.iter_lines()
+        for line in lines:  # committed text: the request is generating
+            if line.startswith("data: ") and '"content": "' in line and '"content": ""' not in line:
+                break
+        srv.should_exit = True
+        rest = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    thread.join(10)
+    sock.close()
+    assert rest[-1] == "[DONE]" and "shut down" in json.loads(rest[-2])["error"]["message"], rest[-3:]
 
 
 def test_api_key(model_dir):
@@ -392,6 +450,13 @@ def test_a_failing_generation_is_reported_not_fatal(model_dir):
 def test_serve_binds_loopback_by_default():
     args = build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.api_key is None
+    assert build_parser().parse_args(["serve", "--max-queue", "0"]).max_queue == 0
+
+
+def test_a_negative_queue_is_refused_before_the_model_loads(capsys):
+    with pytest.raises(SystemExit):  # argparse's usage error, not a ValueError after minutes of loading
+        build_parser().parse_args(["serve", "--max-queue", "-1"])
+    assert "--max-queue: must be at least 0, got -1" in capsys.readouterr().err
 
 
 # -- structured output and infill (issue 8's server side) ------------------------------------------------------------
@@ -414,6 +479,19 @@ def test_response_format_json_schema_and_json_object(client):
     assert json.loads(text) == json.loads(chat(client, response_format=fmt, seed=0).choices[0].message.content)
     assert isinstance(json.loads(chat(client, response_format={"type": "json_object"}).choices[0].message.content),
                       dict)
+
+
+def test_a_schema_too_long_for_the_context_is_refused_without_laying_it_out(url):
+    """maxItems 10**9 was laid out item by item in a server thread (minutes of CPU, gigabytes): now building stops
+    at the model's context and the request gets a 400 at once."""
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for bounds in ({"maxItems": 10**9}, {"minItems": 10**4}):
+            schema = {"type": "array", "items": {"type": "integer"}, **bounds}
+            fmt = {"type": "json_schema", "json_schema": {"name": "many", "schema": schema}}
+            start = time.monotonic()
+            err = assert_error(http.post("/v1/chat/completions", json={**OK, "max_tokens": 200, "response_format": fmt}),
+                               400, "response_format")
+            assert "context" in err["message"] and time.monotonic() - start < 10, err
 
 
 def test_completion_suffix_is_an_infill(client):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sampling import CanvasConstraints
-from ..text.json_layout import Budget, Layout, build_layout
+from ..text.json_layout import Budget, Layout, LayoutTooLong, build_layout
 from ..text.json_repair import repair_canvas
 from ..text.json_vocab import JsonVocab
 from ..text.jsonschema import SchemaError, normalise
@@ -95,11 +95,18 @@ def json_plan(engine, schema: dict, *, max_tokens: int | None = None, batch: int
     vocab = JsonVocab.of(tok, engine.config.vocab_size)
     node = normalise(schema)
     budget = budget or Budget()
+    context = engine.config.max_position_embeddings  # no longer layout can ever run: building stops there
     while True:
-        layout = build_layout(node, vocab, tok, engine.config.canvas_length, budget)
-        if max_tokens is None or len(layout) + 1 <= max_tokens:
+        try:
+            layout = build_layout(node, vocab, tok, engine.config.canvas_length, budget, limit=context)
+        except LayoutTooLong:
+            layout = None
+        if layout is not None and (max_tokens is None or len(layout) + 1 <= max_tokens):
             break
         smaller = budget.smaller()
+        if smaller is None and layout is None:
+            raise ValueError(f"this schema needs more than this model's context of {context} tokens even with the "
+                             "smallest budgets; lower its minItems, maxItems or minLength")
         if smaller is None:
             raise ValueError(f"this schema needs at least {len(layout) + 1} tokens even with the smallest budgets; "
                              f"raise max_tokens (got {max_tokens})")

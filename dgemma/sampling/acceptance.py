@@ -54,6 +54,8 @@ def quota_accept(confidence: Tensor, num_accept: Tensor | int) -> Tensor:
     (LLaDA's increment) only makes sense when the caller itself accumulates the accepted set.
     """
     num_rows, length = confidence.shape
+    if isinstance(num_accept, int):  # clamp first: a Python int past int64 cannot become a tensor
+        num_accept = max(1, min(num_accept, length))
     k = torch.as_tensor(num_accept, device=confidence.device).clamp(1, length).expand(num_rows)
     order = torch.argsort(confidence, dim=-1, descending=True, stable=True)
     ranks = torch.arange(length, device=confidence.device).expand(num_rows, length)

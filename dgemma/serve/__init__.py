@@ -15,9 +15,29 @@ def create_app(engine, **options):
     return create(engine, **options)
 
 
+GRACE_S = 4.0  # on Ctrl-C open requests get this long to finish; the rest then end with a clear error
+
+
+def server(app, *, grace_s: float = GRACE_S, **config):
+    """A uvicorn.Server for `app` (config: uvicorn.Config's keywords) whose shutdown fails the requests still open
+    after `grace_s` through the worker, so a stream ends with an error chunk and [DONE]; uvicorn alone would cut
+    it mid-body when its graceful timeout (set a second later) cancels the connection."""
+    import asyncio
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(grace_s, lambda: loop.run_in_executor(None, app.state.worker.stop))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    return Server(uvicorn.Config(app, timeout_graceful_shutdown=int(grace_s) + 1, **config))
+
+
 def run(engine, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **options) -> None:
     """Serve until interrupted (uvicorn)."""
-    import uvicorn
-    # open streams get 5 s to finish on Ctrl-C; the worker then fails what is left with a clear error
-    uvicorn.run(create_app(engine, **options), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=5)
+    server(create_app(engine, **options), host=host, port=port, log_level=log_level).run()

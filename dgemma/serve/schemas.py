@@ -11,9 +11,10 @@ json_schema (chat) and `suffix` (completions: infill) are served by jobs.py.
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_DENOISING_STEPS = 1024  # server policy: bounds the work one request can ask for per canvas
 MAX_STOP_STRINGS = 16
@@ -74,12 +75,19 @@ class _Common(_Strict):
     entropy_bound: float | None = None
     t_min: float | None = None
     t_max: float | None = None
-    stability_threshold: int | None = None
+    # past canvases kept per row ([threshold, L] ids): beyond the step limit it could never be met anyway
+    stability_threshold: Annotated[int, Field(le=MAX_DENOISING_STEPS)] | None = None
     confidence_threshold: float | None = None
     acceptance: str | None = None  # entropy:B | confidence:T | quota:K | linear-quota
     sampling: Literal["fast", "reference"] = "fast"
     ignore_eos: bool = False  # generate exactly max_tokens tokens (vLLM's name)
     dgemma_drafts: bool = False  # streaming only: also send each canvas as it converges
+
+    @field_validator("n", "stream", "echo", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_the_default(cls, value, info):
+        """OpenAI's API (and its client's types) take null for these, meaning the default."""
+        return cls.model_fields[info.field_name].default if value is None else value
 
     def knobs(self) -> dict:
         """The diffusion knobs this request set explicitly (an explicit null is a value)."""
@@ -125,12 +133,21 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: valid JSON syntax, but no 64-bit float holds it (Python reads inf)
+        raise ValueError(f"the number {text[:40]} is out of range for a 64-bit float")
+    return value
+
+
 def parse_body(raw: bytes, model: type[_Common]) -> _Common:
     """Request bytes -> a checked request, or ApiError(400) saying which field is wrong and why."""
     try:
-        data = json.loads(raw, parse_constant=_reject_constant)
+        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply to parse", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}",
                        code="invalid_json")

@@ -212,3 +212,6 @@ def render_chat(
         )
     except TemplateError as e:
         raise ChatFormatError(f"chat template failed to render: {e}") from e
+    except RecursionError:  # the template renders nested values (tool parameters) with a recursive macro
+        raise ChatFormatError("chat template failed to render: a value in messages or tools is nested too deeply; "
+                              "flatten it") from None

@@ -76,9 +76,13 @@ class Layout:
         return len(self.clamp)
 
 
+class LayoutTooLong(ValueError):
+    """The layout grew past the position limit it was built with (it could never run)."""
+
+
 class _Builder:
-    def __init__(self, vocab: JsonVocab, tokenizer, canvas_length: int, budget: Budget):
-        self.v, self.tok, self.L, self.b = vocab, tokenizer, canvas_length, budget
+    def __init__(self, vocab: JsonVocab, tokenizer, canvas_length: int, budget: Budget, limit: int | None = None):
+        self.v, self.tok, self.L, self.b, self.limit = vocab, tokenizer, canvas_length, budget, limit
         self.out = Layout(vocab, classes=[torch.ones(vocab.vocab_size, dtype=torch.bool)])
         self.pending = ""
         self._class_index: dict = {}
@@ -93,10 +97,17 @@ class _Builder:
             self.pending = ""
 
     def fixed(self, token: int) -> None:
+        self.grow()
         self.out.clamp.append(token)
         self.out.cls.append(0)
 
+    def grow(self) -> None:
+        """Stop as soon as the layout passes the limit: maxItems 10**9 must not be laid out item by item."""
+        if self.limit is not None and len(self.out.clamp) >= self.limit:
+            raise LayoutTooLong(f"the layout needs more than {self.limit} positions")
+
     def free(self, mask_key, make) -> None:
+        self.grow()
         if mask_key not in self._class_index:
             self._class_index[mask_key] = len(self.out.classes)
             self.out.classes.append(make())
@@ -234,8 +245,10 @@ def number_size(node: dict, budget: Budget) -> int:
     return max(budget.integer if node["integer"] else budget.number, longest + 1)
 
 
-def build_layout(node: dict, vocab: JsonVocab, tokenizer, canvas_length: int, budget: Budget = Budget()) -> Layout:
-    b = _Builder(vocab, tokenizer, canvas_length, budget)
+def build_layout(node: dict, vocab: JsonVocab, tokenizer, canvas_length: int, budget: Budget = Budget(),
+                 limit: int | None = None) -> Layout:
+    """The layout of `node`; with `limit`, LayoutTooLong as soon as it would take more than `limit` positions."""
+    b = _Builder(vocab, tokenizer, canvas_length, budget, limit)
     b.emit(node)
     b.flush()
     return b.out
