@@ -30,17 +30,27 @@ def _lines(text: str) -> tuple[int, int]:
     return a, b
 
 
-def run_json(args, engine, prompt: str, options: dict) -> int:
+def json_format(args) -> dict | None:
+    """`--json-schema FILE | --json-object` -> the response_format, the schema checked (before any model loads, so a
+    bad schema fails in a second, not after loading the weights); None without either flag."""
+    if args.json_schema is None:
+        return {"type": "json_object"} if args.json_object else None
+    from .text.jsonschema import normalise
+
+    text = _read(args.json_schema, "JSON schema file")
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"JSON schema file {args.json_schema} is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"JSON schema file {args.json_schema} must hold a JSON object (a schema), got "
+                         f"{type(schema).__name__}")
+    normalise(schema)
+    return {"type": "json_schema", "json_schema": {"name": Path(args.json_schema).stem, "schema": schema}}
+
+
+def run_json(args, engine, prompt: str, options: dict, fmt: dict) -> int:
     """`dgemma generate --json-schema FILE | --json-object`: print the compact document, stats to stderr."""
-    if args.json_schema is not None:
-        text = _read(args.json_schema, "JSON schema file")
-        try:
-            schema = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"JSON schema file {args.json_schema} is not valid JSON: {e}") from None
-        fmt = {"type": "json_schema", "json_schema": {"name": Path(args.json_schema).stem, "schema": schema}}
-    else:
-        fmt = {"type": "json_object"}
     where = {"prompt": prompt} if args.raw else {"messages": [{"role": "user", "content": prompt}]}
     r = engine.generate_json(**where, response_format=fmt, **options)
     print(r.text)
