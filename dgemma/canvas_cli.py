@@ -13,8 +13,10 @@ from .argtypes import positive_int
 
 
 def _read(path: str, what: str) -> str:
+    """The file's text with its line endings as they are (\r\n stays \r\n: the output keeps its bytes)."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -97,12 +99,12 @@ def cmd_edit(args, load_engine) -> int:
     if args.span_tokens is not None:
         options["span_tokens"] = args.span_tokens
     r = engine.edit(text, start, end, **options)
+    if args.in_place:
+        Path(args.file).write_text(r.text, encoding="utf-8", newline="")
     if args.json:
         print(json.dumps({"old": r.old_span, "new": r.new_span, "start": r.start, "end": r.end,
                           "span_tokens": r.infill.middle_tokens, "candidates": r.infill.candidates}))
-    elif args.in_place:
-        Path(args.file).write_text(r.text, encoding="utf-8")
-    else:
+    elif not args.in_place:
         sys.stdout.write(r.text)
     return 0
 

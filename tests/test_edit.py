@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
 
@@ -18,6 +19,8 @@ def test_line_span():
     assert TEXT[s:e] == "line five"
     s, e = line_span("a\r\nb\r\n", 1, 1)
     assert (s, e) == (0, 1)
+    text = "x = 1\f\ny\u2028z\nlast"  # a form feed and U+2028 do not end lines (editors, wc -l and sed agree)
+    assert [text[slice(*line_span(text, n, n))] for n in (1, 2, 3)] == ["x = 1\f", "y\u2028z", "last"]
     for bad in ((0, 1), (3, 2), (2, 9)):
         with pytest.raises(ValueError, match="outside"):
             line_span(TEXT, *bad)
@@ -81,3 +84,15 @@ def test_cli_edit(random_model_dir, tmp_path, capsys):
     assert main(["edit", str(f), "--lines", "1", "--model", str(random_model_dir), "--steps", "2", "--in-place",
                  "--candidates", "1"]) == 0
     assert f.read_text().endswith("\nline two é\nline three\n\nline five\n")
+
+
+def test_cli_edit_keeps_crlf_bytes_and_in_place_with_json_writes(random_model_dir, tmp_path, capsys):
+    f = tmp_path / "crlf.txt"
+    f.write_bytes(b"one\r\ntwo\r\nthree\r\n")
+    flags = ["--model", str(random_model_dir), "--steps", "2", "--seed", "0", "--candidates", "1"]
+    assert main(["edit", str(f), "--lines", "2", *flags]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("one\r\n") and out.endswith("\r\nthree\r\n")
+    assert main(["edit", str(f), "--lines", "2", "--in-place", "--json", *flags]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert f.read_bytes() == ("one\r\n" + r["new"] + "\r\nthree\r\n").encode()

@@ -14,11 +14,14 @@ returned byte-identical: the result is before + new span + after, as strings.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
 from .infill import InfillResult, infill
+
+LINE = re.compile(r"[^\r\n]*(?:\r\n|\n|\r)|[^\r\n]+\Z")
 
 
 @dataclass
@@ -32,8 +35,9 @@ class EditResult:
 
 
 def line_span(text: str, first: int, last: int) -> tuple[int, int]:
-    """Character offsets [start, end) of 1-based lines first..last (inclusive), without the last line's newline."""
-    lines = text.splitlines(keepends=True)
+    """Character offsets [start, end) of 1-based lines first..last (inclusive), without the last line's newline.
+    Lines end at \n, \r\n or \r, as editors count them (not at form feeds or U+2028, which splitlines takes)."""
+    lines = LINE.findall(text)
     if not 1 <= first <= last <= len(lines):
         raise ValueError(f"lines {first}-{last} are outside the text's {len(lines)} lines (1-based, inclusive)")
     start = sum(len(x) for x in lines[: first - 1])
