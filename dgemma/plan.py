@@ -161,10 +161,13 @@ def make_plan(cfg: ModelConfig, *, quant: str | None = None, group_size: int | N
               prompt: int | None = None, prefill_chunk: int | None = None, device: str = "cuda") -> Plan:
     if quant == "int4":
         group_size = group_size or DEFAULT_GROUP_SIZE
-    elif quant is None:
-        group_size = None
+    else:
+        group_size = None  # int8 / fp8: one scale per output channel
     if context < cfg.canvas_length:
         raise ValueError(f"context {context} is shorter than one canvas ({cfg.canvas_length} tokens)")
+    if context > cfg.max_position_embeddings:
+        raise ValueError(f"context {context:,} exceeds this model's {cfg.max_position_embeddings:,} positions "
+                         "(max_position_embeddings); the engine refuses longer requests")
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     prompt = context - cfg.canvas_length if prompt is None else prompt
@@ -238,6 +241,7 @@ def add_plan_parser(subparsers) -> None:
 
 def cmd_plan(args) -> int:
     import json
+    import math
     from pathlib import Path
 
     from .model.checkpoint import list_tensors
@@ -251,10 +255,15 @@ def cmd_plan(args) -> int:
         if record is not None:
             quant, group_size = record["scheme"], group_size or record["group_size"]
     quant = None if quant in (None, "none") else quant
+    if args.group_size is not None and quant != "int4":
+        raise ValueError(f"--group-size applies to int4 only, not to {quant or 'unquantized'} weights (int8 and fp8 "
+                         "have one scale per output channel); drop it or add --quant int4")
     plan = make_plan(cfg, quant=quant, group_size=group_size, dtype=getattr(torch, args.dtype), context=args.context,
                      concurrency=args.concurrency, prompt=args.prompt, prefill_chunk=args.prefill_chunk,
                      device=args.device)
     budgets = args.budget or [18, 24, 80]
+    if not all(math.isfinite(gb) and gb > 0 for gb in budgets):
+        raise ValueError(f"--budget takes a positive number of GiB, got {args.budget}")
     if args.json:
         fits = {f"{gb:g}GiB": plan.max_concurrency(gb * GiB) for gb in budgets}
         print(json.dumps({"source": str(path), **plan.as_dict(), "max_concurrency": fits}))

@@ -141,3 +141,15 @@ def test_plan_grows_with_context_and_concurrency():
     two = make_plan(cfg, quant="int8", context=2048, concurrency=2)
     assert two.total_bytes - small.total_bytes >= small.kv_cache_per_request  # each request adds its cache
     assert two.total_bytes >= two.weight_bytes + 2 * (two.kv_cache_per_request + two.sampler_per_canvas)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--context", "300000"], "max_position_embeddings"),  # the engine refuses a context past the model's positions
+    (["--quant", "int8", "--group-size", "32"], "int4 only"),  # was accepted and reported as "group_size": 32
+    (["--group-size", "32"], "int4 only"),  # no --quant: planned unquantized, the group size silently dropped
+    (["--budget", "0"], "positive"),
+    (["--budget", "24", "--budget", "-1"], "positive"),
+])
+def test_cli_refuses_flags_that_cannot_describe_a_run(flags, match, capsys):
+    assert main(["plan", "--config", str(CONFIG_26B), *flags]) == 2
+    assert match in capsys.readouterr().err
