@@ -68,6 +68,12 @@ def test_bad_edits_are_refused(random_engine):
         random_engine.edit(TEXT, 5, 500)
     with pytest.raises(ValueError, match="strength"):
         random_engine.edit(TEXT, 0, 4, strength=2)
+    with pytest.raises(ValueError, match="after its end"):  # was "outside the text"
+        random_engine.edit(TEXT, 5, 2)
+    with pytest.raises(ValueError, match="span_tokens"):  # was a message about middle_tokens
+        random_engine.edit(TEXT, 0, 4, span_tokens=0)
+    with pytest.raises(ValueError, match="span_tokens"):  # was a TypeError (infill got middle_tokens twice)
+        random_engine.edit(TEXT, 0, 4, middle_tokens=2)
 
 
 def test_cli_edit(random_model_dir, tmp_path, capsys):
