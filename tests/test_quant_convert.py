@@ -79,6 +79,9 @@ def test_conversion_refuses_bad_requests(reference_checkpoint, tmp_path):
     with pytest.raises(QuantError, match="already quantized"):
         quantize_checkpoint(tmp_path / "b", tmp_path / "c", "int4", 32, log=None)
     assert main(["quantize", str(src), str(tmp_path / "d"), "--scheme", "int8", "--group-size", "32"]) == 2
+    (tmp_path / "file").write_text("x")  # a parent that is a file: as unwritable as it gets, even for root
+    with pytest.raises(QuantError, match="cannot create the output directory"):  # was a bare [Errno 20]
+        quantize_checkpoint(src, tmp_path / "file" / "out", "int8", log=None)
 
 
 MEASURE = textwrap.dedent("""

@@ -132,9 +132,13 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, group_siz
     for info in sorted(infos.values(), key=lambda i: (i.file.name, i.begin)):
         by_file[info.file].append(info)
     tmp = dst.with_name(dst.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise QuantError(f"cannot create the output directory {tmp} (renamed to {dst.name} when done): "
+                         f"{e.strerror or e}; give a DST in a writable place") from None
     meta = {"format": "pt", **metadata_entry(scheme, group_size, scale_dtype)}
     start, total_in, total_out, num_quantized, weight_map = time.perf_counter(), 0, 0, 0, {}
     for k, (path, shard) in enumerate(by_file.items(), 1):
