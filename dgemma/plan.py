@@ -34,6 +34,7 @@ from .quant.schemes import DEFAULT_GROUP_SIZE, SCHEMES, scale_dtype_for
 from .sampling.lean import work_bytes
 
 GiB = 2 ** 30
+DEFAULT_CONTEXT = 8192  # tokens per request when none is given (or the model's positions, if fewer)
 
 
 @dataclass(frozen=True)
@@ -157,12 +158,13 @@ def pass_activation_bytes(cfg: ModelConfig, tokens: int, context: int, itemsize:
 
 
 def make_plan(cfg: ModelConfig, *, quant: str | None = None, group_size: int | None = None,
-              dtype: torch.dtype = torch.bfloat16, context: int = 8192, concurrency: int = 1,
+              dtype: torch.dtype = torch.bfloat16, context: int | None = None, concurrency: int = 1,
               prompt: int | None = None, prefill_chunk: int | None = None, device: str = "cuda") -> Plan:
     if quant == "int4":
         group_size = group_size or DEFAULT_GROUP_SIZE
     else:
         group_size = None  # int8 / fp8: one scale per output channel
+    context = min(DEFAULT_CONTEXT, cfg.max_position_embeddings) if context is None else context
     if context < cfg.canvas_length:
         raise ValueError(f"context {context} is shorter than one canvas ({cfg.canvas_length} tokens)")
     if context > cfg.max_position_embeddings:
@@ -224,7 +226,8 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--group-size", type=positive_int, default=None, help=f"int4 group size ({DEFAULT_GROUP_SIZE})")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="dtype of unquantized weights, activations and the KV cache (default bfloat16)")
-    p.add_argument("--context", type=positive_int, default=8192, help="tokens per request (default 8192)")
+    p.add_argument("--context", type=positive_int, default=None,
+                   help=f"tokens per request (default {DEFAULT_CONTEXT}, or the model's positions if fewer)")
     p.add_argument("--prompt", type=int, default=None,
                    help="prompt tokens prefilled in one pass (default: context minus one canvas)")
     p.add_argument("--prefill-chunk", type=positive_int, default=None,

@@ -153,3 +153,9 @@ def test_plan_grows_with_context_and_concurrency():
 def test_cli_refuses_flags_that_cannot_describe_a_run(flags, match, capsys):
     assert main(["plan", "--config", str(CONFIG_26B), *flags]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_default_context_fits_a_model_with_fewer_positions(capsys):
+    from dgemma.bundled import PACKAGED  # 4,096 positions: the default 8,192 would be refused
+    assert main(["plan", "--model", str(PACKAGED), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["context"] == 4096
