@@ -159,3 +159,17 @@ def test_default_context_fits_a_model_with_fewer_positions(capsys):
     from dgemma.bundled import PACKAGED  # 4,096 positions: the default 8,192 would be refused
     assert main(["plan", "--model", str(PACKAGED), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["context"] == 4096
+
+
+def test_a_quantized_checkpoint_is_planned_with_its_recorded_scale_dtype(tmp_path, capsys):
+    """An fp32 source keeps fp32 int4 scales; loaded with bfloat16 they stay fp32, so the plan must count them so."""
+    import torch
+
+    import dgemma
+    from dgemma.bundled import PACKAGED
+    from dgemma.quant.convert import quantize_checkpoint
+    quantize_checkpoint(PACKAGED, tmp_path / "q", "int4", log=None)
+    engine = dgemma.load(tmp_path / "q", dtype=torch.bfloat16, quiet=True)
+    loaded = sum(t.numel() * t.element_size() for t in [*engine.module.parameters(), *engine.module.buffers()])
+    assert main(["plan", "--model", str(tmp_path / "q"), "--dtype", "bfloat16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["weights_bytes"] == loaded
