@@ -127,7 +127,9 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, group_siz
         try:
             stored_layout(scheme, info.shape, group_size, scale_dtype)
         except QuantError as e:
-            raise QuantError(f"{info.file.name}: tensor '{info.key}' {list(info.shape)}: {e}") from None
+            fits = [g for g in (16, 32, 64, 128, 256) if all(t.shape[-1] % g == 0 for t in targets)]
+            hint = f" (this checkpoint's widths take --group-size {', '.join(map(str, fits))})" if fits else ""
+            raise QuantError(f"{info.file.name}: tensor '{info.key}' {list(info.shape)}: {e}{hint}") from None
     by_file: dict[Path, list[TensorInfo]] = defaultdict(list)
     for info in sorted(infos.values(), key=lambda i: (i.file.name, i.begin)):
         by_file[info.file].append(info)
