@@ -37,7 +37,7 @@ def json_format(args) -> dict | None:
     bad schema fails in a second, not after loading the weights); None without either flag."""
     if args.json_schema is None:
         return {"type": "json_object"} if args.json_object else None
-    from .text.jsonschema import normalise
+    from .engine.structured import check_response_format
 
     text = _read(args.json_schema, "JSON schema file")
     try:
@@ -47,8 +47,9 @@ def json_format(args) -> dict | None:
     if not isinstance(schema, dict):
         raise ValueError(f"JSON schema file {args.json_schema} must hold a JSON object (a schema), got "
                          f"{type(schema).__name__}")
-    normalise(schema)
-    return {"type": "json_schema", "json_schema": {"name": Path(args.json_schema).stem, "schema": schema}}
+    fmt = {"type": "json_schema", "json_schema": {"name": Path(args.json_schema).stem, "schema": schema}}
+    check_response_format(fmt)
+    return fmt
 
 
 def run_json(args, engine, prompt: str, options: dict, fmt: dict) -> int:
