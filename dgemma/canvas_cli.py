@@ -13,8 +13,10 @@ from .argtypes import positive_int
 
 
 def _read(path: str, what: str) -> str:
+    """The file's text with its line endings as they are (\r\n stays \r\n: the output keeps its bytes)."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -30,17 +32,28 @@ def _lines(text: str) -> tuple[int, int]:
     return a, b
 
 
-def run_json(args, engine, prompt: str, options: dict) -> int:
+def json_format(args) -> dict | None:
+    """`--json-schema FILE | --json-object` -> the response_format, the schema checked (before any model loads, so a
+    bad schema fails in a second, not after loading the weights); None without either flag."""
+    if args.json_schema is None:
+        return {"type": "json_object"} if args.json_object else None
+    from .engine.structured import check_response_format
+
+    text = _read(args.json_schema, "JSON schema file")
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"JSON schema file {args.json_schema} is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"JSON schema file {args.json_schema} must hold a JSON object (a schema), got "
+                         f"{type(schema).__name__}")
+    fmt = {"type": "json_schema", "json_schema": {"name": Path(args.json_schema).stem, "schema": schema}}
+    check_response_format(fmt)
+    return fmt
+
+
+def run_json(args, engine, prompt: str, options: dict, fmt: dict) -> int:
     """`dgemma generate --json-schema FILE | --json-object`: print the compact document, stats to stderr."""
-    if args.json_schema is not None:
-        text = _read(args.json_schema, "JSON schema file")
-        try:
-            schema = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"JSON schema file {args.json_schema} is not valid JSON: {e}") from None
-        fmt = {"type": "json_schema", "json_schema": {"name": Path(args.json_schema).stem, "schema": schema}}
-    else:
-        fmt = {"type": "json_object"}
     where = {"prompt": prompt} if args.raw else {"messages": [{"role": "user", "content": prompt}]}
     r = engine.generate_json(**where, response_format=fmt, **options)
     print(r.text)
@@ -87,12 +100,12 @@ def cmd_edit(args, load_engine) -> int:
     if args.span_tokens is not None:
         options["span_tokens"] = args.span_tokens
     r = engine.edit(text, start, end, **options)
+    if args.in_place:
+        Path(args.file).write_text(r.text, encoding="utf-8", newline="")
     if args.json:
         print(json.dumps({"old": r.old_span, "new": r.new_span, "start": r.start, "end": r.end,
                           "span_tokens": r.infill.middle_tokens, "candidates": r.infill.candidates}))
-    elif args.in_place:
-        Path(args.file).write_text(r.text, encoding="utf-8")
-    else:
+    elif not args.in_place:
         sys.stdout.write(r.text)
     return 0
 

@@ -110,11 +110,13 @@ def cmd_generate(args) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise ValueError("empty prompt: pass PROMPT or pipe text on stdin")
+    from .canvas_cli import json_format, run_json
+
+    fmt = json_format(args)
     engine = _load_engine(args)
     options = _engine_options(args, engine)
-    if args.json_schema is not None or args.json_object:  # only the JSON document is printed
-        from .canvas_cli import run_json
-        return run_json(args, engine, prompt, options)
+    if fmt is not None:  # only the JSON document is printed
+        return run_json(args, engine, prompt, options, fmt)
     if args.raw:
         events = engine.stream(prompt, drafts=args.show_drafts, **options)
     else:
@@ -226,9 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, usage and stats")
-    p.add_argument("--json-schema", metavar="FILE", default=None,
-                   help="answer with one JSON document valid for the JSON schema in FILE (printed alone)")
-    p.add_argument("--json-object", action="store_true", help="answer with one JSON object (printed alone)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", default=None,
+                       help="answer with one JSON document valid for the JSON schema in FILE (printed alone)")
+    shape.add_argument("--json-object", action="store_true", help="answer with one JSON object (printed alone)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="multi-turn chat on stdin; reuses the cached prefix across turns")

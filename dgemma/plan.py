@@ -34,6 +34,7 @@ from .quant.schemes import DEFAULT_GROUP_SIZE, SCHEMES, scale_dtype_for
 from .sampling.lean import work_bytes
 
 GiB = 2 ** 30
+DEFAULT_CONTEXT = 8192  # tokens per request when none is given (or the model's positions, if fewer)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Plan:
     prefill_activations: int
     step_activations: int
     device: str  # where it runs: sets the sampler step's shared work buffer (sampling/lean.py)
+    scale_dtype: torch.dtype | None = None  # a quantized checkpoint's recorded scale dtype (else the scheme's rule)
 
     @property
     def weight_bytes(self) -> int:
@@ -96,12 +98,14 @@ class Plan:
                 "total_bytes": self.total_bytes}
 
 
-def weight_bytes(cfg: ModelConfig, quant: str | None, group_size: int | None, dtype: torch.dtype) -> dict[str, int]:
-    """Bytes per component of what `dgemma.load` allocates (meta device, so nothing is allocated here)."""
+def weight_bytes(cfg: ModelConfig, quant: str | None, group_size: int | None, dtype: torch.dtype,
+                 scale_dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Bytes per component of what `dgemma.load` allocates (meta device, so nothing is allocated here).
+    scale_dtype: what a quantized checkpoint stores (an fp32 source keeps fp32 int4 scales under bfloat16)."""
     with torch.device("meta"):
         module = DiffusionGemma(cfg).to(dtype)
     if quant is not None:
-        swap_modules(module, quant, group_size, scale_dtype_for(dtype, quant))
+        swap_modules(module, quant, group_size, scale_dtype or scale_dtype_for(dtype, quant))
     out = {"experts": 0, "embedding (tied head)": 0, "attention + dense/self-cond MLPs": 0, "router + norms": 0}
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         n = t.numel() * t.element_size()
@@ -157,14 +161,19 @@ def pass_activation_bytes(cfg: ModelConfig, tokens: int, context: int, itemsize:
 
 
 def make_plan(cfg: ModelConfig, *, quant: str | None = None, group_size: int | None = None,
-              dtype: torch.dtype = torch.bfloat16, context: int = 8192, concurrency: int = 1,
-              prompt: int | None = None, prefill_chunk: int | None = None, device: str = "cuda") -> Plan:
+              dtype: torch.dtype = torch.bfloat16, context: int | None = None, concurrency: int = 1,
+              prompt: int | None = None, prefill_chunk: int | None = None, device: str = "cuda",
+              scale_dtype: torch.dtype | None = None) -> Plan:
     if quant == "int4":
         group_size = group_size or DEFAULT_GROUP_SIZE
-    elif quant is None:
-        group_size = None
+    else:
+        group_size = None  # int8 / fp8: one scale per output channel
+    context = min(DEFAULT_CONTEXT, cfg.max_position_embeddings) if context is None else context
     if context < cfg.canvas_length:
         raise ValueError(f"context {context} is shorter than one canvas ({cfg.canvas_length} tokens)")
+    if context > cfg.max_position_embeddings:
+        raise ValueError(f"context {context:,} exceeds this model's {cfg.max_position_embeddings:,} positions "
+                         "(max_position_embeddings); the engine refuses longer requests")
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     prompt = context - cfg.canvas_length if prompt is None else prompt
@@ -174,16 +183,17 @@ def make_plan(cfg: ModelConfig, *, quant: str | None = None, group_size: int | N
     # a prompt prefilled in pieces of `prefill_chunk` tokens peaks at its last piece (the most context)
     piece = max(1, min(prompt, prefill_chunk or prompt))
     return Plan(cfg, quant, group_size, dtype, context, prompt, prefill_chunk, concurrency,
-                weight_bytes(cfg, quant, group_size, dtype), kv_cache_bytes(cfg, context, itemsize),
+                weight_bytes(cfg, quant, group_size, dtype, scale_dtype), kv_cache_bytes(cfg, context, itemsize),
                 sampler_bytes(cfg, itemsize),
                 pass_activation_bytes(cfg, piece, max(prompt - piece, 0), itemsize, causal=True),
-                pass_activation_bytes(cfg, concurrency * cfg.canvas_length, context, itemsize, causal=False), device)
+                pass_activation_bytes(cfg, concurrency * cfg.canvas_length, context, itemsize, causal=False), device,
+                scale_dtype)
 
 
 def plan_with(plan: Plan, concurrency: int) -> Plan:
     return make_plan(plan.config, quant=plan.quant, group_size=plan.group_size, dtype=plan.dtype,
                      context=plan.context, concurrency=concurrency, prompt=plan.prompt,
-                     prefill_chunk=plan.prefill_chunk, device=plan.device)
+                     prefill_chunk=plan.prefill_chunk, device=plan.device, scale_dtype=plan.scale_dtype)
 
 
 def render(plan: Plan, budgets_gib=(18, 24, 80)) -> list[str]:
@@ -221,7 +231,8 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--group-size", type=positive_int, default=None, help=f"int4 group size ({DEFAULT_GROUP_SIZE})")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="dtype of unquantized weights, activations and the KV cache (default bfloat16)")
-    p.add_argument("--context", type=positive_int, default=8192, help="tokens per request (default 8192)")
+    p.add_argument("--context", type=positive_int, default=None,
+                   help=f"tokens per request (default {DEFAULT_CONTEXT}, or the model's positions if fewer)")
     p.add_argument("--prompt", type=int, default=None,
                    help="prompt tokens prefilled in one pass (default: context minus one canvas)")
     p.add_argument("--prefill-chunk", type=positive_int, default=None,
@@ -238,6 +249,7 @@ def add_plan_parser(subparsers) -> None:
 
 def cmd_plan(args) -> int:
     import json
+    import math
     from pathlib import Path
 
     from .model.checkpoint import list_tensors
@@ -245,16 +257,22 @@ def cmd_plan(args) -> int:
 
     path = Path(args.model or args.config)
     cfg = ModelConfig.from_file(path)
-    quant, group_size = args.quant, args.group_size
+    quant, group_size, scale_dtype = args.quant, args.group_size, None
     if args.model and quant is None and path.is_dir():
         record = read_metadata(list_tensors(path)[1])
         if record is not None:
             quant, group_size = record["scheme"], group_size or record["group_size"]
+            scale_dtype = record["scale_dtype"]
     quant = None if quant in (None, "none") else quant
+    if args.group_size is not None and quant != "int4":
+        raise ValueError(f"--group-size applies to int4 only, not to {quant or 'unquantized'} weights (int8 and fp8 "
+                         "have one scale per output channel); drop it or add --quant int4")
     plan = make_plan(cfg, quant=quant, group_size=group_size, dtype=getattr(torch, args.dtype), context=args.context,
                      concurrency=args.concurrency, prompt=args.prompt, prefill_chunk=args.prefill_chunk,
-                     device=args.device)
+                     device=args.device, scale_dtype=scale_dtype)
     budgets = args.budget or [18, 24, 80]
+    if not all(math.isfinite(gb) and gb > 0 for gb in budgets):
+        raise ValueError(f"--budget takes a positive number of GiB, got {args.budget}")
     if args.json:
         fits = {f"{gb:g}GiB": plan.max_concurrency(gb * GiB) for gb in budgets}
         print(json.dumps({"source": str(path), **plan.as_dict(), "max_concurrency": fits}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
 
@@ -18,6 +19,8 @@ def test_line_span():
     assert TEXT[s:e] == "line five"
     s, e = line_span("a\r\nb\r\n", 1, 1)
     assert (s, e) == (0, 1)
+    text = "x = 1\f\ny\u2028z\nlast"  # a form feed and U+2028 do not end lines (editors, wc -l and sed agree)
+    assert [text[slice(*line_span(text, n, n))] for n in (1, 2, 3)] == ["x = 1\f", "y\u2028z", "last"]
     for bad in ((0, 1), (3, 2), (2, 9)):
         with pytest.raises(ValueError, match="outside"):
             line_span(TEXT, *bad)
@@ -65,6 +68,12 @@ def test_bad_edits_are_refused(random_engine):
         random_engine.edit(TEXT, 5, 500)
     with pytest.raises(ValueError, match="strength"):
         random_engine.edit(TEXT, 0, 4, strength=2)
+    with pytest.raises(ValueError, match="after its end"):  # was "outside the text"
+        random_engine.edit(TEXT, 5, 2)
+    with pytest.raises(ValueError, match="span_tokens"):  # was a message about middle_tokens
+        random_engine.edit(TEXT, 0, 4, span_tokens=0)
+    with pytest.raises(ValueError, match="span_tokens"):  # was a TypeError (infill got middle_tokens twice)
+        random_engine.edit(TEXT, 0, 4, middle_tokens=2)
 
 
 def test_cli_edit(random_model_dir, tmp_path, capsys):
@@ -81,3 +90,15 @@ def test_cli_edit(random_model_dir, tmp_path, capsys):
     assert main(["edit", str(f), "--lines", "1", "--model", str(random_model_dir), "--steps", "2", "--in-place",
                  "--candidates", "1"]) == 0
     assert f.read_text().endswith("\nline two é\nline three\n\nline five\n")
+
+
+def test_cli_edit_keeps_crlf_bytes_and_in_place_with_json_writes(random_model_dir, tmp_path, capsys):
+    f = tmp_path / "crlf.txt"
+    f.write_bytes(b"one\r\ntwo\r\nthree\r\n")
+    flags = ["--model", str(random_model_dir), "--steps", "2", "--seed", "0", "--candidates", "1"]
+    assert main(["edit", str(f), "--lines", "2", *flags]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("one\r\n") and out.endswith("\r\nthree\r\n")
+    assert main(["edit", str(f), "--lines", "2", "--in-place", "--json", *flags]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert f.read_bytes() == ("one\r\n" + r["new"] + "\r\nthree\r\n").encode()

@@ -106,6 +106,8 @@ def test_bad_input_is_refused(random_engine):
         random_engine.infill("a", "b", middle_tokens=0)
     with pytest.raises(ValueError, match="strings"):
         random_engine.infill(None, "b")
+    with pytest.raises(ValueError, match="max_middle_tokens"):  # the engine's own advice named max_tokens
+        random_engine.infill("a", "b", max_middle_tokens=random_engine.config.max_position_embeddings)
 
 
 def test_cli_infill(random_model_dir, tmp_path, capsys):

@@ -86,3 +86,15 @@ def test_cli_json_schema_prints_only_the_document(random_model_dir, tmp_path, ca
     f.write_text('{"type": "string", "pattern": "x"}')
     assert main(["generate", "--model", str(random_model_dir), "--json-schema", str(f), "A"]) == 2
     assert "pattern" in capsys.readouterr().err
+
+
+def test_cli_checks_the_schema_before_loading_a_model(tmp_path, capsys):
+    f = tmp_path / "s.json"
+    missing = str(tmp_path / "no-model")  # a schema error must not wait for (or hide behind) the model
+    for text, match in [('{"type": "string", "pattern": "x"}', "pattern"), ("[1]", "must hold a JSON object")]:
+        f.write_text(text)
+        assert main(["generate", "--model", missing, "--json-schema", str(f), "A"]) == 2
+        assert match in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--json-schema", str(f), "--json-object", "A"])
+    assert "not allowed with" in capsys.readouterr().err

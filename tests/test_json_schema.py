@@ -45,8 +45,10 @@ def fill_and_repair(layout, vocab_size, seed, in_class: float) -> str:
                 toks.append(int(ids[torch.randint(len(ids), (1,), generator=g)]))
             else:
                 toks.append(int(torch.randint(vocab_size, (1,), generator=g)))
-        out += repair_canvas(layout, toks, k * L,
-                             lambda a, b: torch.randn(b - a, vocab_size, generator=g).log_softmax(-1), closed)
+        repaired = repair_canvas(layout, toks, k * L,
+                                 lambda a, b: torch.randn(b - a, vocab_size, generator=g).log_softmax(-1), closed)
+        assert len(repaired) == len(toks), "a repair must keep every position where the layout put it"
+        out += repaired
     return layout.vocab.text(out)
 
 
@@ -86,7 +88,27 @@ def test_string_and_number_repairs(vocab):
     assert v.text(number_fill(tok.encode("123", add_bos=False) + [v.ws] * 3, node, v)).strip() == "9"
 
 
+@pytest.mark.parametrize("schema", [
+    {"type": "number", "exclusiveMinimum": 0, "maximum": 0.0000001},  # no 6-decimal number inside
+    {"type": "number", "minimum": 0.1234567, "maximum": 0.1234568},
+    {"type": "number", "exclusiveMinimum": 1000000000, "exclusiveMaximum": 1000000001},  # only x.5: 12 characters
+    {"anyOf": [{"type": "number", "exclusiveMinimum": 1e9, "exclusiveMaximum": 1e9 + 1}, {"type": "null"}]},
+])
+def test_narrow_or_long_number_ranges_repair_to_a_value_that_fits(vocab, schema):
+    tok, v = vocab
+    layout = build_layout(normalise(schema), v, tok, L)
+    for seed in range(6):
+        jsonschema.validate(json.loads(fill_and_repair(layout, v.vocab_size, seed, 0.5)), schema)
+
+
+def test_a_value_longer_than_a_canvas_names_what_to_lower(vocab):
+    tok, v = vocab
+    with pytest.raises(ValueError, match="minLength"):
+        build_layout(normalise({"type": "string", "minLength": 100}), v, tok, L)
+
+
 @pytest.mark.parametrize("schema,match", [
+    ({"type": "string", "const": 5}, "declared type"),
     ({"type": "string", "pattern": "a+"}, "pattern"),
     ({"type": "strin"}, "type must be one of"),
     ({"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/A"}}}, "recursive"),

@@ -141,3 +141,35 @@ def test_plan_grows_with_context_and_concurrency():
     two = make_plan(cfg, quant="int8", context=2048, concurrency=2)
     assert two.total_bytes - small.total_bytes >= small.kv_cache_per_request  # each request adds its cache
     assert two.total_bytes >= two.weight_bytes + 2 * (two.kv_cache_per_request + two.sampler_per_canvas)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--context", "300000"], "max_position_embeddings"),  # the engine refuses a context past the model's positions
+    (["--quant", "int8", "--group-size", "32"], "int4 only"),  # was accepted and reported as "group_size": 32
+    (["--group-size", "32"], "int4 only"),  # no --quant: planned unquantized, the group size silently dropped
+    (["--budget", "0"], "positive"),
+    (["--budget", "24", "--budget", "-1"], "positive"),
+])
+def test_cli_refuses_flags_that_cannot_describe_a_run(flags, match, capsys):
+    assert main(["plan", "--config", str(CONFIG_26B), *flags]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_default_context_fits_a_model_with_fewer_positions(capsys):
+    from dgemma.bundled import PACKAGED  # 4,096 positions: the default 8,192 would be refused
+    assert main(["plan", "--model", str(PACKAGED), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["context"] == 4096
+
+
+def test_a_quantized_checkpoint_is_planned_with_its_recorded_scale_dtype(tmp_path, capsys):
+    """An fp32 source keeps fp32 int4 scales; loaded with bfloat16 they stay fp32, so the plan must count them so."""
+    import torch
+
+    import dgemma
+    from dgemma.bundled import PACKAGED
+    from dgemma.quant.convert import quantize_checkpoint
+    quantize_checkpoint(PACKAGED, tmp_path / "q", "int4", log=None)
+    engine = dgemma.load(tmp_path / "q", dtype=torch.bfloat16, quiet=True)
+    loaded = sum(t.numel() * t.element_size() for t in [*engine.module.parameters(), *engine.module.buffers()])
+    assert main(["plan", "--model", str(tmp_path / "q"), "--dtype", "bfloat16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["weights_bytes"] == loaded

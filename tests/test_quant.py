@@ -4,6 +4,10 @@ reference (STYLE habit 9), and quantized checkpoints through `dgemma.load` (they
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -375,3 +379,35 @@ def test_quantized_checkpoint_needs_the_quant_hook_and_matching_dtypes(quantized
     layer = eng.module.layers[0].self_attn.q_proj
     assert layer.weight.dtype == torch.int8 and layer.weight_scale.dtype == torch.float32
     assert eng.module.embed_tokens.weight.dtype == torch.bfloat16
+
+
+# torch's CPU int8 kernel crashed the whole process (SIGSEGV) on unaligned operands or K % 16 != 0, so this runs in a
+# child process: a crash is a failed assertion, not a dead test run.
+MISALIGNED = """
+import sys, torch, dgemma
+from dgemma.quant import kernels
+from dgemma.quant.schemes import quantize_int8
+g = torch.Generator().manual_seed(0)
+for K, w_off, x_off in [(128, 0, 0), (128, 4, 0), (128, 0, 8), (72, 0, 0)]:
+    data, scale = quantize_int8(torch.randn(48, K, generator=g))
+    buf = torch.empty(data.numel() + 64, dtype=torch.int8)
+    data = buf[w_off: w_off + data.numel()].view(48, K).copy_(data)  # w_off bytes past an aligned start
+    xbuf = torch.empty(5 * K + 64, dtype=torch.bfloat16)
+    x = xbuf[x_off: x_off + 5 * K].view(5, K).copy_(torch.randn(5, K, generator=g))
+    w = kernels.QuantWeight("int8", data, scale)
+    ref = kernels.matmul_reference(x, w).float()
+    torch.testing.assert_close(kernels.matmul_fast(x, w).float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+eng = dgemma.load(sys.argv[1], dtype=torch.bfloat16, quiet=True)  # its int8 tensors sit at any offset of the file
+assert any(m.weight.data_ptr() % 32 for m in eng.module.modules() if isinstance(getattr(m, "weight", None),
+           torch.Tensor) and m.weight.dtype == torch.int8), "expected an unaligned int8 tensor in the file"
+out = eng.generate(torch.tensor([[2, 10, 11, 12]]), max_new_tokens=8, max_denoising_steps=2)
+print(out.shape[1] - 4)
+"""
+
+
+def test_int8_cpu_kernel_survives_unaligned_operands_and_a_loaded_checkpoint(quantized_dirs):
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", MISALIGNED, str(quantized_dirs[1]["int8"])], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-2000:]}"
+    assert int(out.stdout.split()[-1]) >= 8  # rounded up to whole canvases, as generate() does

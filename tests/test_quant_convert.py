@@ -70,8 +70,9 @@ def test_cli_fp8_checkpoint_layout(reference_checkpoint, tmp_path, capsys):
 def test_conversion_refuses_bad_requests(reference_checkpoint, tmp_path):
     from dgemma.quant.convert import quantize_checkpoint
     _, src = reference_checkpoint()
-    with pytest.raises(QuantError, match="int4 group size 64"):  # the tiny config's MLP width is 96
+    with pytest.raises(QuantError, match="int4 group size 64") as e:  # the tiny config's MLP width is 96
         quantize_checkpoint(src, tmp_path / "a", "int4", 64, log=None)
+    assert "take --group-size 16, 32" in str(e.value)  # what does fit ("32 or 64 for DiffusionGemma" alone misled)
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
     quantize_checkpoint(src, tmp_path / "b", "int8", log=None)
     with pytest.raises(QuantError, match="already exists"):
@@ -79,6 +80,9 @@ def test_conversion_refuses_bad_requests(reference_checkpoint, tmp_path):
     with pytest.raises(QuantError, match="already quantized"):
         quantize_checkpoint(tmp_path / "b", tmp_path / "c", "int4", 32, log=None)
     assert main(["quantize", str(src), str(tmp_path / "d"), "--scheme", "int8", "--group-size", "32"]) == 2
+    (tmp_path / "file").write_text("x")  # a parent that is a file: as unwritable as it gets, even for root
+    with pytest.raises(QuantError, match="cannot create the output directory"):  # was a bare [Errno 20]
+        quantize_checkpoint(src, tmp_path / "file" / "out", "int8", log=None)
 
 
 MEASURE = textwrap.dedent("""

@@ -14,11 +14,14 @@ returned byte-identical: the result is before + new span + after, as strings.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
 from .infill import InfillResult, infill
+
+LINE = re.compile(r"[^\r\n]*(?:\r\n|\n|\r)|[^\r\n]+\Z")
 
 
 @dataclass
@@ -32,8 +35,9 @@ class EditResult:
 
 
 def line_span(text: str, first: int, last: int) -> tuple[int, int]:
-    """Character offsets [start, end) of 1-based lines first..last (inclusive), without the last line's newline."""
-    lines = text.splitlines(keepends=True)
+    """Character offsets [start, end) of 1-based lines first..last (inclusive), without the last line's newline.
+    Lines end at \n, \r\n or \r, as editors count them (not at form feeds or U+2028, which splitlines takes)."""
+    lines = LINE.findall(text)
     if not 1 <= first <= last <= len(lines):
         raise ValueError(f"lines {first}-{last} are outside the text's {len(lines)} lines (1-based, inclusive)")
     start = sum(len(x) for x in lines[: first - 1])
@@ -56,8 +60,16 @@ def edit(engine, text: str, start: int, end: int, *, instruction: str | None = N
     """Rewrite text[start:end]; everything else stays byte-identical. Options as for `infill`."""
     if not isinstance(text, str):
         raise ValueError("text must be a string")
+    if start > end:
+        raise ValueError(f"span start {start} is after its end {end}; give start <= end (start == end inserts there)")
     if not 0 <= start <= end <= len(text):
         raise ValueError(f"span [{start}, {end}) is outside the text of {len(text)} characters")
+    if span_tokens is not None and (isinstance(span_tokens, bool) or not isinstance(span_tokens, int)
+                                    or span_tokens < 1):
+        raise ValueError(f"span_tokens must be an int >= 1 (the new span's length in tokens), got {span_tokens!r}")
+    if "middle_tokens" in options or "seeds_from" in options:
+        raise ValueError("edit sets the middle itself: give span_tokens (the new span's length), not middle_tokens "
+                         "or seeds_from")
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
     tok = engine.require_tokenizer()

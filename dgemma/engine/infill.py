@@ -162,7 +162,13 @@ def infill(engine, prefix: str, suffix: str, *, instruction: str | None = None,
     plan = InfillPlan(lengths, suffix_ids, eos, L, middle_class(tok, engine.config.vocab_size),
                       [seeds_from] * len(lengths) if seeds_from else None, engine.device)
     gen = engine.generation_settings(**knobs, max_new_tokens=plan.num_canvases * L, eos_token_id=list(tok.stop_ids))
-    engine.check_context(len(ctx), gen.max_new_tokens)
+    try:
+        engine.check_context(len(ctx), gen.max_new_tokens)
+    except ValueError as e:  # its advice names max_tokens, which infill does not take
+        raise ValueError(f"the prefix ({len(ctx)} tokens) and a middle of up to {max(lengths)} tokens "
+                         f"({plan.num_canvases} canvases of {L}) do not fit: {str(e).split(';')[0]}; shorten the "
+                         "prefix or lower middle_tokens / max_middle_tokens (--middle-tokens / --max-middle-tokens)"
+                         ) from None
     generator = None if seed is None else torch.Generator(engine.device).manual_seed(seed)
     input_ids = torch.tensor([ctx] * len(lengths), dtype=torch.long, device=engine.device)
     pieces, steps = [], []

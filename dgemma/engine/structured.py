@@ -27,7 +27,7 @@ from ..text.json_repair import repair_canvas
 from ..text.json_vocab import JsonVocab
 from ..text.jsonschema import SchemaError, normalise
 
-__all__ = ["JsonPlan", "JsonResult", "SchemaError", "compact_json", "json_plan", "schema_of"]
+__all__ = ["JsonPlan", "JsonResult", "SchemaError", "check_response_format", "compact_json", "json_plan", "schema_of"]
 
 
 def schema_of(response_format) -> dict | None:
@@ -48,6 +48,13 @@ def schema_of(response_format) -> dict | None:
                              '{"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}')
         return spec["schema"]
     raise ValueError(f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+
+
+def check_response_format(response_format) -> None:
+    """Raise the error a request with this response_format would get (its shape, its schema), without a model."""
+    schema = schema_of(response_format)
+    if schema is not None:
+        normalise(schema)
 
 
 class JsonPlan:

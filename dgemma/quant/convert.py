@@ -127,14 +127,20 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, group_siz
         try:
             stored_layout(scheme, info.shape, group_size, scale_dtype)
         except QuantError as e:
-            raise QuantError(f"{info.file.name}: tensor '{info.key}' {list(info.shape)}: {e}") from None
+            fits = [g for g in (16, 32, 64, 128, 256) if all(t.shape[-1] % g == 0 for t in targets)]
+            hint = f" (this checkpoint's widths take --group-size {', '.join(map(str, fits))})" if fits else ""
+            raise QuantError(f"{info.file.name}: tensor '{info.key}' {list(info.shape)}: {e}{hint}") from None
     by_file: dict[Path, list[TensorInfo]] = defaultdict(list)
     for info in sorted(infos.values(), key=lambda i: (i.file.name, i.begin)):
         by_file[info.file].append(info)
     tmp = dst.with_name(dst.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise QuantError(f"cannot create the output directory {tmp} (renamed to {dst.name} when done): "
+                         f"{e.strerror or e}; give a DST in a writable place") from None
     meta = {"format": "pt", **metadata_entry(scheme, group_size, scale_dtype)}
     start, total_in, total_out, num_quantized, weight_map = time.perf_counter(), 0, 0, 0, {}
     for k, (path, shard) in enumerate(by_file.items(), 1):

@@ -52,6 +52,14 @@ from ..model import moe
 from .schemes import dequantize_fp8, dequantize_int4, dequantize_int8, quantize_fp8, unpack_int4
 
 CHUNK_ELEMS = 1 << 22  # weight elements dequantized at once by the "dequant" path (16 MiB in fp32)
+INT8_ALIGN = 32  # bytes: see int8_kernel_fits
+
+
+def int8_kernel_fits(in_features: int, data: torch.Tensor) -> bool:
+    """Can torch._weight_int8pack_mm (CPU) take this weight? Measured on torch 2.13, it kills the process (SIGSEGV)
+    when K is not a multiple of 16, the int8 weight is not 16-byte aligned (a checkpoint's tensor may start at any
+    byte of the memory-mapped file), or the activations are not 32-byte aligned (matmul_fast copies those)."""
+    return in_features % 16 == 0 and data.data_ptr() % INT8_ALIGN == 0
 
 
 @dataclass(frozen=True)
@@ -215,8 +223,11 @@ def matmul_fast(x: torch.Tensor, w: QuantWeight | KernelWeight) -> torch.Tensor:
         return matmul_kernel(x.to(w.scale_zero.dtype), w).to(x.dtype)
     if w.scheme == "fp8" and fast_kernel("fp8", x.device, x.dtype) == "fp8-cuda" and fp8_fits(w.data.shape):
         return matmul_fp8(x, w)
-    if w.scheme == "int8" and fast_kernel("int8", x.device, x.dtype) == "int8-cpu":
+    if w.scheme == "int8" and fast_kernel("int8", x.device, x.dtype) == "int8-cpu" and \
+            int8_kernel_fits(x.shape[-1], w.data):
         flat = x.reshape(-1, x.shape[-1])
+        if flat.data_ptr() % INT8_ALIGN:
+            flat = flat.clone()  # new memory is 64-byte aligned
         out = torch._weight_int8pack_mm(flat, w.data, w.scale.to(x.dtype))
         return out.reshape(*x.shape[:-1], out.shape[-1])
     return matmul_dequant_chunked(x, w)

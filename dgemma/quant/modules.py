@@ -32,8 +32,8 @@ from torch import nn
 from ..model.layers import gelu_tanh
 from ..model.loading import QUANTIZATION_KEY
 from ..model.moe import Experts, grouped_experts
-from .kernels import KernelWeight, QuantWeight, experts_kernel, fast_kernel, grouped_matmul_fp8, kernel_fits, \
-    matmul_fast, matmul_reference, to_kernel_layout
+from .kernels import INT8_ALIGN, KernelWeight, QuantWeight, experts_kernel, fast_kernel, grouped_matmul_fp8, \
+    kernel_fits, matmul_fast, matmul_reference, to_kernel_layout
 from .schemes import QuantError, check_scheme, quantize_weight, scale_dtype_for, stored_layout
 
 QUANTIZED = [r"layers\.\d+\.self_attn\.[qkvo]_proj\.weight", r"layers\.\d+\.mlp\.(gate|up|down)_proj\.weight",
@@ -109,6 +109,11 @@ class QuantizedWeights(nn.Module):
         """Repack int4 matrices once for this device's kernel (bf16 activations), REPLACING the stored form, so
         the fast path holds one copy. Happens on the first fast matmul, or ahead of time via `prepare_kernels`."""
         kind = fast_kernel(self.scheme, torch.device(device), dtype)
+        if kind == "int8-cpu":  # a memory-mapped checkpoint tensor may start anywhere: copy it once to aligned memory
+            for name in names or [n for n in self._buffers if n + "_scale" in self._buffers]:
+                if getattr(self, name).data_ptr() % INT8_ALIGN:
+                    self._buffers[name] = getattr(self, name).clone()
+            return
         if self.scheme != "int4" or not kind.startswith("int4"):
             return
         for name in names or [n for n in self._buffers if n + "_scale" in self._buffers]:

@@ -23,6 +23,7 @@ from the model, and no retry is ever needed. Earlier canvases are never touched:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -117,7 +118,9 @@ class _Builder:
     def in_one_canvas(self, n: int) -> None:
         """Pad with clamped spaces so the next n positions sit in one canvas."""
         if n > self.L:
-            raise ValueError(f"a value needs {n} positions, more than a canvas of {self.L}; lower the budget")
+            raise ValueError(f"a value needs {n} positions, more than a canvas of {self.L}: each string, number or "
+                             "enum value is written inside one canvas, so lower the schema's minLength, the number's "
+                             "bounds or the enum values' lengths")
         pos = len(self.out.clamp)
         if pos % self.L + n > self.L:
             for _ in range(self.L - pos % self.L):
@@ -240,9 +243,43 @@ def string_size(node: dict, budget: int) -> int:
 
 
 def number_size(node: dict, budget: Budget) -> int:
+    """Free positions of a number slot: the budget, room for the bounds, and always room for the value the repair
+    falls back to (`spell_valid(node, 0)`), so a repaired slot never outgrows its positions."""
     bounds = [x for x in (node.get(k) for k in ("lo", "hi", "xlo", "xhi")) if x is not None]
     longest = max([len(_spell(x + s, False)) for x in bounds for s in (-2, 0, 2)], default=0)
+    longest = max(longest, len(spell_valid(node, 0)))
     return max(budget.integer if node["integer"] else budget.number, longest + 1)
+
+
+def in_bounds(node: dict, x) -> bool:
+    return ((node.get("lo") is None or x >= node["lo"]) and (node.get("hi") is None or x <= node["hi"])
+            and (node.get("xlo") is None or x > node["xlo"]) and (node.get("xhi") is None or x < node["xhi"]))
+
+
+def spell_valid(node: dict, x) -> str:
+    """The spelling of the value closest to x (a number) that satisfies the slot's bounds and type: the fewest
+    decimals (6 to 17) that keep it inside the bounds, which a narrow range like [0.1234567, 0.1234568] needs."""
+    if node["integer"]:
+        x = int(x)
+        lo = -math.inf if node.get("lo") is None else math.ceil(node["lo"])
+        if node.get("xlo") is not None:
+            lo = max(lo, math.floor(node["xlo"]) + 1)
+        hi = math.inf if node.get("hi") is None else math.floor(node["hi"])
+        if node.get("xhi") is not None:
+            hi = min(hi, math.ceil(node["xhi"]) - 1)
+        return str(int(min(max(x, lo), hi)))
+    candidates = [x, 0, node.get("lo"), node.get("hi")]
+    lo = max([b for b in (node.get("lo"), node.get("xlo")) if b is not None], default=None)
+    hi = min([b for b in (node.get("hi"), node.get("xhi")) if b is not None], default=None)
+    if lo is not None and hi is not None:
+        candidates.append((lo + hi) / 2)
+    candidates += [b for b in (lo + 1 if lo is not None else None, hi - 1 if hi is not None else None)]
+    for c in sorted((c for c in candidates if c is not None), key=lambda c: abs(c - x)):
+        for digits in range(6, 18):
+            text = _spell(c, False, digits)
+            if in_bounds(node, float(text)):
+                return text
+    raise ValueError(f"no decimal number of up to 17 decimals lies within the bounds {lo}..{hi}; widen them")
 
 
 def build_layout(node: dict, vocab: JsonVocab, tokenizer, canvas_length: int, budget: Budget = Budget(),
@@ -254,8 +291,8 @@ def build_layout(node: dict, vocab: JsonVocab, tokenizer, canvas_length: int, bu
     return b.out
 
 
-def _spell(value, integer: bool) -> str:
+def _spell(value, integer: bool, digits: int = 6) -> str:
     if integer:
         return str(int(value))
-    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    text = f"{value:.{digits}f}".rstrip("0").rstrip(".")
     return "0" if text in ("-0", "") else text

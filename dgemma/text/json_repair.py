@@ -6,13 +6,12 @@ so a document is valid whatever the model wrote. Values the model did write are 
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 
 import torch
 
-from .json_layout import Layout, _spell
+from .json_layout import Layout, in_bounds, spell_valid
 from .json_vocab import JsonVocab
 
 NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?")
@@ -79,32 +78,6 @@ def string_fill(seg: list[int], node: dict, v: JsonVocab) -> list[int]:
     return content + [v.quote] + [v.ws] * (n - 1 - len(content))
 
 
-def in_bounds(node: dict, x) -> bool:
-    return ((node.get("lo") is None or x >= node["lo"]) and (node.get("hi") is None or x <= node["hi"])
-            and (node.get("xlo") is None or x > node["xlo"]) and (node.get("xhi") is None or x < node["xhi"]))
-
-
-def nearest_valid(node: dict, x):
-    """The value closest to x (a number) that satisfies the slot's bounds and type, spelled exactly."""
-    if node["integer"]:
-        x = int(x)
-        lo = -math.inf if node.get("lo") is None else math.ceil(node["lo"])
-        if node.get("xlo") is not None:
-            lo = max(lo, math.floor(node["xlo"]) + 1)
-        hi = math.inf if node.get("hi") is None else math.floor(node["hi"])
-        if node.get("xhi") is not None:
-            hi = min(hi, math.ceil(node["xhi"]) - 1)
-        return int(min(max(x, lo), hi))
-    candidates = [x, 0, node.get("lo"), node.get("hi")]
-    lo = max([b for b in (node.get("lo"), node.get("xlo")) if b is not None], default=None)
-    hi = min([b for b in (node.get("hi"), node.get("xhi")) if b is not None], default=None)
-    if lo is not None and hi is not None:
-        candidates.append((lo + hi) / 2)
-    candidates += [b for b in (lo + 1 if lo is not None else None, hi - 1 if hi is not None else None)]
-    valid = [c for c in candidates if c is not None and in_bounds(node, float(_spell(c, False)))]
-    return min(valid, key=lambda c: abs(c - x))
-
-
 def number_fill(seg: list[int], node: dict, v: JsonVocab) -> list[int]:
     """The first valid number in the slot's characters (its fraction dropped for an integer), moved into the bounds;
     0 (or the nearest bound) when there is none. Spelled with single-character tokens, then filler."""
@@ -115,9 +88,9 @@ def number_fill(seg: list[int], node: dict, v: JsonVocab) -> list[int]:
     if m:
         text = m.group().split(".")[0] if node["integer"] else m.group()
         value = int(text) if node["integer"] else float(text)
-        spelled = text if in_bounds(node, value) else _spell(nearest_valid(node, value), node["integer"])
+        spelled = text if in_bounds(node, value) else spell_valid(node, value)
     if spelled is None or len(spelled) > n:
-        spelled = _spell(nearest_valid(node, 0), node["integer"])
+        spelled = spell_valid(node, 0)  # number_size leaves room for it
     return [v.ids[ch] for ch in spelled] + [v.ws] * (n - len(spelled))
 
 

@@ -41,7 +41,8 @@ class SchemaError(ValueError):
 def _type_ok(value, t: str) -> bool:
     return {"object": isinstance(value, dict), "array": isinstance(value, list), "string": isinstance(value, str),
             "null": value is None, "boolean": isinstance(value, bool),
-            "integer": isinstance(value, int) and not isinstance(value, bool),
+            "integer": (isinstance(value, int) or isinstance(value, float) and value.is_integer())
+            and not isinstance(value, bool),
             "number": isinstance(value, (int, float)) and not isinstance(value, bool)}[t]
 
 
@@ -97,14 +98,16 @@ class Normaliser:
             if rest:
                 raise SchemaError(f"{where}: $ref next to other constraints {sorted(rest)} is not supported")
             return self.node(self.resolve(ref, where, seen), f"{where}->{ref}", depth + 1, seen + (ref,))
-        if "const" in schema:
-            return {"kind": "fixed", "value": schema["const"]}
         types = schema.get("type", None)
         if isinstance(types, str):
             types = [types]
         if types is not None and (not isinstance(types, list) or not types or any(t not in TYPES for t in types)):
             raise SchemaError(f"{where}: type must be one of {list(TYPES)} or a non-empty list of them, got "
                               f"{schema.get('type')!r}")
+        if "const" in schema:
+            if types is not None and not any(_type_ok(schema["const"], t) for t in types):
+                raise SchemaError(f"{where}: const {schema['const']!r} does not have the declared type {types}")
+            return {"kind": "fixed", "value": schema["const"]}
         if "enum" in schema:
             values = schema["enum"]
             if not isinstance(values, list) or not values:
