@@ -334,6 +334,18 @@ def test_not_a_directory_and_no_weights(tmp_path, checkpoint):
     assert str(path) in msg and "model.safetensors" in msg
 
 
+def test_unusable_device_or_dtype_is_a_clear_error(reference_checkpoint):
+    """Bad device/dtype values are ValueErrors that name the value (not a torch traceback or a KeyError)."""
+    _, path = reference_checkpoint()
+    for device in ["bogus", "meta"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        with pytest.raises(ValueError, match=f"device '{device}' is not usable here"):
+            dgemma.load(path, device=device, quiet=True)
+    with pytest.raises(ValueError, match="unknown dtype 'float64'; use one of float32"):
+        dgemma.load(path, dtype="float64", quiet=True)
+    with pytest.raises(ValueError, match="floating-point"):
+        dgemma.load(path, dtype=torch.int8, quiet=True)
+
+
 def test_header_that_is_json_but_not_an_object(checkpoint):
     _, path, file = checkpoint
     _, body = read_header(file)

@@ -148,6 +148,12 @@ def test_cli_errors(model_dir, tmp_path, capsys):
     assert "t_max must be greater than t_min" in capsys.readouterr().err
 
 
+def test_cli_unusable_device_is_an_error_not_a_traceback(model_dir, capsys):
+    device = "bogus" if torch.cuda.is_available() else "cuda"
+    assert main(["generate", "--model", str(model_dir), "--device", device, "Hi"]) == 2
+    assert f"dgemma generate: error: device '{device}' is not usable here" in capsys.readouterr().err
+
+
 def test_cli_inspect_26b(capsys):
     path = Path(__file__).parent.parent / "bench" / "configs" / "26b-a4b.json"  # the released text config
     assert main(["inspect", str(path), "--json"]) == 0

@@ -201,14 +201,21 @@ class Engine:
         return input_ids.to(torch.int64).to(self.device)
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}  # load(dtype=NAME)
+
+
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device=None, quiet: bool = False,
          preset: str | None = None, int8_dynamic: bool = False, compile: str | None = None) -> Engine:
     """Load a DiffusionGemma model directory (Hugging Face layout) into an Engine. preset: a speed preset as the
     generation defaults (`Engine.use_preset`); int8_dynamic: `Engine.use_int8_dynamic` (CPU, float32); compile:
     a torch.compile mode for the decoder step (`Engine.compile`; None: eager)."""
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} (or a torch.dtype)")
+        dtype = DTYPES[dtype]
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype or its name, got {dtype!r}")
     module = load_module(path, dtype=dtype, device=device, quiet=quiet, prepare=swap_for_checkpoint)
     tokenizer = Tokenizer.from_dir(path) if (Path(path) / "tokenizer.json").exists() else None
     engine = Engine(module, Path(path), GenerationConfig.from_dir(path), tokenizer).use_preset(preset)

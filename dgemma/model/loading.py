@@ -49,6 +49,20 @@ def checkpoint_key(name: str) -> str:
     return f"model.decoder.{name}"
 
 
+def usable_device(device) -> torch.device:
+    """device (None: CPU) -> torch.device, or a ValueError naming it when this torch build or machine lacks it
+    (e.g. "cuda" with a CPU-only torch), before any weight is read."""
+    try:
+        device = torch.device(device if device is not None else "cpu")
+        if device.type == "meta":
+            raise ValueError("the meta device holds no data")
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:  # AssertionError: torch built without CUDA
+        raise ValueError(f"device {str(device)!r} is not usable here ({e}); pass a device this machine has, "
+                         "e.g. cpu") from None
+    return device
+
+
 def load_module(directory: str | Path, *, dtype: torch.dtype | None = None, device=None,
                 quiet: bool = False, prepare=None) -> DiffusionGemma:
     """Build the module on the meta device, then assign memory-mapped checkpoint tensors into it.
@@ -61,6 +75,7 @@ def load_module(directory: str | Path, *, dtype: torch.dtype | None = None, devi
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory; pass a model directory with config.json and "
                               "model.safetensors (or shards)")
+    device = usable_device(device)
     config = ModelConfig.from_file(directory)
     infos, metadata = list_tensors(directory)
     with torch.device("meta"):
@@ -94,7 +109,7 @@ def load_module(directory: str | Path, *, dtype: torch.dtype | None = None, devi
             raise CheckpointError(f"{info.file}: tensor '{key}' maps to '{name}', which was already loaded")
         tensor = files.tensor(info)
         target_dtype = dtype if dtype is not None and tensor.is_floating_point() and name not in exact else tensor.dtype
-        loaded[name] = tensor.to(device=device or "cpu", dtype=target_dtype)
+        loaded[name] = tensor.to(device=device, dtype=target_dtype)
     missing = sorted(checkpoint_key(name) for name in set(expected) - set(loaded))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
