@@ -135,24 +135,31 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    from .config import ConfigError
     from .engine.chat import ChatSession
 
     engine = _load_engine(args)
     session = ChatSession(engine, system=args.system, enable_thinking=args.think)
     options = _engine_options(args, engine)
     interactive = sys.stdin.isatty()
+    refused = False  # a turn the model could not take (e.g. past its context): reported, the chat goes on
     while True:
         if interactive:
             print("> ", end="", flush=True)
         line = sys.stdin.readline()
-        if not line:
-            return 0
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 2 if refused else 0
         if not line.strip():
             continue
-        if line.strip() in ("/exit", "/quit"):
-            return 0
-        done = _run_stream(session.send(line.rstrip("\n"), drafts=args.show_drafts, **options), args,
-                           engine.tokenizer)
+        try:
+            done = _run_stream(session.send(line.rstrip("\n"), drafts=args.show_drafts, **options), args,
+                               engine.tokenizer)
+        except ConfigError:  # bad settings fail every turn alike: end the command
+            raise
+        except ValueError as e:  # raised before the turn changed the session
+            print(f"dgemma chat: error: {e}", file=sys.stderr)
+            refused = True
+            continue
         print()
         if args.stats:
             print(f"[{done.completion_tokens} tokens, reused {session.reused_tokens} cached prompt tokens, "

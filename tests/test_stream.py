@@ -171,6 +171,16 @@ def test_cli_chat_two_turns_reuses_the_cache(model_dir, capsys, monkeypatch):
     assert len(reused) == 2 and reused[0] == 0 and reused[1] > 0, err
 
 
+def test_cli_chat_goes_on_after_a_turn_past_the_context(model_dir, capsys, monkeypatch):
+    import io
+    monkeypatch.setattr("sys.stdin", io.StringIO("first question\n" + "word " * 9000 + "\nsecond question\n"))
+    assert main(["chat", "--model", str(model_dir), "--max-tokens", "5", "--seed", "0", "--stats"]) == 2
+    err = capsys.readouterr().err
+    assert "dgemma chat: error: prompt of" in err and "exceeds this model's context" in err
+    reused = [int(line.split("reused ")[1].split()[0]) for line in err.splitlines() if "reused" in line]
+    assert len(reused) == 2 and reused[1] > 0, err  # both other turns answered; the refused one left no trace
+
+
 def test_cli_generate_reads_stdin(model_dir, capsys, monkeypatch):
     import io
     monkeypatch.setattr("sys.stdin", io.StringIO("a prompt from stdin"))
