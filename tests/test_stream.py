@@ -154,6 +154,18 @@ def test_cli_unusable_device_is_an_error_not_a_traceback(model_dir, capsys):
     assert f"dgemma generate: error: device '{device}' is not usable here" in capsys.readouterr().err
 
 
+def test_a_seed_torch_cannot_take_is_a_clear_error(engine, model_dir, capsys):
+    for seed in (2**64, -(2**63) - 1, "1", 1.5, True):
+        with pytest.raises(ValueError, match=f"seed must be an integer in .*got {seed!r}"):
+            engine.complete("Hi", seed=seed, max_tokens=1)
+    for call in (lambda: engine.infill("a", "b", seed=2**64), lambda: engine.edit("a b", 0, 1, seed=2**64)):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            call()
+    assert main(["generate", "--model", str(model_dir), "--seed", str(2**64), "Hi"]) == 2
+    assert "seed must be an integer" in capsys.readouterr().err
+    assert engine.complete("Hi", seed=2**64 - 1, max_tokens=1).completion_tokens == 1  # the range's ends work
+
+
 def test_cli_inspect_26b(capsys):
     path = Path(__file__).parent.parent / "bench" / "configs" / "26b-a4b.json"  # the released text config
     assert main(["inspect", str(path), "--json"]) == 0

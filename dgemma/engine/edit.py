@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .generate import seeded_generator
 from .infill import InfillResult, infill
 
 LINE = re.compile(r"[^\r\n]*(?:\r\n|\n|\r)|[^\r\n]+\Z")
@@ -75,7 +76,7 @@ def edit(engine, text: str, start: int, end: int, *, instruction: str | None = N
     tok = engine.require_tokenizer()
     before, old, after = text[:start], text[start:end], text[end:]
     old_ids = tok.encode(old, add_bos=False) if old else []
-    g = torch.Generator().manual_seed(0 if seed is None else seed)
+    g = seeded_generator(0 if seed is None else seed)
     keep = (torch.rand(len(old_ids), generator=g) >= strength).tolist()
     seeds = [i if k else -1 for i, k in zip(old_ids, keep)]
     prompt = None

@@ -36,6 +36,19 @@ from .scheduler import SC_CHUNK, CanvasPlan, Commit, Rows, Step, run_alone  # no
 SAMPLERS = {"reference": sample_reference, "fast": sample_inverse_cdf}
 
 
+def seeded_generator(seed: int | None, device=None) -> torch.Generator | None:
+    """A request's seeded random stream (None: no seed, the global RNG); a seed torch cannot take is a ValueError
+    naming it (the text API's, infill's and edit's `seed`, the CLI's --seed)."""
+    if seed is None:
+        return None
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        return torch.Generator(device if device is not None else "cpu").manual_seed(seed)
+    except (TypeError, RuntimeError, ValueError):  # a non-integer, or outside [-2**63, 2**64)
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1], got {seed!r}") from None
+
+
 def step_config(gen: GenerationConfig, accept=None, sampling: str = "reference") -> StepConfig:
     """GenerationConfig (reference knob names) -> the sampler's StepConfig; `accept` overrides the rule,
     `sampling` picks the proposal primitive ("reference" or "fast")."""

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sampling import CanvasConstraints, clamped_logprob
-from .generate import Commit, canvas_loop, step_config
+from .generate import Commit, canvas_loop, seeded_generator, step_config
 
 JUNCTION = 16  # suffix tokens (plus the <eos> after a short suffix) that score a candidate length
 MIN_VISIBLE = 4  # a candidate must leave at least this many suffix/eos positions in its last canvas
@@ -169,7 +169,7 @@ def infill(engine, prefix: str, suffix: str, *, instruction: str | None = None,
                          f"({plan.num_canvases} canvases of {L}) do not fit: {str(e).split(';')[0]}; shorten the "
                          "prefix or lower middle_tokens / max_middle_tokens (--middle-tokens / --max-middle-tokens)"
                          ) from None
-    generator = None if seed is None else torch.Generator(engine.device).manual_seed(seed)
+    generator = seeded_generator(seed, engine.device)
     input_ids = torch.tensor([ctx] * len(lengths), dtype=torch.long, device=engine.device)
     pieces, steps = [], []
     for event in canvas_loop(engine.module, input_ids, gen, step_config(gen, accept, sampling), generator=generator,

@@ -19,7 +19,7 @@ import torch
 
 from ..text.parse import OutputSplitter, ParsedOutput, StopStream
 from .cache import KVCache
-from .generate import step_config
+from .generate import seeded_generator, step_config
 from .scheduler import Commit, Rows, run_alone
 
 
@@ -171,9 +171,7 @@ def open_request(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = 
     gen = engine.generation_settings(**knobs, **({} if max_tokens is None else {"max_new_tokens": max_tokens}))
     stop_ids = set(gen.eos_token_id) if gen.eos_token_id is not None else set(tok.stop_ids)
     engine.check_context(len(prompt_ids), gen.max_new_tokens)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(engine.device).manual_seed(seed)
+    generator = seeded_generator(seed, engine.device)
     suffix = torch.tensor([list(prompt_ids)[cached_len:]], dtype=torch.int64, device=engine.device)
     cache = cache if cache is not None else engine.new_cache(1)
     rows = Rows(engine.module, suffix, gen, step_config(gen, accept, sampling), generator=generator, cache=cache,
