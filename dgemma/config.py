@@ -229,10 +229,10 @@ class ModelConfig:
 
 
 def check_temperatures(t_min, t_max) -> None:
-    """The temperature schedule's bounds: numbers >= 0 or None (None disables the schedule), t_max > t_min."""
+    """The temperature schedule's bounds: finite numbers >= 0 or None (None disables the schedule), t_max > t_min."""
     for name, v in (("t_min", t_min), ("t_max", t_max)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
-            raise ConfigError(f"{name} must be a number >= 0 or None, got {v!r}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")):
+            raise ConfigError(f"{name} must be a finite number >= 0 or None, got {v!r}")
     if t_min is not None and t_max is not None and not t_max > t_min:
         raise ConfigError(f"t_max must be greater than t_min, got t_min={t_min}, t_max={t_max}")
 

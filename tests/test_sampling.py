@@ -98,8 +98,8 @@ def test_truncate_at_stop_ids():
     assert torch.equal(out, t) and fin.tolist() == [True, False, False, False]
 
 
-@pytest.mark.parametrize("bad", [dict(t_min=0.8, t_max=0.8), dict(t_min=-0.1), dict(num_steps=0),
-                                 dict(num_steps=2.0), dict(stop="stable"), dict(accept=0.1)])
+@pytest.mark.parametrize("bad", [dict(t_min=0.8, t_max=0.8), dict(t_min=-0.1), dict(t_max=float("inf")),
+                                 dict(num_steps=0), dict(num_steps=2.0), dict(stop="stable"), dict(accept=0.1)])
 def test_step_config_rejects_bad_values(bad):
     with pytest.raises(ValueError, match=repr(next(iter(bad.values())))):
         S.StepConfig(**bad)
