@@ -23,6 +23,13 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def port(text: str) -> int:
+    value = _int_at_least(text, 1)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1-65535, got {value}")
+    return value
+
+
 def accept_rule(text: str, num_steps: int | None = None):
     """'entropy:B' | 'confidence:T' | 'quota:K' | 'linear-quota' -> an AcceptRule (dgemma.sampling).
 

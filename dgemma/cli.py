@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .argtypes import accept_rule, non_negative_int, positive_int
+from .argtypes import accept_rule, non_negative_int, port, positive_int
 
 
 def _fmt_count(n: int) -> str:
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat and completions, streaming)")
     _add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=port, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every path but / and /health (or set DGEMMA_API_KEY)")
     p.add_argument("--max-concurrency", type=positive_int, default=8, help="requests generating at once (default 8)")

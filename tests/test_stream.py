@@ -166,6 +166,14 @@ def test_a_seed_torch_cannot_take_is_a_clear_error(engine, model_dir, capsys):
     assert engine.complete("Hi", seed=2**64 - 1, max_tokens=1).completion_tokens == 1  # the range's ends work
 
 
+@pytest.mark.parametrize("flags,message", [(["--port", "70000"], "a TCP port is 1-65535, got 70000"),
+                                           (["--max-queue", "-1"], "must be at least 0, got -1")])
+def test_cli_serve_flags_are_checked_before_the_model_loads(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_cli_inspect_26b(capsys):
     path = Path(__file__).parent.parent / "bench" / "configs" / "26b-a4b.json"  # the released text config
     assert main(["inspect", str(path), "--json"]) == 0
