@@ -117,7 +117,8 @@ def _add_flags(p, add_model_flags) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible output")
     p.add_argument("--candidates", type=positive_int, default=4,
                    help="candidate lengths denoised together as batch rows (default 4); the junction score picks")
-    p.add_argument("--entropy-bound", type=float, default=None, help="EntropyBound budget in nats (default 0.1)")
+    p.add_argument("--entropy-bound", type=float, default=None,
+                   help="EntropyBound budget in nats (default: the preset's, else the model's generation_config)")
     p.add_argument("--t-min", type=float, default=None, help="final temperature of the schedule")
     p.add_argument("--t-max", type=float, default=None, help="first temperature of the schedule")
     p.add_argument("--sampling", choices=["fast", "reference"], default="fast", help="proposal sampler")

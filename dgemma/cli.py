@@ -207,7 +207,8 @@ def _add_sampling_flags(p) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="max denoising steps per canvas")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible output")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--entropy-bound", type=float, default=None, help="EntropyBound budget in nats (default 0.1)")
+    p.add_argument("--entropy-bound", type=float, default=None,
+                   help="EntropyBound budget in nats (default: the preset's, else the model's generation_config)")
     p.add_argument("--t-min", type=float, default=None, help="final temperature of the schedule")
     p.add_argument("--t-max", type=float, default=None, help="first temperature of the schedule")
     p.add_argument("--accept", type=_accept_rule, default=None,
