@@ -110,6 +110,8 @@ def cmd_generate(args) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise ValueError("empty prompt: pass PROMPT or pipe text on stdin")
+    if args.raw and args.think:
+        raise ValueError("--think switches thinking on in the chat template, which --raw leaves out; drop one")
     from .canvas_cli import json_format, run_json
 
     fmt = json_format(args)

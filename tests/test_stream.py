@@ -146,6 +146,8 @@ def test_cli_errors(model_dir, tmp_path, capsys):
     assert "must be at least 1" in capsys.readouterr().err
     assert main(["generate", "--model", str(model_dir), "--t-min", "0.9", "--t-max", "0.5", "Hi"]) == 2
     assert "t_max must be greater than t_min" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--raw", "--think", "Hi"]) == 2
+    assert "--think switches thinking on in the chat template" in capsys.readouterr().err
 
 
 def test_cli_unusable_device_is_an_error_not_a_traceback(model_dir, capsys):
