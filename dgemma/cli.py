@@ -107,6 +107,8 @@ def _run_stream(events, args, tokenizer, out=sys.stdout) -> "object":
 
 
 def cmd_generate(args) -> int:
+    if args.prompt is None and sys.stdin.isatty():  # not piped: say why the command waits
+        print("dgemma generate: no PROMPT given; type it, then Ctrl-D (or pass it as an argument)", file=sys.stderr)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise ValueError("empty prompt: pass PROMPT or pipe text on stdin")

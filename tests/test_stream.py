@@ -212,6 +212,13 @@ def test_cli_generate_reads_stdin(model_dir, capsys, monkeypatch):
     assert main(["generate", "--model", str(model_dir)]) == 2
     assert "empty prompt" in capsys.readouterr().err
 
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr("sys.stdin", Terminal(""))
+    assert main(["generate", "--model", str(model_dir)]) == 2
+    assert "no PROMPT given; type it, then Ctrl-D" in capsys.readouterr().err
+
 
 def test_the_callers_code_between_events_does_not_run_in_inference_mode(engine):
     modes = [torch.is_inference_mode_enabled() for _ in engine.stream("Hi", seed=0, max_tokens=5)]
