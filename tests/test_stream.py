@@ -113,6 +113,12 @@ def test_chat_reuses_the_cache_and_it_matches_a_fresh_encode(engine):
         torch.testing.assert_close(session.cache.values[i], fresh.values[i], atol=1e-4, rtol=1e-4)
 
 
+def test_max_tokens_and_max_new_tokens_are_one_cap(engine):
+    assert run(engine, seed=1, max_new_tokens=5, eos_token_id=[], drafts=False)[-1].completion_tokens == 5
+    with pytest.raises(ValueError, match="give max_tokens or max_new_tokens"):
+        run(engine, max_tokens=5, max_new_tokens=5)
+
+
 def test_prompt_longer_than_context_is_refused(engine):
     with pytest.raises(ValueError, match="exceeds this model's context"):
         run(engine, "word " * 9000, max_tokens=10)

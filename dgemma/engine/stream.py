@@ -168,7 +168,11 @@ def open_request(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = 
     """One request -> its canvas-loop Rows (settings, seeded generator, cache) and its RowText; nothing runs yet.
     Options as in `stream_ids`; bad ones raise here, before the request takes a place anywhere."""
     tok = engine.require_tokenizer()
-    gen = engine.generation_settings(**knobs, **({} if max_tokens is None else {"max_new_tokens": max_tokens}))
+    if max_tokens is not None:
+        if "max_new_tokens" in knobs:
+            raise ValueError("give max_tokens or max_new_tokens (two names of the same exact cap), not both")
+        knobs["max_new_tokens"] = max_tokens
+    gen = engine.generation_settings(**knobs)
     stop_ids = set(gen.eos_token_id) if gen.eos_token_id is not None else set(tok.stop_ids)
     engine.check_context(len(prompt_ids), gen.max_new_tokens)
     generator = seeded_generator(seed, engine.device)
