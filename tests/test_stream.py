@@ -182,6 +182,17 @@ def test_cli_serve_flags_are_checked_before_the_model_loads(flags, message, caps
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_cli_ctrl_c_stops_quietly(model_dir, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("dgemma.engine.stream.stream_ids", interrupted)  # as if Ctrl-C came mid-generation
+    try:
+        status = main(["generate", "--model", str(model_dir), "Hi"])
+    except KeyboardInterrupt:
+        status = "escaped main"
+    assert status == 130 and "Traceback" not in capsys.readouterr().err
+
+
 def test_cli_inspect_26b(capsys):
     path = Path(__file__).parent.parent / "bench" / "configs" / "26b-a4b.json"  # the released text config
     assert main(["inspect", str(path), "--json"]) == 0
