@@ -239,11 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     _add_sampling_flags(p)
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
-    p.add_argument("--json", action="store_true", help="print one JSON object with text, usage and stats")
-    shape = p.add_mutually_exclusive_group()
-    shape.add_argument("--json-schema", metavar="FILE", default=None,
-                       help="answer with one JSON document valid for the JSON schema in FILE (printed alone)")
-    shape.add_argument("--json-object", action="store_true", help="answer with one JSON object (printed alone)")
+    output = p.add_mutually_exclusive_group()  # each decides what stdout is: one of them at most
+    output.add_argument("--json", action="store_true", help="print one JSON object with text, usage and stats")
+    output.add_argument("--json-schema", metavar="FILE", default=None,
+                        help="answer with one JSON document valid for the JSON schema in FILE (printed alone)")
+    output.add_argument("--json-object", action="store_true", help="answer with one JSON object (printed alone)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="multi-turn chat on stdin; reuses the cached prefix across turns")

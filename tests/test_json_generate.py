@@ -98,3 +98,11 @@ def test_cli_checks_the_schema_before_loading_a_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--json-schema", str(f), "--json-object", "A"])
     assert "not allowed with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--json", "--json-object"], ["--json-schema", "s.json", "--json-object"],
+                                   ["--json", "--json-schema", "s.json"]])
+def test_cli_output_flags_that_conflict_are_refused(random_model_dir, flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(random_model_dir), *flags, "A city"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
