@@ -1,4 +1,4 @@
-"""In-place edits (dgemma/random_engine/edit.py): only the span changes; line spans; the old span seeds the canvas."""
+"""In-place edits (dgemma/engine/edit.py): only the span changes; line spans; the old span seeds the canvas."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Infill (dgemma/random_engine/infill.py): prefix and suffix come back byte-identical, the suffix is clamped in the canvas,
+"""Infill (dgemma/engine/infill.py): prefix and suffix come back byte-identical, the suffix is clamped in the canvas,
 the middle holds no special token, and the junction score picks the right length when the model knows the answer."""
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def test_suffix_and_eos_are_clamped_in_the_committed_canvases(random_engine):
     suffix_ids = tok.encode(" the prompt; the same weights", add_bos=False)
     lengths = [10, 30, 70]
     plan = InfillPlan(lengths, suffix_ids, tok.eos_id, L, middle_class(tok, random_engine.config.vocab_size))
-    gen = random_engine.generation_settings(max_new_tokens=plan.num_canvases * L, eos_token_id=[], max_denoising_steps=3)
+    gen = random_engine.generation_settings(max_new_tokens=plan.num_canvases * L, eos_token_id=[],
+                                            max_denoising_steps=3)
     ctx = torch.tensor([tok.encode("A causal encoder")] * 3)
     commits = [e for e in canvas_loop(random_engine.module, ctx, gen, step_config(gen, sampling="fast"),
                                       generator=torch.Generator().manual_seed(0), plan=plan) if isinstance(e, Commit)]

@@ -489,8 +489,8 @@ def test_a_schema_too_long_for_the_context_is_refused_without_laying_it_out(url)
             schema = {"type": "array", "items": {"type": "integer"}, **bounds}
             fmt = {"type": "json_schema", "json_schema": {"name": "many", "schema": schema}}
             start = time.monotonic()
-            err = assert_error(http.post("/v1/chat/completions", json={**OK, "max_tokens": 200, "response_format": fmt}),
-                               400, "response_format")
+            body = {**OK, "max_tokens": 200, "response_format": fmt}
+            err = assert_error(http.post("/v1/chat/completions", json=body), 400, "response_format")
             assert "context" in err["message"] and time.monotonic() - start < 10, err
 
 
