@@ -255,6 +255,9 @@ class GenerationConfig:
     confidence_threshold: float | None = 0.005
     eos_token_id: tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # the reference's total-length cap (prompt included), read by `Engine.generate` only (engine/generate.py
+    # `fit_max_length`); the text API caps with max_tokens
+    max_length: int | None = None
     # dgemma's own (not in the reference): settled positions (engine/settle.py, approximate; None = off, exact)
     settle_after: int | None = None  # steps a position's argmax must hold before it settles
     settle_entropy: float = 0.01  # ... with its entropy (nats) below this
@@ -281,6 +284,8 @@ class GenerationConfig:
             raise ConfigError(f"eos_token_id must be token ids, got {self.eos_token_id!r}")
         if self.pad_token_id is not None and (not is_int(self.pad_token_id) or self.pad_token_id < 0):
             raise ConfigError(f"pad_token_id must be a token id or None, got {self.pad_token_id!r}")
+        if self.max_length is not None and (not is_int(self.max_length) or self.max_length < 1):
+            raise ConfigError(f"max_length must be an integer >= 1 (prompt included) or None, got {self.max_length!r}")
         if self.settle_after is not None and (not is_int(self.settle_after) or self.settle_after < 1):
             raise ConfigError(f"settle_after must be an integer >= 1 (steps a position's argmax must hold before it "
                               f"settles) or None (off), got {self.settle_after!r}")
@@ -290,22 +295,9 @@ class GenerationConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, *, source: str = "generation_config") -> "GenerationConfig":
-        kwargs = {}
-        for key in ("max_new_tokens", "max_denoising_steps", "t_min", "t_max", "stability_threshold",
-                    "confidence_threshold", "pad_token_id"):
-            if raw.get(key) is not None:
-                kwargs[key] = raw[key]
-        sampler = raw.get("sampler_config")
-        if sampler is not None:
-            if not isinstance(sampler, dict) or sampler.get("_cls_name", "EntropyBoundSamplerConfig") \
-                    != "EntropyBoundSamplerConfig":
-                raise ConfigError(f"{source}: unsupported sampler_config {sampler!r}; dgemma reads "
-                                  "EntropyBoundSamplerConfig")
-            if sampler.get("entropy_bound") is not None:
-                kwargs["entropy_bound"] = sampler["entropy_bound"]
-        eos = raw.get("eos_token_id")
-        if eos is not None:
-            kwargs["eos_token_id"] = (eos,) if isinstance(eos, int) else tuple(eos)
+        """generation_config.json's fields (null = unset: the global default); keys the reference does not read are
+        ignored, as transformers ignores them."""
+        kwargs = set_knobs({k: v for k, v in raw.items() if k in REFERENCE_KNOBS}, source=source)
         try:
             return cls(**kwargs)
         except ConfigError as e:
@@ -320,3 +312,65 @@ class GenerationConfig:
             return cls.from_dict(json.loads(path.read_text()), source=str(path))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+
+
+# the fields of the reference's generation config (spec §2.3, §9.4) that change what dgemma computes ...
+REFERENCE_KNOBS = ("max_new_tokens", "max_length", "max_denoising_steps", "sampler_config", "t_min", "t_max",
+                   "stability_threshold", "confidence_threshold", "eos_token_id", "pad_token_id")
+# ... and those that do not (the reference's cache, compilation and output-format options): accepted, ignored
+REFERENCE_INERT = ("return_dict_in_generate", "cache_implementation", "cache_config", "disable_compile",
+                   "bos_token_id", "transformers_version")
+
+
+def entropy_bound_of(sampler, *, source: str = "sampler_config") -> float | None:
+    """The entropy bound of a `sampler_config`: the reference's EntropyBoundSamplerConfig or its dict form
+    ({"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": x}, as generation_config.json stores it)."""
+    if isinstance(sampler, dict):
+        if sampler.get("_cls_name", "EntropyBoundSamplerConfig") == "EntropyBoundSamplerConfig" \
+                and set(sampler) <= {"_cls_name", "entropy_bound"}:
+            return sampler.get("entropy_bound")  # None: unset
+    elif type(sampler).__name__ == "EntropyBoundSamplerConfig" and hasattr(sampler, "entropy_bound"):
+        return sampler.entropy_bound
+    raise ConfigError(f"{source}: unsupported sampler_config {sampler!r}; dgemma reads an EntropyBoundSamplerConfig "
+                      "(or {'entropy_bound': x}), or pass entropy_bound=x")
+
+
+def set_knobs(raw: dict, *, source: str = "generation_config", strict: bool = False) -> dict:
+    """Generation settings by the reference's names (and GenerationConfig's own) -> GenerationConfig field values,
+    leaving out the unset ones (None, as in the reference's config files and objects). strict (a caller's
+    generation_config=): a key that is neither is a ConfigError naming it; the reference's inert fields and private
+    `_` keys are ignored."""
+    fields = GenerationConfig.__dataclass_fields__
+    if raw.get("sampler_config") is not None and raw.get("entropy_bound") is not None:
+        raise ConfigError(f"{source}: give sampler_config or entropy_bound, not both (two spellings of one knob)")
+    kwargs = {}
+    for key, value in raw.items():
+        if key.startswith("_") or key in REFERENCE_INERT:
+            continue
+        if key not in fields and key != "sampler_config":
+            if strict:
+                raise ConfigError(f"{source}: unknown generation setting {key!r}; known: "
+                                  f"{sorted(set(fields) | {'sampler_config'})}")
+            continue
+        if value is None:
+            continue
+        if key == "sampler_config":
+            key, value = "entropy_bound", entropy_bound_of(value, source=source)
+            if value is None:
+                continue
+        elif key == "eos_token_id":
+            value = (value,) if isinstance(value, int) else tuple(value)
+        kwargs[key] = value
+    return kwargs
+
+
+def passed_settings(config) -> dict:
+    """A caller's generation_config= other than a GenerationConfig -> the field values it sets: a dict of knobs
+    (GenerationConfig's names or the reference's), or the reference's DiffusionGemmaGenerationConfig (its attributes).
+    As in the reference, an unset (None) field keeps the default; a key dgemma does not know is a ConfigError."""
+    if isinstance(config, dict):
+        return set_knobs(config, source="generation_config", strict=True)
+    if hasattr(config, "__dict__"):
+        return set_knobs(vars(config), source=f"generation_config ({type(config).__name__})", strict=True)
+    raise ConfigError(f"generation_config must be a dgemma GenerationConfig, the reference's "
+                      f"DiffusionGemmaGenerationConfig or a dict of knobs, got {type(config).__name__}")

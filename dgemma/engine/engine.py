@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
-from ..config import GenerationConfig, ModelConfig
+from ..config import REFERENCE_INERT, GenerationConfig, ModelConfig, entropy_bound_of, passed_settings
 from ..model import DiffusionGemma, load_module
 from ..quant.modules import swap_for_checkpoint
 from ..text import Tokenizer
 from .cache import KVCache
-from .generate import GenerateOutput, generate, step_config
+from .generate import GenerateOutput, fit_max_length, generate, step_config
 
 _UNSET = object()
+
+
+def unknown_options_message(names: list[str]) -> str:
+    """Options `Engine.generate` does not take (the reference passes unknown options on to its model)."""
+    hint = " (the temperature here is the t_max -> t_min schedule)" if "temperature" in names else ""
+    return (f"generate() does not take {', '.join(names)}{hint}: neither a DiffusionGemma sampling knob nor an "
+            "option dgemma supports. The reference's generate() silently ignores sampling options it lacks "
+            "(temperature, top_k, do_sample, ...); dgemma refuses them so that no setting is lost unseen. Its knobs: "
+            "max_new_tokens, max_length, max_denoising_steps, entropy_bound (or sampler_config), t_min, t_max, "
+            "stability_threshold, confidence_threshold, eos_token_id, pad_token_id, generation_config, streamer")
 
 
 class Engine:
@@ -139,44 +150,78 @@ class Engine:
         return self.module.denoise(tokens, cache, soft=soft)
 
 
-    def generation_settings(self, **knobs) -> GenerationConfig:
-        """The checkpoint's generation defaults updated by explicit knobs (None is a value: it disables)."""
-        values = {k: getattr(self.generation_config, k) for k in GenerationConfig.__dataclass_fields__}
+    def generation_settings(self, generation_config=None, **knobs) -> GenerationConfig:
+        """This engine's generation defaults (the checkpoint's generation_config.json, or its preset's) updated by
+        `generation_config`, then by explicit knobs (None is a value: it disables). generation_config: a complete
+        GenerationConfig (it replaces the defaults), or a dict of knobs or the reference's
+        DiffusionGemmaGenerationConfig (their unset/None fields keep the defaults, as in the reference)."""
+        base = generation_config if isinstance(generation_config, GenerationConfig) else self.generation_config
+        values = {k: getattr(base, k) for k in GenerationConfig.__dataclass_fields__}
+        if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+            values.update(passed_settings(generation_config))
         for key, value in knobs.items():
             if value is _UNSET:
                 continue
+            if key == "max_length":  # only generate() takes it (below); elsewhere it would be silently unused
+                raise TypeError("max_length is the reference generate()'s total-length cap (prompt included); "
+                                "here cap the new tokens with max_tokens (or max_new_tokens)")
             if key not in values:
-                raise TypeError(f"unknown generation option {key!r}; known: {sorted(values)}")
+                raise TypeError(f"unknown generation option {key!r}; known: {sorted(set(values) - {'max_length'})}")
             if key == "eos_token_id" and value is not None:
                 value = (value,) if isinstance(value, int) else tuple(value)
             values[key] = value
         return GenerationConfig(**values)
 
-    def generate(self, input_ids: torch.Tensor, *, attention_mask=None, max_new_tokens=_UNSET,
-                 max_denoising_steps=_UNSET, entropy_bound=_UNSET, t_min=_UNSET, t_max=_UNSET,
-                 stability_threshold=_UNSET, confidence_threshold=_UNSET, eos_token_id=_UNSET, pad_token_id=_UNSET,
-                 settle_after=_UNSET, settle_entropy=_UNSET, generator: torch.Generator | None = None, accept=None,
-                 sampling: str = "reference", plan=None, return_dict: bool = False):
+    def generate(self, input_ids: torch.Tensor, *, attention_mask=None, generation_config=None, streamer=None,
+                 max_new_tokens=_UNSET, max_length=_UNSET, max_denoising_steps=_UNSET, sampler_config=_UNSET,
+                 entropy_bound=_UNSET, t_min=_UNSET, t_max=_UNSET, stability_threshold=_UNSET,
+                 confidence_threshold=_UNSET, eos_token_id=_UNSET, pad_token_id=_UNSET, settle_after=_UNSET,
+                 settle_entropy=_UNSET, generator: torch.Generator | None = None, accept=None,
+                 sampling: str = "reference", plan=None, return_dict: bool = False, return_dict_in_generate=None,
+                 **options):
         """Reference-compatible generate (spec §9.4): ids [B,T] -> ids [B, T + k*L] including the prompt.
 
-        Knobs default to the checkpoint's generation_config.json, then the reference's global defaults;
-        passing t_min/t_max None disables the temperature schedule, either stop threshold None disables
-        early stopping. `max_new_tokens` is rounded UP to whole canvases, as in the reference (the text
-        API trims exactly). `accept` swaps the acceptance rule (see dgemma.sampling). With
+        Settings, as in the reference: keyword knobs > `generation_config` (a GenerationConfig, a dict of knobs or
+        the reference's DiffusionGemmaGenerationConfig; see `generation_settings`) > the checkpoint's
+        generation_config.json > the reference's global defaults. Passing t_min/t_max None disables the
+        temperature schedule, either stop threshold None disables early stopping. `max_new_tokens` is rounded UP
+        to whole canvases, as in the reference (the text API trims exactly); `max_length` (prompt included)
+        follows the reference's rule (engine/generate.py `fit_max_length`). `sampler_config` is the reference's
+        spelling of entropy_bound (an EntropyBoundSamplerConfig). `streamer` gets the reference's calls from this
+        one loop: put(prompt ids), put_draft(value=argmax canvas) after each step if it has put_draft
+        (logits=ℓ̃ if its `_takes_logits` is true), put(committed canvas) after each canvas, end().
+        The reference's cache/compile options (cache_implementation, cache_config, disable_compile) and
+        bos_token_id change no token and are ignored; sampling knobs the sampler does not have (temperature,
+        top_k, do_sample, ...), which the reference ignores silently, are a TypeError so no setting is lost unseen.
+        Returns the ids, or a GenerateOutput (.sequences, .tokens_per_forward) with return_dict or
+        return_dict_in_generate True. `accept` swaps the acceptance rule (see dgemma.sampling). With
         generator=None the global torch RNG is used, so after torch.manual_seed(s) the tokens equal
         the reference's on CPU in fp32; sampling="fast" samples the same distributions more cheaply. `plan`
         constrains the canvases (clamped positions, allowed tokens: see dgemma.engine.generate.CanvasPlan).
         settle_after / settle_entropy (dgemma's own, approximate, off by default): positions whose argmax held that
         many steps with an entropy below settle_entropy stop being computed (dgemma/engine/settle.py)."""
+        unknown = sorted(set(options) - set(REFERENCE_INERT))
+        if unknown:
+            raise TypeError(unknown_options_message(unknown))
+        if sampler_config is not _UNSET:
+            if entropy_bound is not _UNSET:
+                raise ValueError("give sampler_config or entropy_bound, not both (two spellings of one knob)")
+            entropy_bound = entropy_bound_of(sampler_config)
         gen = self.generation_settings(
-            max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound,
-            t_min=t_min, t_max=t_max, stability_threshold=stability_threshold,
-            confidence_threshold=confidence_threshold, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            settle_after=settle_after, settle_entropy=settle_entropy)
+            generation_config, max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps,
+            entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
+            stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, settle_after=settle_after,
+            settle_entropy=settle_entropy)
+        if max_length is not _UNSET:
+            gen = dataclasses.replace(gen, max_length=max_length)
         input_ids = self._check_ids(input_ids, attention_mask)
+        gen = fit_max_length(gen, input_ids.shape[1])
         cfg = step_config(gen, accept, sampling)
         out: GenerateOutput = generate(self.module, input_ids, gen, cfg, generator=generator,
-                                       attention_mask=attention_mask, plan=plan)
+                                       attention_mask=attention_mask, plan=plan, streamer=streamer)
+        if return_dict_in_generate is not None:
+            return_dict = bool(return_dict_in_generate)
         return out if return_dict else out.sequences
 
     def generate_autoregressive(self, input_ids, *, attention_mask=None, eos_token_id=_UNSET, **options):

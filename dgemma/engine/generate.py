@@ -21,6 +21,7 @@ Infill, in-place edits and JSON output are all plans over this one loop.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -82,23 +83,58 @@ class GenerateOutput:
     cache: KVCache
 
 
+def fit_max_length(gen: GenerationConfig, prompt_len: int) -> GenerationConfig:
+    """The reference's `max_length` (total length, prompt and its padding included; spec §6.4, §9.4) as the
+    max_new_tokens the loop runs: with max_new_tokens at the reference's default 256, max_length decides
+    (max_length - prompt_len new tokens); otherwise max_new_tokens decides and max_length still ends generation
+    after the canvas that reaches it. Either way the count is rounded up to whole canvases. A max_length that
+    leaves no room after the prompt is a ValueError (the reference returns the prompt alone, or one canvas)."""
+    if gen.max_length is None:
+        return gen
+    room = gen.max_length - prompt_len
+    if room < 1:
+        raise ValueError(f"max_length={gen.max_length} leaves no room after the prompt of {prompt_len} tokens "
+                         "(max_length counts the prompt, padding included): raise it, or give max_new_tokens")
+    new = room if gen.max_new_tokens == 256 else min(gen.max_new_tokens, room)  # 256: the reference's test
+    return dataclasses.replace(gen, max_new_tokens=new)
+
+
+def _copy_cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.to("cpu", copy=True)  # the loop reuses its buffers: a streamer keeps its own copy
+
+
 @torch.inference_mode()
 def generate(module, input_ids: torch.Tensor, gen: GenerationConfig, cfg: StepConfig, *,
              attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             plan: CanvasPlan | None = None) -> GenerateOutput:
+             plan: CanvasPlan | None = None, streamer=None) -> GenerateOutput:
+    """Run the loop to the end. `streamer` (the reference's protocol, spec §9.4) is fed from its events: put(prompt),
+    put_draft after each Step (value=argmax [B,L], or logits=ℓ̃ [B,L,V] if `streamer._takes_logits`; only if
+    it has put_draft), put(committed canvas [B,L]) after each Commit, end()."""
     B = input_ids.shape[0]
     cache = KVCache(module.config, B)
     pieces, steps = [input_ids], []
     forwards = torch.zeros(B, dtype=torch.long, device=input_ids.device)
     finished_before = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    drafts = streamer is not None and hasattr(streamer, "put_draft")
+    if streamer is not None:
+        streamer.put(_copy_cpu(input_ids))
     for event in canvas_loop(module, input_ids, gen, cfg, attention_mask=attention_mask, generator=generator,
                              cache=cache, plan=plan):
+        if isinstance(event, Step) and drafts:
+            if getattr(streamer, "_takes_logits", False):
+                streamer.put_draft(logits=_copy_cpu(event.state.sc_logits))
+            else:
+                streamer.put_draft(value=_copy_cpu(event.state.argmax))
         if isinstance(event, Commit):
+            if streamer is not None:
+                streamer.put(_copy_cpu(event.tokens))
             pieces.append(event.tokens)
             steps.append(event.num_steps)
             # rows that finished in an earlier canvas still ride along in the batch but do not count (reference)
             forwards += torch.where(finished_before, 0, event.num_steps)
             finished_before = event.finished
+    if streamer is not None:
+        streamer.end()
     new = torch.cat(pieces[1:], dim=1)
     if gen.pad_token_id is not None:
         num_valid = (new != gen.pad_token_id).sum(-1)
