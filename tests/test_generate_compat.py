@@ -201,3 +201,17 @@ def test_streamer_calls_match_reference(models, kind):
     run_reference(m.ref, one, seed=8, streamer=ref, **knobs)
     run_ours(m.eng, one, seed=8, streamer=ours, **knobs)
     assert_same_calls(ref, ours)
+
+
+def test_streamer_logits_in_bfloat16_match_reference(models):
+    """A bf16 model: the reference hands put_draft its self-conditioning logits in the weights' dtype."""
+    m = models("confident")
+    ref = DiffusionGemmaForBlockDiffusion.from_pretrained(m.path, dtype=torch.bfloat16).eval()
+    eng = dgemma.load(m.path, dtype=torch.bfloat16, quiet=True)
+    ids = batch3(m)
+    a_calls, b_calls = Recorder(takes_logits=True), Recorder(takes_logits=True)
+    a = run_reference(ref, ids, seed=3, streamer=a_calls, max_new_tokens=2 * m.L, max_denoising_steps=6)
+    b = run_ours(eng, ids, seed=3, streamer=b_calls, max_new_tokens=2 * m.L, max_denoising_steps=6)
+    assert_same(a, b, m.L, "bf16 with a streamer")
+    assert_same_calls(a_calls, b_calls)
+    assert b_calls.calls[1][1].dtype == torch.bfloat16

@@ -99,8 +99,8 @@ def fit_max_length(gen: GenerationConfig, prompt_len: int) -> GenerationConfig:
     return dataclasses.replace(gen, max_new_tokens=new)
 
 
-def _copy_cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.to("cpu", copy=True)  # the loop reuses its buffers: a streamer keeps its own copy
+def _copy_cpu(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return t.to("cpu", dtype, copy=True)  # the loop reuses its buffers: a streamer keeps its own copy
 
 
 @torch.inference_mode()
@@ -108,8 +108,8 @@ def generate(module, input_ids: torch.Tensor, gen: GenerationConfig, cfg: StepCo
              attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
              plan: CanvasPlan | None = None, streamer=None) -> GenerateOutput:
     """Run the loop to the end. `streamer` (the reference's protocol, spec §9.4) is fed from its events: put(prompt),
-    put_draft after each Step (value=argmax [B,L], or logits=ℓ̃ [B,L,V] if `streamer._takes_logits`; only if
-    it has put_draft), put(committed canvas [B,L]) after each Commit, end()."""
+    put_draft after each Step if it has one (value=argmax [B,L], or logits=ℓ̃ [B,L,V] in the weights' dtype if
+    `streamer._takes_logits`), put(committed canvas [B,L]) after each Commit, end()."""
     B = input_ids.shape[0]
     cache = KVCache(module.config, B)
     pieces, steps = [input_ids], []
@@ -122,7 +122,8 @@ def generate(module, input_ids: torch.Tensor, gen: GenerationConfig, cfg: StepCo
                              cache=cache, plan=plan):
         if isinstance(event, Step) and drafts:
             if getattr(streamer, "_takes_logits", False):
-                streamer.put_draft(logits=_copy_cpu(event.state.sc_logits))
+                # in the embedding dtype, as the reference keeps its self-conditioning logits
+                streamer.put_draft(logits=_copy_cpu(event.state.sc_logits, module.embed_tokens.weight.dtype))
             else:
                 streamer.put_draft(value=_copy_cpu(event.state.argmax))
         if isinstance(event, Commit):
