@@ -215,3 +215,18 @@ def test_streamer_logits_in_bfloat16_match_reference(models):
     assert_same(a, b, m.L, "bf16 with a streamer")
     assert_same_calls(a_calls, b_calls)
     assert b_calls.calls[1][1].dtype == torch.bfloat16
+
+
+def test_max_length_from_generation_config_json(models, tmp_path):
+    """A checkpoint whose generation_config.json sets max_length (max_new_tokens unset: the global 256)."""
+    m = models("tiny")
+    ids = batch3(m)
+    shutil.copytree(m.path, tmp_path, dirs_exist_ok=True)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    gen.update(max_length=ids.shape[1] + m.L + 1, max_denoising_steps=2)
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    loaded = Model("tiny+max_length", tmp_path, DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path).eval(),
+                   dgemma.load(tmp_path, quiet=True), m.tok)
+    a, b = both(loaded, ids, seed=1)
+    assert b.sequences.shape[1] == ids.shape[1] + 2 * m.L
+    both(loaded, ids, seed=1, max_new_tokens=3 * m.L)  # max_new_tokens decides the count, max_length still cuts
