@@ -119,6 +119,17 @@ def test_max_tokens_and_max_new_tokens_are_one_cap(engine):
         run(engine, max_tokens=5, max_new_tokens=5)
 
 
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "5"])
+def test_a_bad_max_tokens_names_max_tokens(engine, bad):
+    """The caller passed max_tokens: the error names it, not the generation config's max_new_tokens."""
+    for call in (lambda: engine.complete("Hi", max_tokens=bad), lambda: run(engine, max_tokens=bad),
+                 lambda: list(ChatSession(engine).send("Hi", max_tokens=bad)),
+                 lambda: engine.generate_json("Hi", max_tokens=bad)):
+        with pytest.raises(ValueError, match=r"^max_tokens must be an integer >= 1") as e:
+            call()
+        assert "max_new_tokens" not in str(e.value)
+
+
 def test_prompt_longer_than_context_is_refused(engine):
     with pytest.raises(ValueError, match="exceeds this model's context"):
         run(engine, "word " * 9000, max_tokens=10)

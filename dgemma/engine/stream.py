@@ -161,6 +161,13 @@ class RowText:
                     self.first_text, time.perf_counter() - self.started)
 
 
+def check_max_tokens(max_tokens) -> None:
+    """The text API's cap is named max_tokens; say so when it is bad (the generation config would name its own
+    max_new_tokens, an option the caller did not pass)."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1 (the most new tokens), got {max_tokens!r}")
+
+
 def open_request(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = None,
                  stop: Sequence[str] | None = None, seed: int | None = None, drafts: bool = True,
                  cache: KVCache | None = None, cached_len: int = 0, accept=None, sampling: str = "fast",
@@ -169,6 +176,7 @@ def open_request(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = 
     Options as in `stream_ids`; bad ones raise here, before the request takes a place anywhere."""
     tok = engine.require_tokenizer()
     if max_tokens is not None:
+        check_max_tokens(max_tokens)
         if "max_new_tokens" in knobs:
             raise ValueError("give max_tokens or max_new_tokens (two names of the same exact cap), not both")
         knobs["max_new_tokens"] = max_tokens
