@@ -138,6 +138,9 @@ def cmd_generate(args) -> int:
     return 0
 
 
+CHAT_COMMANDS = "type a message, then Enter; /reset (or /clear) starts a new conversation, /exit (or Ctrl-D) ends"
+
+
 def cmd_chat(args) -> int:
     from .config import ConfigError
     from .engine.chat import ChatSession
@@ -146,6 +149,8 @@ def cmd_chat(args) -> int:
     session = ChatSession(engine, system=args.system, enable_thinking=args.think)
     options = _engine_options(args, engine)
     interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"dgemma chat: {CHAT_COMMANDS}", file=sys.stderr)
     refused = False  # a turn the model could not take (e.g. past its context): reported, the chat goes on
     while True:
         if interactive:
@@ -155,19 +160,24 @@ def cmd_chat(args) -> int:
             return 2 if refused else 0
         if not line.strip():
             continue
+        if line.strip() in ("/reset", "/clear"):
+            session.reset()
+            print("dgemma chat: new conversation (history and cache cleared)", file=sys.stderr)
+            continue
         try:
             done = _run_stream(session.send(line.rstrip("\n"), drafts=args.show_drafts, **options), args,
                                engine.tokenizer)
         except ConfigError:  # bad settings fail every turn alike: end the command
             raise
         except ValueError as e:  # raised before the turn changed the session
-            print(f"dgemma chat: error: {e}", file=sys.stderr)
+            history = f"; /reset starts a new conversation (this one holds {len(session.ids)} tokens)" \
+                if session.ids else ""
+            print(f"dgemma chat: error: {e}{history}", file=sys.stderr)
             refused = True
             continue
         print()
         if args.stats:
-            print(f"[{done.completion_tokens} tokens, reused {session.reused_tokens} cached prompt tokens, "
-                  f"{done.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+            print(done.summary(f"reused {session.reused_tokens} cached prompt tokens"), file=sys.stderr)
 
 
 def cmd_serve(args) -> int:
@@ -246,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--json-object", action="store_true", help="answer with one JSON object (printed alone)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="multi-turn chat on stdin; reuses the cached prefix across turns")
+    p = sub.add_parser("chat", help="multi-turn chat on stdin; reuses the cached prefix across turns",
+                       description=f"Multi-turn chat on stdin: {CHAT_COMMANDS}.")
     _add_model_flags(p)
     _add_sampling_flags(p)
     p.add_argument("--system", default=None, help="system prompt")

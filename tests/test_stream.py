@@ -231,6 +231,38 @@ def test_cli_chat_goes_on_after_a_turn_past_the_context(model_dir, capsys, monke
     assert len(reused) == 2 and reused[1] > 0, err  # both other turns answered; the refused one left no trace
 
 
+def test_cli_chat_reset_starts_over_once_the_conversation_fills_the_context(model_dir, capsys, monkeypatch):
+    """A full conversation refuses every later turn; the refusal names /reset, and /reset starts a fresh one."""
+    import io
+    long = "word " * 2500  # ~5,000 tokens: one fits the 8192 positions, two do not
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{long}\n{long}\n/reset\n{long}\n"))
+    assert main(["chat", "--model", str(model_dir), "--max-tokens", "5", "--seed", "0", "--stats"]) == 2
+    err = capsys.readouterr().err
+    assert "exceeds this model's context" in err and "/reset starts a new conversation" in err, err
+    assert "new conversation (history and cache cleared)" in err
+    reused = [int(line.split("reused ")[1].split()[0]) for line in err.splitlines() if "reused" in line]
+    assert reused == [0, 0], err  # the first turn, then the turn after /reset: nothing cached to reuse
+    session = ChatSession(dgemma.load(model_dir, quiet=True), system="Be brief.")
+    first = session._turn_ids("Hi")
+    list(session.send("Hi", seed=0, max_tokens=5))
+    session.reset()
+    assert session.ids == [] and session.cache is None and session._turn_ids("Hi") == first  # system prompt kept
+
+
+def test_cli_chat_stats_line_is_the_generate_summary(model_dir, capsys, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr("sys.stdin", Terminal("Hi\n"))
+    assert main(["chat", "--model", str(model_dir), "--max-tokens", "1", "--seed", "0", "--stats"]) == 0
+    err = capsys.readouterr().err
+    assert "/reset (or /clear) starts a new conversation" in err.splitlines()[0]  # the banner names the commands
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("[1 token, 1 canvas, steps [") and line.endswith(", reused 0 cached prompt tokens]"), line
+
+
 def test_cli_generate_reads_stdin(model_dir, capsys, monkeypatch):
     import io
     monkeypatch.setattr("sys.stdin", io.StringIO("a prompt from stdin"))

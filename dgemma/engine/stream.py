@@ -73,12 +73,14 @@ class Done:
                     self.time_to_first_text_s, 4), "wall_s": round(self.wall_s, 4),
                 "tokens_per_s": round(self.tokens_per_s, 2)}
 
-    def summary(self) -> str:
-        """The CLI's one-line stats: '[90 tokens, 2 canvases, steps [12, 9], 31.4 tok/s, finish=stop]'."""
+    def summary(self, *more: str) -> str:
+        """The CLI's one-line stats: '[90 tokens, 2 canvases, steps [12, 9], 31.4 tok/s, finish=stop]'; `more`
+        adds items before the closing bracket (chat: the reused prompt tokens)."""
         tokens = f"{self.completion_tokens} token{'' if self.completion_tokens == 1 else 's'}"
         canvases = f"{self.canvases} canvas{'' if self.canvases == 1 else 'es'}"
-        return (f"[{tokens}, {canvases}, steps {self.steps_per_canvas}, {self.tokens_per_s:.1f} tok/s, "
-                f"finish={self.finish_reason}]")
+        items = [tokens, canvases, f"steps {self.steps_per_canvas}", f"{self.tokens_per_s:.1f} tok/s",
+                 f"finish={self.finish_reason}", *more]
+        return f"[{', '.join(items)}]"
 
 
 class RowText:
