@@ -114,6 +114,14 @@ def cmd_generate(args) -> int:
         raise ValueError("empty prompt: pass PROMPT or pipe text on stdin")
     if args.raw and args.think:
         raise ValueError("--think switches thinking on in the chat template, which --raw leaves out; drop one")
+    output = "--json-schema" if args.json_schema else "--json-object" if args.json_object else None
+    for flag, given, why in (("--think", args.think, "the JSON document starts at the first token: no room for "
+                              "thinking"), ("--show-thinking", args.show_thinking, "there is no thinking to show"),
+                             ("--show-drafts", args.show_drafts, "stdout holds the JSON document alone")):
+        if given and output:
+            raise ValueError(f"{flag} cannot be combined with {output} ({why}); drop one")
+    if args.show_drafts and args.json:
+        raise ValueError("--show-drafts draws on stdout, which --json keeps for the JSON object; drop one")
     from .canvas_cli import json_format, run_json
 
     fmt = json_format(args)

@@ -107,6 +107,8 @@ def test_bad_input_is_refused(random_engine):
         random_engine.infill("a", "b", middle_tokens=0)
     with pytest.raises(ValueError, match="strings"):
         random_engine.infill(None, "b")
+    with pytest.raises(ValueError, match="middle_tokens .* or max_middle_tokens .*, not both"):  # was: max ignored
+        random_engine.infill("a", "b", middle_tokens=3, max_middle_tokens=8)
     with pytest.raises(ValueError, match="max_middle_tokens"):  # the engine's own advice named max_tokens
         random_engine.infill("a", "b", max_middle_tokens=random_engine.config.max_position_embeddings)
 
@@ -121,3 +123,7 @@ def test_cli_infill(random_model_dir, tmp_path, capsys):
     assert main(["infill", "--model", str(random_model_dir), "--prefix-file", str(tmp_path / "missing"),
                  "--suffix-file", str(tmp_path / "b.py")]) == 2
     assert "missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # an exact length and a longest one: refused before anything loads
+        main(["infill", "--prefix-file", str(tmp_path / "a.py"), "--suffix-file", str(tmp_path / "b.py"),
+              "--middle-tokens", "3", "--max-middle-tokens", "8"])
+    assert e.value.code == 2 and "not allowed with argument --middle-tokens" in capsys.readouterr().err

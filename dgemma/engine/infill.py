@@ -150,6 +150,8 @@ def infill(engine, prefix: str, suffix: str, *, instruction: str | None = None,
     tok = engine.require_tokenizer()
     L = engine.config.canvas_length
     suffix_ids = tok.encode(suffix, add_bos=False) if suffix else []
+    if middle_tokens is not None and max_middle_tokens is not None:
+        raise ValueError("give middle_tokens (the exact length) or max_middle_tokens (the longest candidate), not both")
     if middle_tokens is not None:
         lengths = [middle_tokens] if not isinstance(middle_tokens, (list, tuple)) else list(middle_tokens)
         if not lengths or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in lengths):
