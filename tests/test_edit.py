@@ -74,6 +74,14 @@ def test_bad_edits_are_refused(random_engine):
         random_engine.edit(TEXT, 0, 4, span_tokens=0)
     with pytest.raises(ValueError, match="span_tokens"):  # was a TypeError (infill got middle_tokens twice)
         random_engine.edit(TEXT, 0, 4, middle_tokens=2)
+    with pytest.raises(ValueError, match="span_tokens"):  # was the infill's "give middle_tokens or max_..."
+        random_engine.edit(TEXT, 0, 4, max_middle_tokens=2)
+    for bad in (0, -1, 1.5, True):  # as infill refuses them (edit quietly used 1)
+        for call in (random_engine.edit, lambda *a, **k: random_engine.infill("a", "b", **k)):
+            with pytest.raises(ValueError, match=f"num_candidates must be an int >= 1, got {bad!r}"):
+                call(TEXT, 0, 4, num_candidates=bad)
+    with pytest.raises(ValueError, match="max_middle_tokens must be an int >= 1, got 0"):  # was: quietly 1
+        random_engine.infill("a", "b", max_middle_tokens=0)
 
 
 def test_cli_edit(random_model_dir, tmp_path, capsys):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .generate import seeded_generator
-from .infill import InfillResult, infill
+from .infill import InfillResult, check_count, infill
 
 LINE = re.compile(r"[^\r\n]*(?:\r\n|\n|\r)|[^\r\n]+\Z")
 
@@ -52,7 +52,7 @@ def line_span(text: str, first: int, last: int) -> tuple[int, int]:
 
 def edit_lengths(old: int, num_candidates: int) -> list[int]:
     """Candidate span lengths around the old one: the old length first, then shorter and longer."""
-    factors = [1.0, 0.75, 1.5, 0.5, 2.0, 1.25][: max(1, num_candidates)]
+    factors = [1.0, 0.75, 1.5, 0.5, 2.0, 1.25][:num_candidates]
     return sorted({max(1, round(old * f)) for f in factors})
 
 
@@ -68,9 +68,10 @@ def edit(engine, text: str, start: int, end: int, *, instruction: str | None = N
     if span_tokens is not None and (isinstance(span_tokens, bool) or not isinstance(span_tokens, int)
                                     or span_tokens < 1):
         raise ValueError(f"span_tokens must be an int >= 1 (the new span's length in tokens), got {span_tokens!r}")
-    if "middle_tokens" in options or "seeds_from" in options:
-        raise ValueError("edit sets the middle itself: give span_tokens (the new span's length), not middle_tokens "
-                         "or seeds_from")
+    if {"middle_tokens", "max_middle_tokens", "seeds_from"} & set(options):
+        raise ValueError("edit sets the middle itself: give span_tokens (the new span's length), not middle_tokens, "
+                         "max_middle_tokens or seeds_from")
+    check_count("num_candidates", num_candidates)
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
     tok = engine.require_tokenizer()

@@ -60,6 +60,12 @@ def row_layout(middle: int, suffix_ids: list[int], eos_id: int, canvas_length: i
     return row + [eos_id] * (num_positions - len(row))
 
 
+def check_count(name: str, value) -> None:
+    """A count option (num_candidates, max_middle_tokens) must be an int >= 1: a clear error, never a quiet 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 def candidate_lengths(canvas_length: int, num_suffix: int, *, max_middle: int, num_candidates: int) -> list[int]:
     """Up to `num_candidates` lengths spread over [1, max_middle], each leaving the junction visible."""
     if max_middle < 1 or num_candidates < 1:
@@ -150,6 +156,9 @@ def infill(engine, prefix: str, suffix: str, *, instruction: str | None = None,
     tok = engine.require_tokenizer()
     L = engine.config.canvas_length
     suffix_ids = tok.encode(suffix, add_bos=False) if suffix else []
+    check_count("num_candidates", num_candidates)
+    if max_middle_tokens is not None:
+        check_count("max_middle_tokens", max_middle_tokens)
     if middle_tokens is not None and max_middle_tokens is not None:
         raise ValueError("give middle_tokens (the exact length) or max_middle_tokens (the longest candidate), not both")
     if middle_tokens is not None:
