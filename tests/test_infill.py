@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import dgemma
 from dgemma.cli import main
 from dgemma.engine.engine import Engine
 from dgemma.engine.generate import Commit, canvas_loop, step_config
@@ -29,7 +30,7 @@ def test_prefix_and_suffix_are_byte_identical(random_engine, prefix, suffix, opt
     assert len(r.middle_ids) == r.middle_tokens
     tok = random_engine.tokenizer
     assert not set(r.middle_ids) & (tok.added_id_set | set(tok.stop_ids))
-    assert r.candidates[0][0] == r.middle_tokens
+    assert r.candidates[0][0] == r.middle_tokens if suffix else r.candidates == []  # empty suffix: a continuation
     if "middle_tokens" in options:
         assert r.middle_tokens == options["middle_tokens"]
 
@@ -100,6 +101,21 @@ def test_junction_score_picks_the_true_length(random_engine):
                        max_denoising_steps=4)
     assert r.middle_tokens == n and r.middle_ids == middle_ids
     assert r.candidates[0][1] > r.candidates[1][1]
+
+
+def test_an_empty_suffix_continues_the_prefix(random_engine):
+    """No suffix, no junction to score: one free row, cut exactly at max_middle_tokens or at the first stop id
+    (before, candidate lengths raced on scores that all tied, and the shortest won whatever the text)."""
+    tok = random_engine.tokenizer
+    for limit in (5, 20, 70):  # inside one canvas, and past it (two canvases)
+        r = random_engine.infill("x = ", "", max_middle_tokens=limit, **FAST)
+        assert r.candidates == [] and r.text == "x = " + r.middle and len(r.middle_ids) == r.middle_tokens
+        assert r.middle_tokens == limit and not set(r.middle_ids) & set(tok.stop_ids)  # the random model never stops
+    from dgemma.bundled import PACKAGED
+    engine = dgemma.load(PACKAGED, quiet=True)  # a trained model: its answer ends with a stop id
+    r = engine.infill("def is_prime(n):\n    ", "", seed=0, max_denoising_steps=8)
+    assert r.candidates == [] and 0 < r.middle_tokens < engine.config.canvas_length  # it ended before the limit
+    assert r.steps_per_canvas and max(r.steps_per_canvas) <= 8
 
 
 def test_bad_input_is_refused(random_engine):
