@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .argtypes import accept_rule, non_negative_int, port, positive_int
@@ -306,14 +307,21 @@ def main(argv: list[str] | None = None) -> int:
     from .model.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"dgemma {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C: stop quietly, with the shell's status for SIGINT
-        print(file=sys.stderr)
-        return 130
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        # one line, like the errors: Python's default adds the file, the category and a line of source code
+        print(f"dgemma {args.command}: warning: {message}", file=sys.stderr if file is None else file)
+
+    with warnings.catch_warnings():  # restores the default display when main returns (tests call main)
+        warnings.showwarning = show_warning
+        try:
+            return args.func(args)
+        except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+            print(f"dgemma {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:  # Ctrl-C: stop quietly, with the shell's status for SIGINT
+            print(file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":
