@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -322,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # Ctrl-C: stop quietly, with the shell's status for SIGINT
             print(file=sys.stderr)
             return 130
+        except BrokenPipeError:  # stdout closed early (`dgemma plan ... | head`): stop quietly, as cat does
+            try:  # and keep Python's exit-time flush of stdout from failing again
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):  # no real file behind sys.stdout: nothing left to flush
+                pass
+            return 141  # the shell's status for SIGPIPE
 
 
 if __name__ == "__main__":

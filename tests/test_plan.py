@@ -171,6 +171,18 @@ def test_the_table_unit_shows_small_models(capsys):
     assert len(rows) == 11 and all(row in readme for row in rows), rows  # as the README quotes them
 
 
+def test_output_piped_into_head_ends_quietly(capsys, monkeypatch):
+    """`dgemma plan ... | head -1`: the reader leaves early; a quiet stop with SIGPIPE's status, not a traceback."""
+    import io
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["plan", "--config", str(CONFIG_26B)]) == 141
+    assert capsys.readouterr().err == ""
+
+
 def test_default_context_fits_a_model_with_fewer_positions(capsys):
     from dgemma.bundled import PACKAGED  # 4,096 positions: the default 8,192 would be refused
     assert main(["plan", "--model", str(PACKAGED), "--json"]) == 0
