@@ -83,6 +83,18 @@ def test_stop_string_cuts_the_answer_exactly(engine):
     assert events[-1].completion_tokens <= 120
 
 
+def test_one_stop_string_is_one_stop_not_its_characters(engine):
+    full = run(engine, seed=4, max_tokens=120, eos_token_id=[], drafts=False)[-1].output.answer
+    # two characters that first appear together at i, the first of them alone earlier
+    stop = next(full[i:i + 2] for i in range(5, len(full) - 1) if full[i:i + 2] not in full[:i + 1]
+                and full[i] in full[:i])
+    one = run(engine, seed=4, max_tokens=120, eos_token_id=[], drafts=False, stop=stop)[-1]
+    assert one.output.answer == full[: full.find(stop)] and one.finish_reason == "stop"  # was cut at either char
+    for bad in ([5], 5, [None]):
+        with pytest.raises(ValueError, match="stop must be a string or a list of strings"):
+            run(engine, stop=bad)
+
+
 def test_seed_reproducibility(engine):
     a = run(engine, seed=7, max_tokens=40, drafts=False)[-1].completion_ids
     b = run(engine, seed=7, max_tokens=40, drafts=False)[-1].completion_ids

@@ -177,6 +177,9 @@ def open_request(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = 
     """One request -> its canvas-loop Rows (settings, seeded generator, cache) and its RowText; nothing runs yet.
     Options as in `stream_ids`; bad ones raise here, before the request takes a place anywhere."""
     tok = engine.require_tokenizer()
+    stop = [stop] if isinstance(stop, str) else stop  # one stop string, as OpenAI's "stop": not its characters
+    if stop is not None and (not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop)):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
     if max_tokens is not None:
         check_max_tokens(max_tokens)
         if "max_new_tokens" in knobs:
