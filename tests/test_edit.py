@@ -21,8 +21,8 @@ def test_line_span():
     assert (s, e) == (0, 1)
     text = "x = 1\f\ny\u2028z\nlast"  # a form feed and U+2028 do not end lines (editors, wc -l and sed agree)
     assert [text[slice(*line_span(text, n, n))] for n in (1, 2, 3)] == ["x = 1\f", "y\u2028z", "last"]
-    for bad in ((0, 1), (3, 2), (2, 9)):
-        with pytest.raises(ValueError, match="outside"):
+    for bad, message in (((0, 1), "outside"), ((3, 2), "comes after the last"), ((2, 9), "outside")):
+        with pytest.raises(ValueError, match=message):
             line_span(TEXT, *bad)
 
 
@@ -70,6 +70,8 @@ def test_bad_edits_are_refused(random_engine):
         random_engine.edit(TEXT, 0, 4, strength=2)
     with pytest.raises(ValueError, match="after its end"):  # was "outside the text"
         random_engine.edit(TEXT, 5, 2)
+    with pytest.raises(ValueError, match="lines 3-1: the first line comes after the last"):  # was "outside the text"
+        line_span(TEXT, 3, 1)
     with pytest.raises(ValueError, match="span_tokens"):  # was a message about middle_tokens
         random_engine.edit(TEXT, 0, 4, span_tokens=0)
     with pytest.raises(ValueError, match="span_tokens"):  # was a TypeError (infill got middle_tokens twice)

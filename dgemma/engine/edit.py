@@ -39,6 +39,8 @@ def line_span(text: str, first: int, last: int) -> tuple[int, int]:
     """Character offsets [start, end) of 1-based lines first..last (inclusive), without the last line's newline.
     Lines end at \n, \r\n or \r, as editors count them (not at form feeds or U+2028, which splitlines takes)."""
     lines = LINE.findall(text)
+    if first > last:
+        raise ValueError(f"lines {first}-{last}: the first line comes after the last; give N-M with N <= M")
     if not 1 <= first <= last <= len(lines):
         raise ValueError(f"lines {first}-{last} are outside the text's {len(lines)} lines (1-based, inclusive)")
     start = sum(len(x) for x in lines[: first - 1])
