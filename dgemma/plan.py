@@ -229,7 +229,7 @@ def render(plan: Plan, budgets_gib=(18, 24, 80)) -> list[str]:
 
 # --- `dgemma plan` ------------------------------------------------------------------------------------------
 def add_plan_parser(subparsers) -> None:
-    from .argtypes import positive_int
+    from .argtypes import non_negative_int, positive_int
 
     p = subparsers.add_parser("plan", help="memory needed for weights, KV cache, sampler and activations, from the "
                                            "config alone (nothing is downloaded or allocated)")
@@ -243,7 +243,7 @@ def add_plan_parser(subparsers) -> None:
                    help="dtype of unquantized weights, activations and the KV cache (default bfloat16)")
     p.add_argument("--context", type=positive_int, default=None,
                    help=f"tokens per request (default {DEFAULT_CONTEXT}, or the model's positions if fewer)")
-    p.add_argument("--prompt", type=int, default=None,
+    p.add_argument("--prompt", type=non_negative_int, default=None,
                    help="prompt tokens prefilled in one pass (default: context minus one canvas)")
     p.add_argument("--prefill-chunk", type=positive_int, default=None,
                    help="plan a prompt prefilled in pieces of N tokens (dgemma's engine prefills in one pass today)")

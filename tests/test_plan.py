@@ -171,6 +171,12 @@ def test_the_table_unit_shows_small_models(capsys):
     assert len(rows) == 11 and all(row in readme for row in rows), rows  # as the README quotes them
 
 
+def test_a_negative_prompt_is_refused_as_such(capsys):
+    with pytest.raises(SystemExit) as e:  # was "prompt -5 must leave room for a canvas", after reading the config
+        main(["plan", "--config", str(CONFIG_26B), "--prompt", "-5"])
+    assert e.value.code == 2 and "argument --prompt: must be at least 0, got -5" in capsys.readouterr().err
+
+
 def test_output_piped_into_head_ends_quietly(capsys, monkeypatch):
     """`dgemma plan ... | head -1`: the reader leaves early; a quiet stop with SIGPIPE's status, not a traceback."""
     import io
