@@ -63,6 +63,13 @@ def test_edit_lengths_centre_on_the_old_length():
     assert edit_lengths(1, 5) == [1, 2]
 
 
+def test_a_span_at_the_end_keeps_its_length(random_engine):
+    """Nothing after the span: no junction to score (every length tied and the shortest won); the old length stays."""
+    old_tokens = len(random_engine.tokenizer.encode(TEXT[5:], add_bos=False))
+    r = random_engine.edit(TEXT, 5, len(TEXT), max_denoising_steps=2, seed=0)
+    assert [n for n, _ in r.infill.candidates] == [old_tokens] and r.text.startswith(TEXT[:5])
+
+
 def test_bad_edits_are_refused(random_engine):
     with pytest.raises(ValueError, match="outside the text"):
         random_engine.edit(TEXT, 5, 500)

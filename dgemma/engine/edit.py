@@ -8,8 +8,9 @@ it, with two differences:
     carries what it made of it into the later steps;
   * with an instruction, the encoder context is a chat turn holding the instruction and the old span, and the
     answer starts with the text before the span (the model rewrites the span in place, mid-answer).
-Candidate lengths centre on the old span's length (the same junction scoring picks one). Text outside the span is
-returned byte-identical: the result is before + new span + after, as strings.
+Candidate lengths centre on the old span's length (the same junction scoring picks one); a span that ends the text
+has no junction to score and keeps its length. Text outside the span is returned byte-identical: the result is
+before + new span + after, as strings.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def edit(engine, text: str, start: int, end: int, *, instruction: str | None = N
     if instruction is not None:
         prompt = f"{instruction}\n\nThe part to rewrite:\n{old}" if old else instruction
     lengths = span_tokens if span_tokens is not None else edit_lengths(max(1, len(old_ids)), num_candidates)
+    if span_tokens is None and not after:  # no text after the span, no junction to score: lengths would all tie
+        lengths = max(1, len(old_ids))  # (and the shortest win), so the span keeps its length
     result = infill(engine, before, after, instruction=prompt, seed=seed, seeds_from=seeds, middle_tokens=lengths,
                     **options)
     return EditResult(before + result.middle + after, old, result.middle, start, end, result)
