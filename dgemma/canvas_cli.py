@@ -128,10 +128,12 @@ def _add_flags(p, add_model_flags) -> None:
 def add_canvas_parsers(sub, add_model_flags, load_engine) -> None:
     p = sub.add_parser("infill", help="write the middle between a prefix file and a suffix file")
     p.add_argument("--prefix-file", required=True, help="text before the gap (UTF-8)")
-    p.add_argument("--suffix-file", required=True, help="text after the gap (UTF-8)")
-    p.add_argument("--middle-tokens", type=positive_int, default=None, help="exact middle length in tokens")
-    p.add_argument("--max-middle-tokens", type=positive_int, default=None,
-                   help="longest candidate length (default: what fits in one canvas beside the suffix)")
+    p.add_argument("--suffix-file", required=True,
+                   help="text after the gap (UTF-8); an empty file continues the prefix up to --max-middle-tokens")
+    length = p.add_mutually_exclusive_group()  # an exact length leaves nothing for a longest length to bound
+    length.add_argument("--middle-tokens", type=positive_int, default=None, help="exact middle length in tokens")
+    length.add_argument("--max-middle-tokens", type=positive_int, default=None,
+                        help="longest candidate length (default: what fits in one canvas beside the suffix)")
     p.add_argument("--full", action="store_true", help="print prefix + middle + suffix (default: the middle only)")
     _add_flags(p, add_model_flags)
     p.set_defaults(func=lambda args: cmd_infill(args, load_engine))

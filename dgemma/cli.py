@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from .argtypes import accept_rule, non_negative_int, port, positive_int
@@ -114,6 +116,14 @@ def cmd_generate(args) -> int:
         raise ValueError("empty prompt: pass PROMPT or pipe text on stdin")
     if args.raw and args.think:
         raise ValueError("--think switches thinking on in the chat template, which --raw leaves out; drop one")
+    output = "--json-schema" if args.json_schema else "--json-object" if args.json_object else None
+    for flag, given, why in (("--think", args.think, "the JSON document starts at the first token: no room for "
+                              "thinking"), ("--show-thinking", args.show_thinking, "there is no thinking to show"),
+                             ("--show-drafts", args.show_drafts, "stdout holds the JSON document alone")):
+        if given and output:
+            raise ValueError(f"{flag} cannot be combined with {output} ({why}); drop one")
+    if args.show_drafts and args.json:
+        raise ValueError("--show-drafts draws on stdout, which --json keeps for the JSON object; drop one")
     from .canvas_cli import json_format, run_json
 
     fmt = json_format(args)
@@ -138,6 +148,9 @@ def cmd_generate(args) -> int:
     return 0
 
 
+CHAT_COMMANDS = "type a message, then Enter; /reset (or /clear) starts a new conversation, /exit (or Ctrl-D) ends"
+
+
 def cmd_chat(args) -> int:
     from .config import ConfigError
     from .engine.chat import ChatSession
@@ -146,6 +159,8 @@ def cmd_chat(args) -> int:
     session = ChatSession(engine, system=args.system, enable_thinking=args.think)
     options = _engine_options(args, engine)
     interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"dgemma chat: {CHAT_COMMANDS}", file=sys.stderr)
     refused = False  # a turn the model could not take (e.g. past its context): reported, the chat goes on
     while True:
         if interactive:
@@ -155,19 +170,24 @@ def cmd_chat(args) -> int:
             return 2 if refused else 0
         if not line.strip():
             continue
+        if line.strip() in ("/reset", "/clear"):
+            session.reset()
+            print("dgemma chat: new conversation (history and cache cleared)", file=sys.stderr)
+            continue
         try:
             done = _run_stream(session.send(line.rstrip("\n"), drafts=args.show_drafts, **options), args,
                                engine.tokenizer)
         except ConfigError:  # bad settings fail every turn alike: end the command
             raise
         except ValueError as e:  # raised before the turn changed the session
-            print(f"dgemma chat: error: {e}", file=sys.stderr)
+            history = f"; /reset starts a new conversation (this one holds {len(session.ids)} tokens)" \
+                if session.ids else ""
+            print(f"dgemma chat: error: {e}{history}", file=sys.stderr)
             refused = True
             continue
         print()
         if args.stats:
-            print(f"[{done.completion_tokens} tokens, reused {session.reused_tokens} cached prompt tokens, "
-                  f"{done.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+            print(done.summary(f"reused {session.reused_tokens} cached prompt tokens"), file=sys.stderr)
 
 
 def cmd_serve(args) -> int:
@@ -246,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--json-object", action="store_true", help="answer with one JSON object (printed alone)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="multi-turn chat on stdin; reuses the cached prefix across turns")
+    p = sub.add_parser("chat", help="multi-turn chat on stdin; reuses the cached prefix across turns",
+                       description=f"Multi-turn chat on stdin: {CHAT_COMMANDS}.")
     _add_model_flags(p)
     _add_sampling_flags(p)
     p.add_argument("--system", default=None, help="system prompt")
@@ -287,14 +308,27 @@ def main(argv: list[str] | None = None) -> int:
     from .model.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"dgemma {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C: stop quietly, with the shell's status for SIGINT
-        print(file=sys.stderr)
-        return 130
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        # one line, like the errors: Python's default adds the file, the category and a line of source code
+        print(f"dgemma {args.command}: warning: {message}", file=sys.stderr if file is None else file)
+
+    with warnings.catch_warnings():  # restores the default display when main returns (tests call main)
+        warnings.showwarning = show_warning
+        try:
+            return args.func(args)
+        except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+            print(f"dgemma {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:  # Ctrl-C: stop quietly, with the shell's status for SIGINT
+            print(file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # stdout closed early (`dgemma plan ... | head`): stop quietly, as cat does
+            try:  # and keep Python's exit-time flush of stdout from failing again
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):  # no real file behind sys.stdout: nothing left to flush
+                pass
+            return 141  # the shell's status for SIGPIPE
 
 
 if __name__ == "__main__":

@@ -196,6 +196,15 @@ def plan_with(plan: Plan, concurrency: int) -> Plan:
                      prefill_chunk=plan.prefill_chunk, device=plan.device, scale_dtype=plan.scale_dtype)
 
 
+def table_unit(largest: int) -> tuple[str, int, str, int]:
+    """(binary name, bytes, decimal name, bytes) of the largest unit in which `largest` is at least 1: GiB for a
+    model of gigabytes, MiB/KiB for a small one (whose sizes would all read 0.00 GiB)."""
+    for power, binary, decimal in ((3, "GiB", "GB"), (2, "MiB", "MB")):
+        if largest >= 1024 ** power:
+            return binary, 1024 ** power, decimal, 1000 ** power
+    return "KiB", 1024, "kB", 1000
+
+
 def render(plan: Plan, budgets_gib=(18, 24, 80)) -> list[str]:
     c = plan.concurrency
     prefill = f"prefill, {plan.prompt:,}-token prompt " + (f"in {plan.prefill_chunk:,}-token pieces"
@@ -208,7 +217,8 @@ def render(plan: Plan, budgets_gib=(18, 24, 80)) -> list[str]:
              ("activation peak", plan.activation_peak), (f"  {prefill}", plan.prefill_activations),
              (f"  denoising step, {c} canvas(es)", plan.step_activations),
              (f"total, {c} concurrent canvas(es)", plan.total_bytes)]
-    lines = [f"{label:<50}{n / GiB:8.2f} GiB ({n / 1e9:6.2f} GB)" for label, n in rows]
+    binary, b, decimal, d = table_unit(plan.total_bytes)
+    lines = [f"{label:<50}{n / b:8.2f} {binary} ({n / d:6.2f} {decimal})" for label, n in rows]
     for gb in budgets_gib:
         n = plan.max_concurrency(gb * GiB)
         lines.append(f"fits in {gb:g} GiB: " + (f"yes, up to {n} concurrent canvas(es) at this context" if n else "no"))
@@ -219,7 +229,7 @@ def render(plan: Plan, budgets_gib=(18, 24, 80)) -> list[str]:
 
 # --- `dgemma plan` ------------------------------------------------------------------------------------------
 def add_plan_parser(subparsers) -> None:
-    from .argtypes import positive_int
+    from .argtypes import non_negative_int, positive_int
 
     p = subparsers.add_parser("plan", help="memory needed for weights, KV cache, sampler and activations, from the "
                                            "config alone (nothing is downloaded or allocated)")
@@ -233,7 +243,7 @@ def add_plan_parser(subparsers) -> None:
                    help="dtype of unquantized weights, activations and the KV cache (default bfloat16)")
     p.add_argument("--context", type=positive_int, default=None,
                    help=f"tokens per request (default {DEFAULT_CONTEXT}, or the model's positions if fewer)")
-    p.add_argument("--prompt", type=int, default=None,
+    p.add_argument("--prompt", type=non_negative_int, default=None,
                    help="prompt tokens prefilled in one pass (default: context minus one canvas)")
     p.add_argument("--prefill-chunk", type=positive_int, default=None,
                    help="plan a prompt prefilled in pieces of N tokens (dgemma's engine prefills in one pass today)")

@@ -21,8 +21,8 @@ def test_line_span():
     assert (s, e) == (0, 1)
     text = "x = 1\f\ny\u2028z\nlast"  # a form feed and U+2028 do not end lines (editors, wc -l and sed agree)
     assert [text[slice(*line_span(text, n, n))] for n in (1, 2, 3)] == ["x = 1\f", "y\u2028z", "last"]
-    for bad in ((0, 1), (3, 2), (2, 9)):
-        with pytest.raises(ValueError, match="outside"):
+    for bad, message in (((0, 1), "outside"), ((3, 2), "comes after the last"), ((2, 9), "outside")):
+        with pytest.raises(ValueError, match=message):
             line_span(TEXT, *bad)
 
 
@@ -63,6 +63,13 @@ def test_edit_lengths_centre_on_the_old_length():
     assert edit_lengths(1, 5) == [1, 2]
 
 
+def test_a_span_at_the_end_keeps_its_length(random_engine):
+    """Nothing after the span: no junction to score (every length tied and the shortest won); the old length stays."""
+    old_tokens = len(random_engine.tokenizer.encode(TEXT[5:], add_bos=False))
+    r = random_engine.edit(TEXT, 5, len(TEXT), max_denoising_steps=2, seed=0)
+    assert [n for n, _ in r.infill.candidates] == [old_tokens] and r.text.startswith(TEXT[:5])
+
+
 def test_bad_edits_are_refused(random_engine):
     with pytest.raises(ValueError, match="outside the text"):
         random_engine.edit(TEXT, 5, 500)
@@ -70,10 +77,20 @@ def test_bad_edits_are_refused(random_engine):
         random_engine.edit(TEXT, 0, 4, strength=2)
     with pytest.raises(ValueError, match="after its end"):  # was "outside the text"
         random_engine.edit(TEXT, 5, 2)
+    with pytest.raises(ValueError, match="lines 3-1: the first line comes after the last"):  # was "outside the text"
+        line_span(TEXT, 3, 1)
     with pytest.raises(ValueError, match="span_tokens"):  # was a message about middle_tokens
         random_engine.edit(TEXT, 0, 4, span_tokens=0)
     with pytest.raises(ValueError, match="span_tokens"):  # was a TypeError (infill got middle_tokens twice)
         random_engine.edit(TEXT, 0, 4, middle_tokens=2)
+    with pytest.raises(ValueError, match="span_tokens"):  # was the infill's "give middle_tokens or max_..."
+        random_engine.edit(TEXT, 0, 4, max_middle_tokens=2)
+    for bad in (0, -1, 1.5, True):  # as infill refuses them (edit quietly used 1)
+        for call in (random_engine.edit, lambda *a, **k: random_engine.infill("a", "b", **k)):
+            with pytest.raises(ValueError, match=f"num_candidates must be an int >= 1, got {bad!r}"):
+                call(TEXT, 0, 4, num_candidates=bad)
+    with pytest.raises(ValueError, match="max_middle_tokens must be an int >= 1, got 0"):  # was: quietly 1
+        random_engine.infill("a", "b", max_middle_tokens=0)
 
 
 def test_cli_edit(random_model_dir, tmp_path, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import dgemma
 from dgemma.cli import main
 from dgemma.engine.engine import Engine
 from dgemma.engine.generate import Commit, canvas_loop, step_config
@@ -29,7 +30,7 @@ def test_prefix_and_suffix_are_byte_identical(random_engine, prefix, suffix, opt
     assert len(r.middle_ids) == r.middle_tokens
     tok = random_engine.tokenizer
     assert not set(r.middle_ids) & (tok.added_id_set | set(tok.stop_ids))
-    assert r.candidates[0][0] == r.middle_tokens
+    assert r.candidates[0][0] == r.middle_tokens if suffix else r.candidates == []  # empty suffix: a continuation
     if "middle_tokens" in options:
         assert r.middle_tokens == options["middle_tokens"]
 
@@ -102,11 +103,28 @@ def test_junction_score_picks_the_true_length(random_engine):
     assert r.candidates[0][1] > r.candidates[1][1]
 
 
+def test_an_empty_suffix_continues_the_prefix(random_engine):
+    """No suffix, no junction to score: one free row, cut exactly at max_middle_tokens or at the first stop id
+    (before, candidate lengths raced on scores that all tied, and the shortest won whatever the text)."""
+    tok = random_engine.tokenizer
+    for limit in (5, 20, 70):  # inside one canvas, and past it (two canvases)
+        r = random_engine.infill("x = ", "", max_middle_tokens=limit, **FAST)
+        assert r.candidates == [] and r.text == "x = " + r.middle and len(r.middle_ids) == r.middle_tokens
+        assert r.middle_tokens == limit and not set(r.middle_ids) & set(tok.stop_ids)  # the random model never stops
+    from dgemma.bundled import PACKAGED
+    engine = dgemma.load(PACKAGED, quiet=True)  # a trained model: its answer ends with a stop id
+    r = engine.infill("def is_prime(n):\n    ", "", seed=0, max_denoising_steps=8)
+    assert r.candidates == [] and 0 < r.middle_tokens < engine.config.canvas_length  # it ended before the limit
+    assert r.steps_per_canvas and max(r.steps_per_canvas) <= 8
+
+
 def test_bad_input_is_refused(random_engine):
     with pytest.raises(ValueError, match="middle_tokens"):
         random_engine.infill("a", "b", middle_tokens=0)
     with pytest.raises(ValueError, match="strings"):
         random_engine.infill(None, "b")
+    with pytest.raises(ValueError, match="middle_tokens .* or max_middle_tokens .*, not both"):  # was: max ignored
+        random_engine.infill("a", "b", middle_tokens=3, max_middle_tokens=8)
     with pytest.raises(ValueError, match="max_middle_tokens"):  # the engine's own advice named max_tokens
         random_engine.infill("a", "b", max_middle_tokens=random_engine.config.max_position_embeddings)
 
@@ -121,3 +139,7 @@ def test_cli_infill(random_model_dir, tmp_path, capsys):
     assert main(["infill", "--model", str(random_model_dir), "--prefix-file", str(tmp_path / "missing"),
                  "--suffix-file", str(tmp_path / "b.py")]) == 2
     assert "missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # an exact length and a longest one: refused before anything loads
+        main(["infill", "--prefix-file", str(tmp_path / "a.py"), "--suffix-file", str(tmp_path / "b.py"),
+              "--middle-tokens", "3", "--max-middle-tokens", "8"])
+    assert e.value.code == 2 and "not allowed with argument --middle-tokens" in capsys.readouterr().err

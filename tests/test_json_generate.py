@@ -106,3 +106,18 @@ def test_cli_output_flags_that_conflict_are_refused(random_model_dir, flags, cap
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(random_model_dir), *flags, "A city"])
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--json-object", "--think"], "--think cannot be combined with --json-object"),
+    (["--json-schema", "s.json", "--think"], "--think cannot be combined with --json-schema"),
+    (["--json-object", "--show-drafts"], "--show-drafts cannot be combined with --json-object"),
+    (["--json-schema", "s.json", "--show-thinking"], "--show-thinking cannot be combined with --json-schema"),
+    (["--json", "--show-drafts"], "--show-drafts draws on stdout, which --json keeps for the JSON object")])
+def test_cli_flags_a_json_output_would_ignore_are_refused_before_loading(tmp_path, monkeypatch, flags, message,
+                                                                         capsys):
+    (tmp_path / "s.json").write_text('{"type": "object"}')
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--model", str(tmp_path / "no-model"), *flags, "A city"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "does not exist" not in err, err  # refused before the model is looked for

@@ -155,6 +155,40 @@ def test_cli_refuses_flags_that_cannot_describe_a_run(flags, match, capsys):
     assert match in capsys.readouterr().err
 
 
+def test_the_table_unit_shows_small_models(capsys):
+    """The bundled model's sizes read in MiB (they all read 0.00 GiB); the 26B table stays in GiB, as the README
+    quotes it."""
+    from dgemma.bundled import PACKAGED
+    assert main(["plan", "--model", str(PACKAGED), "--json"]) == 0
+    weights = json.loads(capsys.readouterr().out)["weights_bytes"]
+    assert main(["plan", "--model", str(PACKAGED)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "weights: " in line)
+    assert row.endswith(f"{weights / 2**20:8.2f} MiB ({weights / 1e6:6.2f} MB)"), row
+    assert main(["plan", "--config", str(CONFIG_26B), "--quant", "int4", "--context", "8192"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if " GiB (" in line]
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert len(rows) == 11 and all(row in readme for row in rows), rows  # as the README quotes them
+
+
+def test_a_negative_prompt_is_refused_as_such(capsys):
+    with pytest.raises(SystemExit) as e:  # was "prompt -5 must leave room for a canvas", after reading the config
+        main(["plan", "--config", str(CONFIG_26B), "--prompt", "-5"])
+    assert e.value.code == 2 and "argument --prompt: must be at least 0, got -5" in capsys.readouterr().err
+
+
+def test_output_piped_into_head_ends_quietly(capsys, monkeypatch):
+    """`dgemma plan ... | head -1`: the reader leaves early; a quiet stop with SIGPIPE's status, not a traceback."""
+    import io
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["plan", "--config", str(CONFIG_26B)]) == 141
+    assert capsys.readouterr().err == ""
+
+
 def test_default_context_fits_a_model_with_fewer_positions(capsys):
     from dgemma.bundled import PACKAGED  # 4,096 positions: the default 8,192 would be refused
     assert main(["plan", "--model", str(PACKAGED), "--json"]) == 0

@@ -6,6 +6,7 @@ Expected values here are derived by hand from the spec (§6.2-§6.5), never by r
 import ast
 import dataclasses
 import pathlib
+import re
 
 import pytest
 import torch
@@ -110,6 +111,18 @@ def test_step_config_rejects_bad_values(bad):
 def test_rule_factories_reject_bad_values(make):
     with pytest.raises(ValueError):
         make()
+
+
+@pytest.mark.parametrize("text, message", [("confidence:2", "must be in (0, 1], got 2.0"),
+                                           ("confidence:1.0001", "a probability"), ("confidence:0", "> 0")])
+def test_a_confidence_threshold_is_a_probability(text, message):
+    """--accept confidence:T (and the server's "acceptance") refuses T outside (0, 1] with a message saying why."""
+    from dgemma.argtypes import accept_rule
+    with pytest.raises(ValueError, match=re.escape(message)):
+        accept_rule(text)
+    with pytest.raises(ValueError, match="probability"):
+        S.confidence_threshold(1.5)
+    assert repr(accept_rule("confidence:1")) == "confidence_threshold(1.0)"  # 1: only each row's top position
 
 
 def test_from_generation_config_none_disables_stop():

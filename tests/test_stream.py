@@ -83,6 +83,18 @@ def test_stop_string_cuts_the_answer_exactly(engine):
     assert events[-1].completion_tokens <= 120
 
 
+def test_one_stop_string_is_one_stop_not_its_characters(engine):
+    full = run(engine, seed=4, max_tokens=120, eos_token_id=[], drafts=False)[-1].output.answer
+    # two characters that first appear together at i, the first of them alone earlier
+    stop = next(full[i:i + 2] for i in range(5, len(full) - 1) if full[i:i + 2] not in full[:i + 1]
+                and full[i] in full[:i])
+    one = run(engine, seed=4, max_tokens=120, eos_token_id=[], drafts=False, stop=stop)[-1]
+    assert one.output.answer == full[: full.find(stop)] and one.finish_reason == "stop"  # was cut at either char
+    for bad in ([5], 5, [None]):
+        with pytest.raises(ValueError, match="stop must be a string or a list of strings"):
+            run(engine, stop=bad)
+
+
 def test_seed_reproducibility(engine):
     a = run(engine, seed=7, max_tokens=40, drafts=False)[-1].completion_ids
     b = run(engine, seed=7, max_tokens=40, drafts=False)[-1].completion_ids
@@ -117,6 +129,17 @@ def test_max_tokens_and_max_new_tokens_are_one_cap(engine):
     assert run(engine, seed=1, max_new_tokens=5, eos_token_id=[], drafts=False)[-1].completion_tokens == 5
     with pytest.raises(ValueError, match="give max_tokens or max_new_tokens"):
         run(engine, max_tokens=5, max_new_tokens=5)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "5"])
+def test_a_bad_max_tokens_names_max_tokens(engine, bad):
+    """The caller passed max_tokens: the error names it, not the generation config's max_new_tokens."""
+    for call in (lambda: engine.complete("Hi", max_tokens=bad), lambda: run(engine, max_tokens=bad),
+                 lambda: list(ChatSession(engine).send("Hi", max_tokens=bad)),
+                 lambda: engine.generate_json("Hi", max_tokens=bad)):
+        with pytest.raises(ValueError, match=r"^max_tokens must be an integer >= 1") as e:
+            call()
+        assert "max_new_tokens" not in str(e.value)
 
 
 def test_prompt_longer_than_context_is_refused(engine):
@@ -218,6 +241,38 @@ def test_cli_chat_goes_on_after_a_turn_past_the_context(model_dir, capsys, monke
     assert "dgemma chat: error: prompt of" in err and "exceeds this model's context" in err
     reused = [int(line.split("reused ")[1].split()[0]) for line in err.splitlines() if "reused" in line]
     assert len(reused) == 2 and reused[1] > 0, err  # both other turns answered; the refused one left no trace
+
+
+def test_cli_chat_reset_starts_over_once_the_conversation_fills_the_context(model_dir, capsys, monkeypatch):
+    """A full conversation refuses every later turn; the refusal names /reset, and /reset starts a fresh one."""
+    import io
+    long = "word " * 2500  # ~5,000 tokens: one fits the 8192 positions, two do not
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{long}\n{long}\n/reset\n{long}\n"))
+    assert main(["chat", "--model", str(model_dir), "--max-tokens", "5", "--seed", "0", "--stats"]) == 2
+    err = capsys.readouterr().err
+    assert "exceeds this model's context" in err and "/reset starts a new conversation" in err, err
+    assert "new conversation (history and cache cleared)" in err
+    reused = [int(line.split("reused ")[1].split()[0]) for line in err.splitlines() if "reused" in line]
+    assert reused == [0, 0], err  # the first turn, then the turn after /reset: nothing cached to reuse
+    session = ChatSession(dgemma.load(model_dir, quiet=True), system="Be brief.")
+    first = session._turn_ids("Hi")
+    list(session.send("Hi", seed=0, max_tokens=5))
+    session.reset()
+    assert session.ids == [] and session.cache is None and session._turn_ids("Hi") == first  # system prompt kept
+
+
+def test_cli_chat_stats_line_is_the_generate_summary(model_dir, capsys, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr("sys.stdin", Terminal("Hi\n"))
+    assert main(["chat", "--model", str(model_dir), "--max-tokens", "1", "--seed", "0", "--stats"]) == 0
+    err = capsys.readouterr().err
+    assert "/reset (or /clear) starts a new conversation" in err.splitlines()[0]  # the banner names the commands
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("[1 token, 1 canvas, steps [") and line.endswith(", reused 0 cached prompt tokens]"), line
 
 
 def test_cli_generate_reads_stdin(model_dir, capsys, monkeypatch):

@@ -5,13 +5,16 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tokenizers
+import torch
 
 import dgemma.text
 
@@ -198,6 +201,17 @@ def test_invalid_bytes_are_replaced_locally(tok):
     assert tok.decode([byte[0xC3], byte[0xA9], byte[0xA9]]) == "é\ufffd"  # library: "���"
     assert tok.decode([byte[0xE2], byte[0x82]]) == "\ufffd"  # unfinished at the end
     assert tok.decode([tok.vocab_size + 5]) == "\ufffd"  # id beyond the vocabulary
+    assert tok.decode([2**40, 2**70]) == "\ufffd\ufffd"  # however far beyond (was an OverflowError)
+
+
+@pytest.mark.parametrize("bad, message", [(-1, "token id -1 is negative"), (-(2**70), "is negative"),
+                                          (1.5, "token ids must be integers, got 1.5")])
+def test_a_bad_id_is_a_value_error_naming_it(tok, bad, message):
+    for decode in (lambda: tok.decode([5, bad]), lambda: tok.stream().push([bad])):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            decode()
+    assert tok.id_to_token(-1) is None and tok.id_to_token(2**70) is None
+    assert tok.decode(torch.tensor([5])) == tok.decode([5]) == tok.decode([np.int64(5)])
 
 
 def chunked(ids, rng):

@@ -116,6 +116,22 @@ def test_too_long_examples_truncate_drop_or_raise(tmp_path, tok):
         load_examples(path, tok, canvas_length=16, max_len=5)
 
 
+def test_cli_prints_a_warning_as_one_line(tmp_path, capsys):
+    """`dgemma train`'s data warnings (any command's warnings) are one 'warning:' line, not Python's file:line plus a
+    line of source code; the display is Python's again once main returns."""
+    from dgemma.bundled import PACKAGED
+    from dgemma.cli import main
+
+    path = write_lines(tmp_path / "long.jsonl", [{"prompt": "x", "completion": "word " * 40}] * 2)
+    shown = warnings.showwarning
+    assert main(["train", "--model", str(PACKAGED), "--data", str(path), "--max-seq-len", "70", "--out",
+                 str(tmp_path / "out"), "--no-progress"]) == 2  # every example dropped: an error after the warning
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"dgemma train: warning: 2 example(s) longer than max_len 70 were dropped ({path}:1, {path}:2)"
+    assert err[1].startswith("dgemma train: error: ") and len(err) == 2, err
+    assert warnings.showwarning is shown
+
+
 @pytest.mark.parametrize("line, message", [
     ("{not json", r"bad.jsonl:3: not valid JSON"),
     ("[1, 2]", r"bad.jsonl:3: expected a JSON object, got list"),

@@ -23,6 +23,10 @@ class ChatSession:
         self.cached_ids: list[int] = []  # what self.cache holds
         self.reused_tokens = 0  # prompt tokens the last turn did not have to encode
 
+    def reset(self) -> None:
+        """Start a new conversation (the system prompt stays): the history and its cache are dropped."""
+        self.ids, self.cache, self.cached_ids, self.reused_tokens = [], None, [], 0
+
     def _turn_ids(self, user_text: str) -> list[int]:
         messages = [{"role": "user", "content": user_text}]
         if not self.ids and self.system:

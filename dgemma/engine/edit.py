@@ -8,8 +8,9 @@ it, with two differences:
     carries what it made of it into the later steps;
   * with an instruction, the encoder context is a chat turn holding the instruction and the old span, and the
     answer starts with the text before the span (the model rewrites the span in place, mid-answer).
-Candidate lengths centre on the old span's length (the same junction scoring picks one). Text outside the span is
-returned byte-identical: the result is before + new span + after, as strings.
+Candidate lengths centre on the old span's length (the same junction scoring picks one); a span that ends the text
+has no junction to score and keeps its length. Text outside the span is returned byte-identical: the result is
+before + new span + after, as strings.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .generate import seeded_generator
-from .infill import InfillResult, infill
+from .infill import InfillResult, check_count, infill
 
 LINE = re.compile(r"[^\r\n]*(?:\r\n|\n|\r)|[^\r\n]+\Z")
 
@@ -39,6 +40,8 @@ def line_span(text: str, first: int, last: int) -> tuple[int, int]:
     """Character offsets [start, end) of 1-based lines first..last (inclusive), without the last line's newline.
     Lines end at \n, \r\n or \r, as editors count them (not at form feeds or U+2028, which splitlines takes)."""
     lines = LINE.findall(text)
+    if first > last:
+        raise ValueError(f"lines {first}-{last}: the first line comes after the last; give N-M with N <= M")
     if not 1 <= first <= last <= len(lines):
         raise ValueError(f"lines {first}-{last} are outside the text's {len(lines)} lines (1-based, inclusive)")
     start = sum(len(x) for x in lines[: first - 1])
@@ -52,7 +55,7 @@ def line_span(text: str, first: int, last: int) -> tuple[int, int]:
 
 def edit_lengths(old: int, num_candidates: int) -> list[int]:
     """Candidate span lengths around the old one: the old length first, then shorter and longer."""
-    factors = [1.0, 0.75, 1.5, 0.5, 2.0, 1.25][: max(1, num_candidates)]
+    factors = [1.0, 0.75, 1.5, 0.5, 2.0, 1.25][:num_candidates]
     return sorted({max(1, round(old * f)) for f in factors})
 
 
@@ -68,9 +71,10 @@ def edit(engine, text: str, start: int, end: int, *, instruction: str | None = N
     if span_tokens is not None and (isinstance(span_tokens, bool) or not isinstance(span_tokens, int)
                                     or span_tokens < 1):
         raise ValueError(f"span_tokens must be an int >= 1 (the new span's length in tokens), got {span_tokens!r}")
-    if "middle_tokens" in options or "seeds_from" in options:
-        raise ValueError("edit sets the middle itself: give span_tokens (the new span's length), not middle_tokens "
-                         "or seeds_from")
+    if {"middle_tokens", "max_middle_tokens", "seeds_from"} & set(options):
+        raise ValueError("edit sets the middle itself: give span_tokens (the new span's length), not middle_tokens, "
+                         "max_middle_tokens or seeds_from")
+    check_count("num_candidates", num_candidates)
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
     tok = engine.require_tokenizer()
@@ -83,6 +87,8 @@ def edit(engine, text: str, start: int, end: int, *, instruction: str | None = N
     if instruction is not None:
         prompt = f"{instruction}\n\nThe part to rewrite:\n{old}" if old else instruction
     lengths = span_tokens if span_tokens is not None else edit_lengths(max(1, len(old_ids)), num_candidates)
+    if span_tokens is None and not after:  # no text after the span, no junction to score: lengths would all tie
+        lengths = max(1, len(old_ids))  # (and the shortest win), so the span keeps its length
     result = infill(engine, before, after, instruction=prompt, seed=seed, seeds_from=seeds, middle_tokens=lengths,
                     **options)
     return EditResult(before + result.middle + after, old, result.middle, start, end, result)

@@ -24,6 +24,9 @@ was trained on uniformly corrupted canvases, so it never knows which tokens are 
 clamped ones too; a middle of the wrong length leaves a seam that it predicts badly. Highest score wins (ties: the
 shorter). `middle_tokens=N` skips the search.
 
+An empty suffix leaves no junction to score (every length would tie), so it means "continue the prefix": one row,
+nothing clamped, ended by the model's first stop id or by max_middle_tokens (default one canvas), like a completion.
+
 Free middle positions may hold any ordinary token but no special token (so no stop id can end the text early).
 """
 
@@ -58,6 +61,12 @@ def row_layout(middle: int, suffix_ids: list[int], eos_id: int, canvas_length: i
     end = ((middle - 1) // canvas_length + 1) * canvas_length  # end of the middle's last canvas
     row = ([-1] * middle + list(suffix_ids))[:end]
     return row + [eos_id] * (num_positions - len(row))
+
+
+def check_count(name: str, value) -> None:
+    """A count option (num_candidates, max_middle_tokens) must be an int >= 1: a clear error, never a quiet 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def candidate_lengths(canvas_length: int, num_suffix: int, *, max_middle: int, num_candidates: int) -> list[int]:
@@ -142,6 +151,8 @@ def infill(engine, prefix: str, suffix: str, *, instruction: str | None = None,
 
     middle_tokens: exact length of the middle in tokens, or a list of candidate lengths; else `num_candidates`
     lengths up to max_middle_tokens (default: what fits in one canvas with the junction visible) race as batch rows.
+    An empty suffix without middle_tokens continues the prefix up to max_middle_tokens (default: one canvas) or
+    the model's first stop id (then `candidates` is empty: no length was raced).
     seeds_from: token ids the middle STARTS from (an in-place edit), instead of noise. Other options as for
     `Engine.stream` (max_denoising_steps, entropy_bound, t_min, t_max, ...)."""
     started = time.perf_counter()
@@ -150,17 +161,29 @@ def infill(engine, prefix: str, suffix: str, *, instruction: str | None = None,
     tok = engine.require_tokenizer()
     L = engine.config.canvas_length
     suffix_ids = tok.encode(suffix, add_bos=False) if suffix else []
+    check_count("num_candidates", num_candidates)
+    if max_middle_tokens is not None:
+        check_count("max_middle_tokens", max_middle_tokens)
+    if middle_tokens is not None and max_middle_tokens is not None:
+        raise ValueError("give middle_tokens (the exact length) or max_middle_tokens (the longest candidate), not both")
     if middle_tokens is not None:
         lengths = [middle_tokens] if not isinstance(middle_tokens, (list, tuple)) else list(middle_tokens)
         if not lengths or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in lengths):
             raise ValueError(f"middle_tokens must be an int >= 1 or a list of them, got {middle_tokens!r}")
+    elif not suffix_ids:  # continue the prefix: one row whose canvases are all free, a stop id may end it
+        limit = max_middle_tokens if max_middle_tokens is not None else L
+        lengths = [-(-limit // L) * L]
     else:
         limit = max_middle_tokens if max_middle_tokens is not None else L - min(JUNCTION, len(suffix_ids) + 1)
         lengths = candidate_lengths(L, len(suffix_ids), max_middle=max(1, limit), num_candidates=num_candidates)
+    continuation = not suffix_ids and middle_tokens is None
     eos = tok.eos_id if tok.eos_id is not None else tok.stop_ids[0]
     ctx = context_ids(engine, prefix, instruction)
-    plan = InfillPlan(lengths, suffix_ids, eos, L, middle_class(tok, engine.config.vocab_size),
-                      [seeds_from] * len(lengths) if seeds_from else None, engine.device)
+    allowed = middle_class(tok, engine.config.vocab_size)
+    if continuation:
+        allowed[[i for i in tok.stop_ids if i < len(allowed)]] = True
+    plan = InfillPlan(lengths, suffix_ids, eos, L, allowed, [seeds_from] * len(lengths) if seeds_from else None,
+                      engine.device)
     gen = engine.generation_settings(**knobs, max_new_tokens=plan.num_canvases * L, eos_token_id=list(tok.stop_ids))
     try:
         engine.check_context(len(ctx), gen.max_new_tokens)
@@ -178,6 +201,13 @@ def infill(engine, prefix: str, suffix: str, *, instruction: str | None = None,
             pieces.append(event.tokens.cpu())
             steps.append(event.num_steps.cpu())
     tokens = torch.cat(pieces, dim=1)
+    if continuation:  # cut at max_middle_tokens and before the first stop id
+        middle_ids = tokens[0, :limit].tolist()
+        stops = [k for k, t in enumerate(middle_ids) if t in tok.stop_ids]
+        middle_ids = middle_ids[: stops[0]] if stops else middle_ids
+        middle = tok.decode(middle_ids)
+        return InfillResult(middle, prefix + middle + suffix, middle_ids, len(middle_ids), [],
+                            [int(s[0]) for s in steps], time.perf_counter() - started)
     scores = plan.scores.nan_to_num(float("-inf"))
     order = sorted(range(len(lengths)), key=lambda r: (-float(scores[r]), lengths[r]))
     best = order[0]

@@ -73,12 +73,14 @@ class Done:
                     self.time_to_first_text_s, 4), "wall_s": round(self.wall_s, 4),
                 "tokens_per_s": round(self.tokens_per_s, 2)}
 
-    def summary(self) -> str:
-        """The CLI's one-line stats: '[90 tokens, 2 canvases, steps [12, 9], 31.4 tok/s, finish=stop]'."""
+    def summary(self, *more: str) -> str:
+        """The CLI's one-line stats: '[90 tokens, 2 canvases, steps [12, 9], 31.4 tok/s, finish=stop]'; `more`
+        adds items before the closing bracket (chat: the reused prompt tokens)."""
         tokens = f"{self.completion_tokens} token{'' if self.completion_tokens == 1 else 's'}"
         canvases = f"{self.canvases} canvas{'' if self.canvases == 1 else 'es'}"
-        return (f"[{tokens}, {canvases}, steps {self.steps_per_canvas}, {self.tokens_per_s:.1f} tok/s, "
-                f"finish={self.finish_reason}]")
+        items = [tokens, canvases, f"steps {self.steps_per_canvas}", f"{self.tokens_per_s:.1f} tok/s",
+                 f"finish={self.finish_reason}", *more]
+        return f"[{', '.join(items)}]"
 
 
 class RowText:
@@ -161,6 +163,13 @@ class RowText:
                     self.first_text, time.perf_counter() - self.started)
 
 
+def check_max_tokens(max_tokens) -> None:
+    """The text API's cap is named max_tokens; say so when it is bad (the generation config would name its own
+    max_new_tokens, an option the caller did not pass)."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1 (the most new tokens), got {max_tokens!r}")
+
+
 def open_request(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = None,
                  stop: Sequence[str] | None = None, seed: int | None = None, drafts: bool = True,
                  cache: KVCache | None = None, cached_len: int = 0, accept=None, sampling: str = "fast",
@@ -168,7 +177,11 @@ def open_request(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = 
     """One request -> its canvas-loop Rows (settings, seeded generator, cache) and its RowText; nothing runs yet.
     Options as in `stream_ids`; bad ones raise here, before the request takes a place anywhere."""
     tok = engine.require_tokenizer()
+    stop = [stop] if isinstance(stop, str) else stop  # one stop string, as OpenAI's "stop": not its characters
+    if stop is not None and (not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop)):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
     if max_tokens is not None:
+        check_max_tokens(max_tokens)
         if "max_new_tokens" in knobs:
             raise ValueError("give max_tokens or max_new_tokens (two names of the same exact cap), not both")
         knobs["max_new_tokens"] = max_tokens

@@ -26,6 +26,7 @@ from ..text.json_layout import Budget, Layout, LayoutTooLong, build_layout
 from ..text.json_repair import repair_canvas
 from ..text.json_vocab import JsonVocab
 from ..text.jsonschema import SchemaError, normalise
+from .stream import check_max_tokens
 
 __all__ = ["JsonPlan", "JsonResult", "SchemaError", "check_response_format", "compact_json", "json_plan", "schema_of"]
 
@@ -132,6 +133,8 @@ def structured_options(engine, options: dict) -> dict:
         raise ValueError("stop strings cannot be combined with response_format: they could cut the JSON document")
     if options.get("plan") is not None:
         raise ValueError("give either response_format or plan, not both")
+    if options.get("max_tokens") is not None:
+        check_max_tokens(options["max_tokens"])
     plan = json_plan(engine, schema, max_tokens=options.get("max_tokens"))
     options["plan"], options["max_tokens"] = plan, plan.num_tokens
     return options

@@ -90,7 +90,12 @@ def entropy_bound(bound: float) -> AcceptRule:
 
 
 def confidence_threshold(threshold: float) -> AcceptRule:
+    """Keep the proposals whose confidence (a probability) exceeds `threshold`, in (0, 1]; 1 keeps only the
+    row's most confident position."""
     _check_positive("confidence_threshold", threshold)
+    if threshold > 1:
+        raise ValueError(f"confidence_threshold is a probability: it must be in (0, 1], got {threshold!r} (a "
+                         "proposal's confidence never exceeds 1)")
     return AcceptRule(lambda h, c, s: confidence_threshold_accept(c, threshold), f"confidence_threshold({threshold})")
 
 

@@ -12,6 +12,7 @@ ordinary text decodes exactly as the library does. The two differ only on invali
 from __future__ import annotations
 
 import codecs
+import operator
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -25,17 +26,23 @@ Piece = str | int  # a token's text, or the byte value of a byte-fallback token
 
 
 def to_pieces(tok: Tokenizer, ids: Iterable[int], *, skip_special: bool) -> list[Piece]:
+    """Ids -> pieces. A negative or non-integer id is a ValueError naming it; an id at or past the tokenizer's
+    vocabulary becomes U+FFFD (a model head padded beyond it can sample one: a stream must not crash mid-answer)."""
     if hasattr(ids, "tolist"):  # a torch tensor / numpy array: one conversion, not one per id
         ids = ids.tolist()
+    size = tok.vocab_size
     out: list[Piece] = []
     for i in ids:
-        i = int(i)
+        try:
+            i = operator.index(i)  # ints, numpy and torch integers; not 1.5 (int() would quietly make it 1)
+        except TypeError:
+            raise ValueError(f"token ids must be integers, got {i!r}") from None
+        if i < 0:
+            raise ValueError(f"token id {i} is negative; token ids are in [0, {size})")
         if skip_special and i in tok.special_id_set:
             continue
-        piece = tok.backend.id_to_token(i)
+        piece = tok.backend.id_to_token(i) if i < size else None
         if piece is None:
-            # An id past the tokenizer's vocabulary (a model head padded beyond it can sample one).
-            # Show it as a replacement character rather than crash a stream mid-answer.
             out.append("\ufffd")
             continue
         m = _BYTE_PIECE.fullmatch(piece)

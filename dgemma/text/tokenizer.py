@@ -139,7 +139,9 @@ class Tokenizer:
         return self.backend.token_to_id(token)
 
     def id_to_token(self, i: int) -> str | None:
-        return self.backend.id_to_token(int(i))
+        """The token string of id `i`; None when the vocabulary has no such id (negative ones included)."""
+        i = int(i)
+        return self.backend.id_to_token(i) if 0 <= i < self.vocab_size else None
 
     # -- text <-> ids ------------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
