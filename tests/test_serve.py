@@ -499,10 +499,71 @@ def test_completion_suffix_is_an_infill(client):
     reply = client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=12, seed=3,
                                       extra_body=dict(FAST))
     middle = reply.choices[0].text
-    assert reply.choices[0].finish_reason == "stop" and 0 < reply.usage.completion_tokens <= 12
+    assert 0 < reply.usage.completion_tokens <= 12
+    assert reply.choices[0].finish_reason == ("length" if reply.usage.completion_tokens == 12 else "stop")
     again = client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=12, seed=3,
                                       extra_body=dict(FAST))
     assert again.choices[0].text == middle  # seeded
     streamed = client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=12, seed=3,
                                          extra_body=dict(FAST), stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == middle
+
+
+def test_infill_says_length_when_the_middle_used_max_tokens_and_honours_ignore_eos(client):
+    """finish_reason was always "stop", even for a middle of exactly max_tokens; ignore_eos was silently ignored.
+    Now "length" iff the middle used all of max_tokens, and ignore_eos makes the middle exactly max_tokens long."""
+    prefix, suffix = "def add(a, b):\n", "\n    return total\n"
+    reasons = set()
+    for seed in range(4):
+        r = client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=12, seed=seed,
+                                      extra_body=dict(FAST))
+        used = r.usage.completion_tokens
+        assert r.choices[0].finish_reason == ("length" if used == 12 else "stop"), (seed, used)
+        reasons.add(r.choices[0].finish_reason)
+    for max_tokens in (5, 12):
+        r = client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=max_tokens, seed=1,
+                                      extra_body={**FAST, "ignore_eos": True})
+        assert r.usage.completion_tokens == max_tokens and r.choices[0].finish_reason == "length"
+    print("finish reasons seen without ignore_eos:", reasons)
+
+
+def test_misplaced_fields_tool_choice_and_stream_options_are_explained(url):
+    with httpx.Client(base_url=url, timeout=30) as http:
+        completion = {"model": MODEL, "prompt": "hi", "max_tokens": 2, **FAST}
+        body = {**completion, "response_format": {"type": "json_object"}}
+        err = assert_error(http.post("/v1/completions", json=body), 400, "response_format")
+        assert "/v1/chat/completions field" in err["message"], err  # was "unknown field"
+        err = assert_error(http.post("/v1/chat/completions", json={**OK, "prompt": "hi"}), 400, "prompt")
+        assert "/v1/completions field" in err["message"], err  # was "missing required field 'messages'"
+        for choice, code in (("sometimes", "invalid_value"), ({"type": "function"}, "invalid_value"),
+                             (3, "invalid_value"), ("required", "unsupported"),
+                             ({"type": "function", "function": {"name": "f"}}, "unsupported")):
+            r = http.post("/v1/chat/completions", json={**OK, "tool_choice": choice})
+            err = assert_error(r, 400, "tool_choice")  # "sometimes" was "unsupported", not invalid
+            assert err["code"] == code and ("'required'" if code == "invalid_value" else "'auto'") in err["message"]
+        for path, body in (("/v1/chat/completions", OK), ("/v1/completions", completion)):
+            options = {"stream_options": {"include_usage": True}}
+            err = assert_error(http.post(path, json={**body, **options}), 400, "stream_options")  # was accepted
+            assert "stream=true" in err["message"], err
+            assert http.post(path, json={**body, "stream_options": None}).status_code == 200  # null: not given
+            assert http.post(path, json={**body, **options, "stream": True}).status_code == 200
+
+
+@pytest.mark.parametrize("limits, admitted, message", [
+    ((1, 0), 1, "1 request running (at most 1 at a time) and no queue (max_queue 0)"),  # was "0 running, 1 waiting"
+    ((2, 1), 3, "2 requests running (at most 2 at a time) and 1 waiting (the queue holds 1 request)"),
+    ((1, 2), 3, "1 request running (at most 1 at a time) and 2 waiting (the queue holds 2 requests)"),
+])
+def test_the_429_message_reads_right_for_every_limit(model_dir, limits, admitted, message):
+    """Requests admitted but not yet taken by the worker thread (not started here) count as running while a slot is
+    free: they run as soon as the thread gets to them."""
+    worker = SerialWorker(new_engine(model_dir), max_concurrency=limits[0], max_queue=limits[1])
+
+    async def scenario():
+        for _ in range(admitted):
+            worker.submit(Job([2], {}))
+        with pytest.raises(Overloaded) as e:
+            worker.submit(Job([2], {}))
+        return str(e.value)
+
+    assert asyncio.run(scenario()) == f"server busy: {message}; retry shortly"

@@ -101,3 +101,36 @@ def test_scheduling_picks_the_worker(engine):
     assert isinstance(create_app(engine, model_name="m", scheduling="serial").state.worker, SerialWorker)
     with pytest.raises(ValueError, match="scheduling must be one of"):
         create_app(engine, model_name="m", scheduling="fifo")
+
+
+@pytest.mark.parametrize("kind", [BatchedWorker, SerialWorker])
+def test_an_infill_steps_beside_other_requests_and_a_cancel_stops_it(engine, kind):
+    """An infill request ran whole in one worker turn: every other request waited for it and a disconnect could not
+    stop it. Now its rows step in the worker's loop like any request's: a short request beside a long infill is
+    answered first, an infill answers what it answers alone, and cancelling the long one frees its slot."""
+    prefix, suffix = "def add(a, b):\n", "\n    return total\n"
+    ids = engine.prompt_ids(prefix)
+    long = Job(ids, {"max_middle_tokens": 1280, "seed": 0, **FAST}, infill=(prefix, suffix))  # 20 canvases
+    small = Job(ids, {"max_middle_tokens": 12, "seed": 3, **FAST}, infill=(prefix, suffix))
+    short = Job(engine.prompt_ids("Hi"), {"max_tokens": 8, **FAST})
+    alone = engine.infill(prefix, suffix, max_middle_tokens=12, seed=3, **FAST)
+    worker = kind(engine, max_concurrency=3, max_queue=0)
+
+    async def scenario():
+        tickets = [worker.submit(job) for job in (long, small, short)]
+        _, infilled = await _drain(tickets[2]), await _drain(tickets[1])
+        assert await tickets[0].next(timeout=0) is None  # the long infill is still running (it was already done)
+        tickets[0].cancel()
+        with pytest.raises(Cancelled):
+            await tickets[0].next()
+        for _ in range(2000):
+            if not worker.load()["running"]:
+                break
+            await asyncio.sleep(0.005)
+        return infilled
+
+    infilled = _run(worker, scenario)
+    assert "".join(e.text for e in infilled if isinstance(e, Text)) == alone.middle
+    assert infilled[-1].completion_ids == alone.middle_ids
+    assert worker.load()["running"] == 0
+    assert not getattr(worker, "scheduler", None) or not worker.scheduler.rows

@@ -60,7 +60,8 @@ def test_text_events_concatenate_to_the_answer(engine):
     answer = "".join(e.text for e in events if isinstance(e, Text) and e.kind == "answer")
     assert answer == done.output.answer
     from dgemma.text import parse_output
-    assert parse_output(engine.tokenizer.decode(done.completion_ids, skip_special=False)).answer == answer
+    # no stop ids: an end marker the model writes does not end the text (it is dropped, the text goes on)
+    assert parse_output(engine.tokenizer.decode(done.completion_ids, skip_special=False), ends=()).answer == answer
 
 
 def test_stop_id_ends_the_stream_and_is_kept(engine):
@@ -318,3 +319,22 @@ def test_the_bundled_default_model_loads_and_generates():
     engine = dgemma.load(PACKAGED, quiet=True)
     done = engine.complete("Write the Python function add(a, b).", seed=0, max_tokens=20, max_denoising_steps=4)
     assert 0 < done.completion_tokens <= 20 and done.steps_per_canvas == [4] * done.canvases
+
+
+def test_with_no_stop_ids_the_text_goes_on_past_an_end_marker(engine):
+    """ignore_eos (eos_token_id=[]) counts every token up to max_tokens, so the text must hold them all: an <eos> or
+    <turn|> the model writes is dropped like <pad>, not taken as the end of the text (it was: usage said 300 tokens,
+    the text stopped at the first <eos>). With the default stop ids the text still ends there."""
+    from dgemma.engine.scheduler import Commit
+    from dgemma.engine.stream import RowText
+
+    tok = engine.tokenizer
+    a, b, c = (tok.encode(w, add_bos=False) for w in ("one", " two", " three"))
+    ids = [*a, tok.special.eos, *b, tok.special.turn_end, *c]
+    commit = Commit(0, torch.tensor([ids]), torch.tensor([False]), torch.tensor([3]))
+    for stop_ids, answer, tokens in ((set(), "one two three", len(ids)), (set(tok.stop_ids), "one", len(a) + 1)):
+        text = RowText(tok, 1, 64, stop_ids, (), drafts=False)
+        pieces = text.on_event(commit)
+        done = text.finish()
+        assert "".join(p.text for p in pieces) == done.output.answer == answer
+        assert done.completion_tokens == tokens

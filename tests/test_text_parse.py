@@ -120,3 +120,11 @@ def test_stop_stream_random_equals_one_shot():
         out += s.flush()
         cut = find_stop(text, stops)
         assert out == (text if cut is None else text[:cut]), (text, stops)
+
+
+def test_an_end_marker_left_out_of_ends_is_dropped_and_the_text_goes_on():
+    s = OutputSplitter(ends=["<turn|>"])
+    deltas = s.feed("a<eos>b<|tool_response>c") + s.feed("<turn|>d") + s.finish()
+    assert "".join(d.text for d in deltas) == s.result().answer == "abc"
+    with pytest.raises(ValueError, match="ends must be among"):
+        OutputSplitter(ends=["<pad>"])

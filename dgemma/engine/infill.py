@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sampling import CanvasConstraints, clamped_logprob
-from .generate import Commit, canvas_loop, seeded_generator, step_config
+from .generate import seeded_generator, step_config
+from .scheduler import Commit, Rows, run_alone
 
 JUNCTION = 16  # suffix tokens (plus the <eos> after a short suffix) that score a candidate length
 MIN_VISIBLE = 4  # a candidate must leave at least this many suffix/eos positions in its last canvas
@@ -143,10 +144,7 @@ def context_ids(engine, prefix: str, instruction: str | None) -> list[int]:
     return head + tok.encode(prefix, add_bos=False) if prefix else head
 
 
-def infill(engine, prefix: str, suffix: str, *, instruction: str | None = None,
-           middle_tokens: int | list[int] | None = None,
-           max_middle_tokens: int | None = None, num_candidates: int = 4, seed: int | None = None,
-           sampling: str = "fast", accept=None, seeds_from: list[int] | None = None, **knobs) -> InfillResult:
+def infill(engine, prefix: str, suffix: str, **options) -> InfillResult:
     """Generate the text between `prefix` and `suffix` (see the module docstring for the layout and length choice).
 
     middle_tokens: exact length of the middle in tokens, or a list of candidate lengths; else `num_candidates`
@@ -155,6 +153,55 @@ def infill(engine, prefix: str, suffix: str, *, instruction: str | None = None,
     the model's first stop id (then `candidates` is empty: no length was raced).
     seeds_from: token ids the middle STARTS from (an in-place edit), instead of noise. Other options as for
     `Engine.stream` (max_denoising_steps, entropy_bound, t_min, t_max, ...)."""
+    run = open_infill(engine, prefix, suffix, **options)
+    for event in run_alone(engine.module, run.rows):
+        run.on_event(event)
+    return run.result()
+
+
+class InfillRun:
+    """One infill as a scheduler `Rows` (a row per candidate length) and what collects its result: `on_event` for
+    each of its Step/Commit events, then `result()` once `rows.left`. `infill` runs it alone; the server's batched
+    worker puts `rows` in its shared scheduler, so an infill steps beside other requests and can be cancelled."""
+
+    def __init__(self, engine, rows: Rows, plan: InfillPlan, lengths: list[int], prefix: str, suffix: str,
+                 started: float, continuation: int | None = None):
+        self.engine, self.rows, self.plan, self.lengths = engine, rows, plan, lengths
+        self.prefix, self.suffix, self.started = prefix, suffix, started
+        self.continuation = continuation  # an empty suffix: one free row, cut here and before its first stop id
+        self.pieces: list[torch.Tensor] = []
+        self.steps: list[torch.Tensor] = []
+
+    def on_event(self, event) -> None:
+        if isinstance(event, Commit):
+            self.pieces.append(event.tokens.cpu())
+            self.steps.append(event.num_steps.cpu())
+
+    def result(self) -> InfillResult:
+        lengths, tok = self.lengths, self.engine.require_tokenizer()
+        tokens = torch.cat(self.pieces, dim=1)
+        if self.continuation is not None:
+            middle_ids = tokens[0, :self.continuation].tolist()
+            stops = [k for k, t in enumerate(middle_ids) if t in tok.stop_ids]
+            middle_ids = middle_ids[: stops[0]] if stops else middle_ids
+            middle = tok.decode(middle_ids)
+            return InfillResult(middle, self.prefix + middle + self.suffix, middle_ids, len(middle_ids), [],
+                                [int(s[0]) for s in self.steps], time.perf_counter() - self.started)
+        scores = self.plan.scores.nan_to_num(float("-inf"))
+        order = sorted(range(len(lengths)), key=lambda r: (-float(scores[r]), lengths[r]))
+        best = order[0]
+        middle_ids = tokens[best, : lengths[best]].tolist()
+        middle = tok.decode(middle_ids)
+        return InfillResult(middle, self.prefix + middle + self.suffix, middle_ids, lengths[best],
+                            [(lengths[r], float(scores[r])) for r in order], [int(s[best]) for s in self.steps],
+                            time.perf_counter() - self.started)
+
+
+def open_infill(engine, prefix: str, suffix: str, *, instruction: str | None = None,
+                middle_tokens: int | list[int] | None = None,
+                max_middle_tokens: int | None = None, num_candidates: int = 4, seed: int | None = None,
+                sampling: str = "fast", accept=None, seeds_from: list[int] | None = None, **knobs) -> InfillRun:
+    """An infill's rows and plan, checked (bad options raise here); nothing runs yet. Options as for `infill`."""
     started = time.perf_counter()
     if not isinstance(prefix, str) or not isinstance(suffix, str):
         raise ValueError("prefix and suffix must be strings (either may be empty)")
@@ -194,25 +241,5 @@ def infill(engine, prefix: str, suffix: str, *, instruction: str | None = None,
                          ) from None
     generator = seeded_generator(seed, engine.device)
     input_ids = torch.tensor([ctx] * len(lengths), dtype=torch.long, device=engine.device)
-    pieces, steps = [], []
-    for event in canvas_loop(engine.module, input_ids, gen, step_config(gen, accept, sampling), generator=generator,
-                             plan=plan):
-        if isinstance(event, Commit):
-            pieces.append(event.tokens.cpu())
-            steps.append(event.num_steps.cpu())
-    tokens = torch.cat(pieces, dim=1)
-    if continuation:  # cut at max_middle_tokens and before the first stop id
-        middle_ids = tokens[0, :limit].tolist()
-        stops = [k for k, t in enumerate(middle_ids) if t in tok.stop_ids]
-        middle_ids = middle_ids[: stops[0]] if stops else middle_ids
-        middle = tok.decode(middle_ids)
-        return InfillResult(middle, prefix + middle + suffix, middle_ids, len(middle_ids), [],
-                            [int(s[0]) for s in steps], time.perf_counter() - started)
-    scores = plan.scores.nan_to_num(float("-inf"))
-    order = sorted(range(len(lengths)), key=lambda r: (-float(scores[r]), lengths[r]))
-    best = order[0]
-    middle_ids = tokens[best, : lengths[best]].tolist()
-    middle = tok.decode(middle_ids)
-    return InfillResult(middle, prefix + middle + suffix, middle_ids, lengths[best],
-                        [(lengths[r], float(scores[r])) for r in order], [int(s[best]) for s in steps],
-                        time.perf_counter() - started)
+    rows = Rows(engine.module, input_ids, gen, step_config(gen, accept, sampling), generator=generator, plan=plan)
+    return InfillRun(engine, rows, plan, lengths, prefix, suffix, started, limit if continuation else None)

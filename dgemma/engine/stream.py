@@ -7,6 +7,8 @@ Events, in order, for one request (batch row 0):
 
 Committed tokens are cut at exactly `max_tokens`, and at the first stop id (kept, as the reference keeps
 EOS). Stop strings apply to the answer text; the text before the stop string is emitted, nothing after.
+An end marker (<eos>, <turn|>, <|tool_response>) whose token is not a stop id (eos_token_id=[]: the server's
+ignore_eos) is dropped like <pad> and the text after it is kept, so the text covers every counted token.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..text.parse import OutputSplitter, ParsedOutput, StopStream
+from ..text.parse import END_MARKERS, OutputSplitter, ParsedOutput, StopStream
 from .cache import KVCache
 from .generate import seeded_generator, step_config
 from .scheduler import Commit, Rows, run_alone
@@ -91,7 +93,10 @@ class RowText:
     def __init__(self, tok, prompt_len: int, limit: int, stop_ids: set[int], stop: Sequence[str], drafts: bool):
         self.tok, self.prompt_len, self.limit, self.stop_ids, self.drafts = tok, prompt_len, limit, stop_ids, drafts
         self.started = time.perf_counter()
-        self.decoder, self.splitter, self.stopper = tok.stream(skip_special=False), OutputSplitter(), StopStream(stop)
+        # an end marker whose token is no stop id (ignore_eos: none is) does not end the text: generation goes on
+        ends = [m for m in END_MARKERS if (i := tok.token_to_id(m)) is None or i in stop_ids]
+        self.decoder, self.splitter = tok.stream(skip_special=False), OutputSplitter(ends)
+        self.stopper = StopStream(stop)
         self.completion: list[int] = []
         self.steps: list[int] = []
         self.first_text: float | None = None

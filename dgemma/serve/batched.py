@@ -4,8 +4,8 @@ request's prefill joins at the next tick, a finished or cancelled request leaves
 
 Per tick the worker thread: opens newly admitted requests (`open_request`: their settings, seeded generator and
 text handling, the same as `stream_ids`), drops cancelled ones, runs one `Scheduler.tick()`, and turns each
-request's events into its Draft / Text / Done events (`RowText`, shared with `stream_ids`). Infill requests are not
-scheduled (their candidate lengths race as a batch of their own): each runs whole, in one turn, as in SerialWorker.
+request's events into its Draft / Text / Done events (`RowText`, shared with `stream_ids`). An infill request's
+candidate lengths are one Rows of their own in the same scheduler (`open_job`): it steps beside the others.
 An error inside a tick cannot be pinned on one request, so it fails every request of that tick, and the worker goes
 on with a fresh scheduler.
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..engine.scheduler import Rows, Scheduler
-from ..engine.stream import Done, RowText, open_request
-from .worker import Job, Ticket, Worker, infill_events
+from ..engine.stream import RowText
+from .worker import InfillText, Job, Ticket, Worker, open_job
 
 
 @dataclass(eq=False)
@@ -24,7 +24,7 @@ class _Live:
     ticket: Ticket
     job: Job
     rows: Rows | None = None
-    text: RowText | None = None
+    text: RowText | InfillText | None = None
 
 
 class BatchedWorker(Worker):
@@ -68,13 +68,7 @@ class BatchedWorker(Worker):
     def _open(self, entry: _Live) -> None:
         job = entry.job
         try:
-            if job.infill:
-                for event in infill_events(self.engine, job):
-                    entry.ticket.push(event)
-                    if isinstance(event, Done):
-                        break
-                return self._finish(entry)
-            entry.rows, entry.text = open_request(self.engine, job.prompt_ids, drafts=job.drafts, **job.options)
+            entry.rows, entry.text = open_job(self.engine, job)
         except Exception as e:  # noqa: BLE001  this request fails alone
             entry.ticket.push(e)
             return self._finish(entry)

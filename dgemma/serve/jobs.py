@@ -3,9 +3,11 @@ engine.stream options. Every refusal is an ApiError with the field at fault."""
 
 from __future__ import annotations
 
+import json
+
 from ..argtypes import accept_rule
 from ..config import ConfigError
-from .schemas import ApiError, ChatCompletionRequest, CompletionRequest
+from .schemas import TOOL_CHOICES, ApiError, ChatCompletionRequest, CompletionRequest
 from .worker import Job
 
 KNOBS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold")
@@ -23,14 +25,16 @@ def _common_checks(req) -> None:
         raise _unsupported("logit_bias", "logit_bias")
     if req.dgemma_drafts and not req.stream:
         raise ApiError(400, "dgemma_drafts needs stream=true", param="dgemma_drafts")
+    if req.stream_options is not None and not req.stream:  # as OpenAI: usage is in every non-streamed response
+        raise ApiError(400, "stream_options is only allowed with stream=true (a non-streamed response always "
+                            "carries usage)", param="stream_options", code="invalid_value")
 
 
 def chat_job(engine, req: ChatCompletionRequest, default_max_tokens) -> Job:
     _common_checks(req)
     if req.logprobs or req.top_logprobs:
         raise _unsupported("logprobs", "logprobs")
-    if req.tool_choice not in (None, "auto", "none"):
-        raise _unsupported("tool_choice other than 'auto' or 'none'", "tool_choice")
+    _check_tool_choice(req.tool_choice)
     if None not in (req.max_tokens, req.max_completion_tokens) and req.max_tokens != req.max_completion_tokens:
         raise ApiError(400, "max_tokens and max_completion_tokens differ; give one", param="max_completion_tokens")
     flags = {v for v in (req.enable_thinking, req.chat_template_kwargs and req.chat_template_kwargs.enable_thinking)
@@ -49,6 +53,20 @@ def chat_job(engine, req: ChatCompletionRequest, default_max_tokens) -> Job:
     if req.response_format is not None:
         _structured(engine, job, req.response_format, req.max_completion_tokens or req.max_tokens)
     return job
+
+
+def _check_tool_choice(choice) -> None:
+    """OpenAI's valid values; of those dgemma cannot force a call ('required', a named function)."""
+    if choice in (None, "auto", "none"):
+        return
+    named = isinstance(choice, dict) and choice.get("type") == "function" and isinstance(
+        choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)
+    if choice == "required" or named:
+        raise ApiError(400, f"tool_choice {json.dumps(choice)[:80]} (forcing a tool call) is not supported by "
+                            "dgemma's server: use 'auto' (the model decides) or 'none'", param="tool_choice",
+                       code="unsupported")
+    raise ApiError(400, f"invalid value for 'tool_choice': expected {TOOL_CHOICES} (got {json.dumps(choice)[:80]})",
+                   param="tool_choice", code="invalid_value")
 
 
 def _structured(engine, job: Job, response_format: dict, max_tokens) -> None:
@@ -84,7 +102,12 @@ def completion_job(engine, req: CompletionRequest, default_max_tokens) -> Job:
             raise ApiError(400, "stop strings cannot be combined with suffix: the middle is bounded by the suffix",
                            param="stop")
         job = _options(engine, req, engine.prompt_ids(prompt), req.max_tokens, default_max_tokens, "prompt")
-        job.infill = (prompt, req.suffix)
+        job.infill, o = (prompt, req.suffix), job.options  # the options become engine.infill's
+        limit = o.pop("max_tokens")
+        del o["stop"]
+        o.pop("eos_token_id", None)  # the middle never holds a stop id (infill.middle_class)
+        # ignore_eos: the middle is exactly max_tokens long (no length search), as a completion would be
+        o["middle_tokens" if req.ignore_eos else "max_middle_tokens"] = limit
         return job
     if isinstance(prompt, str):
         ids = engine.prompt_ids(prompt)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_DENOISING_STEPS = 1024  # server policy: bounds the work one request can ask for per canvas
 MAX_STOP_STRINGS = 16
 MAX_BODY_BYTES = 8 << 20
+TOOL_CHOICES = "'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": NAME}}"
 
 PositiveInt = Annotated[int, Field(ge=1)]
 StopStrings = str | Annotated[list[Annotated[str, Field(max_length=1000)]], Field(max_length=MAX_STOP_STRINGS)] | None
@@ -80,7 +81,8 @@ class _Common(_Strict):
     confidence_threshold: float | None = None
     acceptance: str | None = None  # entropy:B | confidence:T | quota:K | linear-quota
     sampling: Literal["fast", "reference"] = "fast"
-    ignore_eos: bool = False  # generate exactly max_tokens tokens (vLLM's name)
+    # generate exactly max_tokens tokens, text past end tokens included (vLLM's name); infill: a middle that long
+    ignore_eos: bool = False
     dgemma_drafts: bool = False  # streaming only: also send each canvas as it converges
 
     @field_validator("n", "stream", "echo", mode="before", check_fields=False)
@@ -103,6 +105,7 @@ class _Common(_Strict):
 
 
 class ChatCompletionRequest(_Common):
+    path: ClassVar[str] = "/v1/chat/completions"
     messages: list[dict[str, Any]]
     max_completion_tokens: PositiveInt | None = None
     tools: list[dict[str, Any]] | None = None
@@ -122,6 +125,7 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
+    path: ClassVar[str] = "/v1/completions"
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
@@ -154,13 +158,19 @@ def parse_body(raw: bytes, model: type[_Common]) -> _Common:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise _from_validation(e) from None
+        raise _from_validation(e, model) from None
 
 
-def _from_validation(e: ValidationError) -> ApiError:
-    err = e.errors(include_url=False)[0]
+def _from_validation(e: ValidationError, model: type[_Common]) -> ApiError:
+    errors = e.errors(include_url=False)
+    other = next((m for m in (ChatCompletionRequest, CompletionRequest) if m is not model), None)
+    wrong_path = [x for x in errors if x["type"] == "extra_forbidden" and other and x["loc"][0] in other.model_fields]
+    err = (wrong_path or errors)[0]  # a field of the other endpoint first: 'prompt' on chat says more than 'missing'
     loc = [str(p) for p in err["loc"]]
     field = loc[0] if loc else None
+    if wrong_path:
+        return ApiError(400, f"{field!r} is a {other.path} field, which {model.path} does not take: use "
+                             f"{other.path} for it", param=field, code="unknown_field")
     if err["type"] == "extra_forbidden":
         return ApiError(400, f"unknown field {field!r}: dgemma takes the OpenAI fields plus its diffusion knobs "
                              "(max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, "
@@ -179,4 +189,4 @@ def _from_validation(e: ValidationError) -> ApiError:
 
 _UNION_HINTS = {"stop": f"a string or a list of at most {MAX_STOP_STRINGS} strings",
                 "prompt": "a string, a list of one string, or a list of token ids",
-                "tool_choice": "'auto', 'none' or an object"}
+                "tool_choice": TOOL_CHOICES}

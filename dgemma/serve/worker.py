@@ -24,7 +24,9 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..engine.stream import Done, Draft, Text, stream_ids
+from ..engine.infill import InfillRun, open_infill
+from ..engine.scheduler import Commit, run_alone
+from ..engine.stream import Done, Text, open_request
 from ..text.parse import ParsedOutput
 
 
@@ -39,9 +41,9 @@ class Cancelled(Exception):
 @dataclass
 class Job:
     prompt_ids: list[int]
-    options: dict = field(default_factory=dict)  # keyword options of engine.stream.stream_ids
+    options: dict = field(default_factory=dict)  # keywords of engine.stream.stream_ids (an infill's: of engine.infill)
     drafts: bool = False  # deliver Draft events (the worker always steps one denoising step at a time)
-    infill: tuple[str, str] | None = None  # (prefix, suffix): the completion is the middle (runs as one turn)
+    infill: tuple[str, str] | None = None  # (prefix, suffix): the completion is the middle
 
 
 class Ticket:
@@ -88,17 +90,51 @@ class Ticket:
             self._ready.set()
 
 
-def infill_events(engine, job: Job):
-    """An infill request's events: the whole middle in one turn (its candidate lengths race as batch rows, so it
-    is not stepped with the other requests yet), then Done."""
-    prefix, suffix = job.infill
-    o = dict(job.options)
-    result = engine.infill(prefix, suffix, max_middle_tokens=o.pop("max_tokens"), **{
-        k: v for k, v in o.items() if v is not None and k not in ("stop", "eos_token_id")})
-    yield Text(result.middle)
-    ids = result.middle_ids  # free positions only: their token class excludes every stop id (infill.middle_class)
-    yield Done("stop", ParsedOutput(None, result.middle), len(job.prompt_ids), len(ids), ids,
-               result.steps_per_canvas, result.wall_s, result.wall_s)
+class InfillText:
+    """An infill request's events (`RowText`'s interface, for both workers): nothing per step, the middle as one Text
+    at its last commit, then Done: finish_reason "length" when the middle used all of `limit` (max_tokens), else
+    "stop" (the middle met the suffix)."""
+
+    def __init__(self, run: InfillRun, prompt_len: int, limit: int):
+        self.run, self.prompt_len, self.limit = run, prompt_len, limit
+        self.result = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    def on_event(self, event, row: int = 0) -> list:
+        self.run.on_event(event)
+        if not (isinstance(event, Commit) and self.run.rows.left):
+            return []
+        self.result = self.run.result()
+        return [Text(self.result.middle)]
+
+    def finish(self) -> Done:
+        r = self.result if self.result is not None else self.run.result()
+        ids = r.middle_ids  # free positions only: their token class excludes every stop id (infill.middle_class)
+        return Done("length" if len(ids) >= self.limit else "stop", ParsedOutput(None, r.middle), self.prompt_len,
+                    len(ids), ids, r.steps_per_canvas, r.wall_s, r.wall_s)
+
+
+def open_job(engine, job: Job):
+    """A job -> its canvas-loop Rows and the object that turns their events into the request's events (`RowText`,
+    or `InfillText` for an infill); nothing runs yet, bad options raise here."""
+    if job.infill is None:
+        return open_request(engine, job.prompt_ids, drafts=job.drafts, **job.options)
+    run = open_infill(engine, *job.infill, **job.options)
+    limit = job.options.get("max_middle_tokens") or max(run.lengths)  # the server's max_tokens (jobs.py)
+    return run.rows, InfillText(run, len(job.prompt_ids), limit)
+
+
+def job_events(engine, job: Job):
+    """One job run alone: an item per canvas-loop event (None for a step that delivers nothing), then Done."""
+    rows, text = open_job(engine, job)
+    for event in run_alone(engine.module, rows):
+        yield from text.on_event(event) or [None]
+        if text.done:
+            break
+    yield text.finish()
 
 
 class Worker:
@@ -140,11 +176,25 @@ class Worker:
             if self._stopping:
                 raise Overloaded("the server is shutting down")
             if len(self._running) + len(self._waiting) >= self.max_concurrency + self.max_queue:
-                raise Overloaded(f"server busy: {len(self._running)} requests running and {len(self._waiting)} "
-                                 f"waiting (limits {self.max_concurrency} and {self.max_queue}); retry shortly")
+                raise Overloaded(self._busy())
             self._waiting.append((ticket, job))
             self._cond.notify()
         return ticket
+
+    def _busy(self) -> str:
+        """The 429 message (under the lock). An admitted request waits in the queue until the worker thread takes
+        it, even with a slot free: it counts as running here, since it runs as soon as the thread gets to it."""
+        admitted = len(self._running) + len(self._waiting)
+        running = min(admitted, self.max_concurrency)
+        waiting = admitted - running
+
+        def n(count, what):
+            return f"{count} {what}{'' if count == 1 else 's'}"
+
+        queue = "no queue (max_queue 0)" if self.max_queue == 0 else \
+            f"{waiting} waiting (the queue holds {n(self.max_queue, 'request')})"
+        return (f"server busy: {n(running, 'request')} running (at most {self.max_concurrency} at a time) and "
+                f"{queue}; retry shortly")
 
     def _cancel(self, ticket: Ticket) -> None:
         with self._cond:  # a waiting request leaves at once; a running one after its current step
@@ -212,15 +262,14 @@ class SerialWorker(Worker):
             return self._finish(slot)
         try:
             if slot.events is None:
-                slot.events = infill_events(self.engine, slot.job) if slot.job.infill else \
-                    stream_ids(self.engine, slot.job.prompt_ids, drafts=True, **slot.job.options)
+                slot.events = job_events(self.engine, slot.job)
             event = next(slot.events)
         except StopIteration:
             return self._finish(slot)
         except Exception as e:  # noqa: BLE001  this request fails alone; the worker and the other requests go on
             slot.ticket.push(e)
             return self._finish(slot)
-        if isinstance(event, Draft) and not slot.job.drafts:
+        if event is None:  # a step with nothing to deliver: the turn ends here
             return
         slot.ticket.push(event)
         if isinstance(event, Done):

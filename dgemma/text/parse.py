@@ -5,7 +5,8 @@ Input is text decoded with `skip_special=False`: the special-token strings are t
     <|channel>thought\\n ... <channel|>     thinking (the header line up to "\\n" is dropped)
     <|tool_call> ... <tool_call|>          one tool call, its text kept verbatim (including the
                                            <|"|> string quotes), for the caller to interpret
-    <turn|> | <eos> | <|tool_response>     end of the output: the rest is ignored (spec §2.3)
+    <turn|> | <eos> | <|tool_response>     end of the output: the rest is ignored (spec §2.3); one that is
+                                           not a stop id is dropped instead (OutputSplitter's `ends`)
     <pad>                                  dropped
     anything else                          answer text, other specials kept as written
 
@@ -32,7 +33,8 @@ from .specials import (
     TURN_END,
 )
 
-_ENDS = (TURN_END, EOS, TOOL_RESPONSE_START, PAD)  # PAD is in every state's list too
+END_MARKERS = (TURN_END, EOS, TOOL_RESPONSE_START)
+_ENDS = (*END_MARKERS, PAD)  # PAD is in every state's list too
 # Markers each state reacts to. No marker occurs inside another, so the earliest complete match in
 # the buffer is always the right one, even when another marker's start is still arriving.
 _MARKERS = {
@@ -67,9 +69,16 @@ def _partial_len(text: str, markers: Iterable[str]) -> int:
 
 
 class OutputSplitter:
-    """Classify text as it arrives: `feed(text)` -> list[Delta], then `finish()`; `result()`."""
+    """Classify text as it arrives: `feed(text)` -> list[Delta], then `finish()`; `result()`.
 
-    def __init__(self) -> None:
+    `ends`: the end markers that end the output (default all three); one left out is dropped like <pad> and the
+    text after it is kept (generation that does not stop at that token, e.g. the server's ignore_eos)."""
+
+    def __init__(self, ends: Iterable[str] = END_MARKERS) -> None:
+        ends = tuple(ends)
+        if not set(ends) <= set(END_MARKERS):
+            raise ValueError(f"ends must be among {END_MARKERS}, got {ends}")
+        self.ends = ends
         self.state = "answer"  # answer | header | thinking | tool | done
         self._buf = ""  # text not yet classified (at most a partial marker between feeds)
         self._tool = ""  # body of the tool call being read
@@ -88,7 +97,7 @@ class OutputSplitter:
         self._buf += text
         out: list[Delta] = []
         while self.state != "done":
-            markers = _MARKERS[self.state]
+            markers = _MARKERS[self.state]  # an end marker not in `ends` is still matched (and dropped)
             hits = [(i, m) for m in markers if (i := self._buf.find(m)) >= 0]
             if not hits:
                 keep = _partial_len(self._buf, markers)
@@ -116,7 +125,7 @@ class OutputSplitter:
         return ParsedOutput(self.thinking, self.answer, list(self.tool_calls))
 
     def _transition(self, marker: str, out: list[Delta]) -> None:
-        if marker == PAD:
+        if marker == PAD or (marker in END_MARKERS and marker not in self.ends):
             return
         if marker in (TURN_END, EOS, TOOL_RESPONSE_START):
             if self.state == "tool":  # cut off inside a call: keep it as text, never run it
@@ -153,9 +162,10 @@ class OutputSplitter:
         out.append(Delta(kind, text))
 
 
-def parse_output(text: str) -> ParsedOutput:
-    """Split one generated output (decoded with specials kept) into thinking, answer, tool calls."""
-    splitter = OutputSplitter()
+def parse_output(text: str, ends: Iterable[str] = END_MARKERS) -> ParsedOutput:
+    """Split one generated output (decoded with specials kept) into thinking, answer, tool calls; `ends` as for
+    OutputSplitter."""
+    splitter = OutputSplitter(ends)
     splitter.feed(text)
     splitter.finish()
     return splitter.result()
