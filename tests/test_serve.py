@@ -181,6 +181,7 @@ def test_diffusion_knobs_and_ignored_openai_fields(url):
 OK = {"model": MODEL, "messages": HI, "max_tokens": 2, **FAST}
 BAD_CHAT = [
     ({"model": "gpt-4"}, 404, "model"),
+    ({"response_format": {"type": "json_object"}, "ignore_eos": True}, 400, "ignore_eos"),
     ({"messages": []}, 400, "messages"),
     ({"messages": "hi"}, 400, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
@@ -263,7 +264,8 @@ def test_bad_chat_requests(url):
         for change, param in (({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [10**7]}, "prompt"),
                               ({"prompt": []}, "prompt"), ({"prompt": {"a": 1}}, "prompt"), ({"echo": True}, "echo"),
                               ({"best_of": 3}, "best_of"), ({"suffix": "x", "prompt": [5, 6]}, "prompt"),
-                              ({"suffix": "x", "stop": ["y"]}, "stop")):
+                              ({"suffix": "x", "stop": ["y"]}, "stop"),
+                              ({"suffix": "x", "stream": True, "dgemma_drafts": True}, "dgemma_drafts")):
             body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, **FAST, **change}
             assert_error(http.post("/v1/completions", json=body), 400, param)
         assert http.post("/v1/chat/completions", json=OK).status_code == 200  # still serving

@@ -51,6 +51,9 @@ def chat_job(engine, req: ChatCompletionRequest, default_max_tokens) -> Job:
         raise ApiError(400, str(e), param="tools" if str(e).startswith("tools") else "messages") from None
     job = _options(engine, req, ids, req.max_completion_tokens or req.max_tokens, default_max_tokens, "messages")
     if req.response_format is not None:
+        if req.ignore_eos:  # the layout decides the document's length, so "exactly max_tokens" cannot hold
+            raise ApiError(400, "ignore_eos cannot be combined with response_format: the JSON document ends where its "
+                                "layout ends, not at max_tokens", param="ignore_eos")
         _structured(engine, job, req.response_format, req.max_completion_tokens or req.max_tokens)
     return job
 
@@ -101,6 +104,9 @@ def completion_job(engine, req: CompletionRequest, default_max_tokens) -> Job:
         if req.stop_list():
             raise ApiError(400, "stop strings cannot be combined with suffix: the middle is bounded by the suffix",
                            param="stop")
+        if req.dgemma_drafts:  # the middle's length is chosen only at the end: there is no one canvas to show
+            raise ApiError(400, "dgemma_drafts cannot be combined with suffix: an infill races several middle "
+                                "lengths and sends the chosen middle once, at the end", param="dgemma_drafts")
         job = _options(engine, req, engine.prompt_ids(prompt), req.max_tokens, default_max_tokens, "prompt")
         job.infill, o = (prompt, req.suffix), job.options  # the options become engine.infill's
         limit = o.pop("max_tokens")
