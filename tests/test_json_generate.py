@@ -10,7 +10,7 @@ import pytest
 
 from dgemma.cli import main
 from dgemma.engine.stream import Done, Text
-from dgemma.engine.structured import compact_json, schema_of
+from dgemma.engine.structured import compact_json, json_plan, schema_of
 from json_schemas import random_schema
 
 FAST = {"max_denoising_steps": 2}
@@ -51,6 +51,37 @@ def test_json_object_mode_and_max_tokens_fitting(random_engine):
     jsonschema.validate(small.value, schema)
     with pytest.raises(ValueError, match="raise max_tokens"):
         random_engine.generate_json("x", schema=schema, max_tokens=10)
+
+
+def test_max_items_is_an_upper_bound_that_shrinks_to_fit_max_tokens(random_engine):
+    ints = {"type": "array", "items": {"type": "integer"}, "maxItems": 300}
+    r = random_engine.generate_json("x", schema=ints, max_tokens=100, seed=0, **FAST)  # was "needs at least 2134"
+    jsonschema.validate(r.value, ints)
+    assert r.done.completion_tokens <= 100 and r.done.finish_reason == "stop"
+    assert len(json_plan(random_engine, ints, max_tokens=100).layout.decisions) >= 4  # several items, not just []
+    nested = {"type": "object", "required": ["tags", "rows"], "properties": {
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 30}, "minItems": 2, "maxItems": 40},
+        "rows": {"type": "array", "items": {"type": "object", "properties": {"n": {"type": "number"}}},
+                 "minItems": 1, "maxItems": 10**6}}}
+    r = random_engine.generate_json("x", schema=nested, max_tokens=64, seed=1, **FAST)
+    jsonschema.validate(r.value, nested)  # minItems still honoured
+    assert r.done.completion_tokens <= 64
+    context = random_engine.config.max_position_embeddings
+    assert len(json_plan(random_engine, {**ints, "maxItems": 10**9}).layout) < context  # no max_tokens: the context
+
+
+def test_max_tokens_error_names_only_the_minimums_that_do_not_fit(random_engine):
+    schema = {"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 300}
+    with pytest.raises(ValueError, match="raise max_tokens .* lower its minItems$"):
+        json_plan(random_engine, schema, max_tokens=10)
+    words = {"type": "object", "properties": {"w": {"type": "string", "minLength": 40}}}
+    with pytest.raises(ValueError, match="lower its minLength$"):
+        json_plan(random_engine, words, max_tokens=20)
+    with pytest.raises(ValueError, match="context of .* lower its minItems$"):
+        json_plan(random_engine, {**schema, "minItems": 10**9, "maxItems": 10**9})
+    fits_today = {"type": "array", "items": {"type": "boolean"}, "maxItems": 5}
+    full = json_plan(random_engine, fits_today, max_tokens=200).layout
+    assert len(full.decisions) == 5  # all maxItems slots where they fit, as before
 
 
 @pytest.mark.parametrize("fmt,match", [

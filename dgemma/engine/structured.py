@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -98,29 +98,62 @@ class JsonPlan:
 def json_plan(engine, schema: dict, *, max_tokens: int | None = None, batch: int = 1,
               budget: Budget | None = None) -> JsonPlan:
     """A plan for `schema` on this engine's tokenizer. With max_tokens, budgets shrink until the document (and its
-    <eos>) fits; an error says how many tokens the smallest layout needs."""
+    <eos>) fits: first the lengths the schema leaves open, then the item slots of every array and map (maxItems
+    included, an upper bound), halved down to minItems. An error says how many tokens the smallest layout needs."""
     tok = engine.require_tokenizer()
     vocab = JsonVocab.of(tok, engine.config.vocab_size)
     node = normalise(schema)
     budget = budget or Budget()
     context = engine.config.max_position_embeddings  # no longer layout can ever run: building stops there
-    while True:
+    room = context if max_tokens is None else min(context, max_tokens)
+
+    def build(b: Budget, limit: int = room) -> Layout | None:
         try:
-            layout = build_layout(node, vocab, tok, engine.config.canvas_length, budget, limit=context)
+            return build_layout(node, vocab, tok, engine.config.canvas_length, b, limit=limit)
         except LayoutTooLong:
-            layout = None
-        if layout is not None and (max_tokens is None or len(layout) + 1 <= max_tokens):
-            break
-        smaller = budget.smaller()
-        if smaller is None and layout is None:
-            raise ValueError(f"this schema needs more than this model's context of {context} tokens even with the "
-                             "smallest budgets; lower its minItems, maxItems or minLength")
-        if smaller is None:
-            raise ValueError(f"this schema needs at least {len(layout) + 1} tokens even with the smallest budgets; "
-                             f"raise max_tokens (got {max_tokens})")
-        budget = smaller
-    eos = tok.eos_id if tok.eos_id is not None else tok.stop_ids[0]
-    return JsonPlan(layout, eos, engine.config.canvas_length, batch, engine.device)
+            return None
+
+    def fits(layout: Layout | None) -> bool:
+        return layout is not None and len(layout) + 1 <= room
+
+    caps, cap = [budget.cap], room  # no cap first: the layouts that fit without one stay as they are
+    while cap > 0:
+        cap //= 2
+        caps.append(cap)
+    for cap in caps:
+        ladder = [replace(budget, cap=cap)]
+        while (smaller := ladder[-1].smaller()) is not None:
+            ladder.append(smaller)
+        if cap is not None and not fits(build(ladder[-1])):
+            continue
+        layout = next((lay for lay in map(build, ladder) if fits(lay)), None)
+        if layout is not None:
+            eos = tok.eos_id if tok.eos_id is not None else tok.stop_ids[0]
+            return JsonPlan(layout, eos, engine.config.canvas_length, batch, engine.device)
+    smallest = build(ladder[-1], context)
+    floors = sorted(_floors(node))
+    lower = (f"lower its {' or '.join(floors)}" if floors else
+             "make the schema smaller (fewer properties, shorter enum or const values)")
+    if smallest is None:
+        raise ValueError(f"this schema needs more than this model's context of {context} tokens even with the "
+                         f"fewest items and shortest values it allows; {lower}")
+    raise ValueError(f"this schema needs at least {len(smallest) + 1} tokens even with the fewest items and shortest "
+                     f"values it allows; raise max_tokens (got {max_tokens}) or {lower}")
+
+
+def _floors(node: dict) -> set[str]:
+    """The keywords of a normalised schema that make its smallest document longer (for the error's advice)."""
+    kind = node["kind"]
+    if kind == "string":
+        return {"minLength"} if node["min"] else set()
+    if kind == "object":
+        children = [value for _, value in node["props"]]
+    elif kind in ("array", "map"):
+        children = [node["item" if kind == "array" else "value"]]
+    else:
+        children = node.get("branches", []) if kind == "union" else []
+    out = {"minItems"} if kind in ("array", "map") and node["min"] else set()
+    return out.union(*map(_floors, children))
 
 
 def structured_options(engine, options: dict) -> dict:

@@ -24,7 +24,7 @@ from the model, and no retry is ever needed. Earlier canvases are never touched:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -42,12 +42,13 @@ class Budget:
     items: int = 3  # array items beyond minItems when maxItems is absent
     entries: int = 2  # free-form object entries
     key: int = 6
+    cap: int | None = None  # at most this many items/entries in any array or map (never below minItems)
 
     def smaller(self) -> "Budget | None":
         if self.string <= 2 and self.items <= 1 and self.entries <= 1:
             return None
-        return Budget(max(2, self.string // 2), self.number, self.integer, max(1, self.items - 1),
-                      max(1, self.entries - 1), max(2, self.key // 2))
+        return replace(self, string=max(2, self.string // 2), items=max(1, self.items - 1),
+                       entries=max(1, self.entries - 1), key=max(2, self.key // 2))
 
 
 @dataclass
@@ -210,6 +211,8 @@ class _Builder:
         open_, close = ("{", "}") if is_map else ("[", "]")
         lo = node["min"]
         hi = node["max"] if node["max"] is not None else max(lo, self.b.entries if is_map else self.b.items)
+        if self.b.cap is not None:  # maxItems is an upper bound: fewer items are valid too
+            hi = max(lo, min(hi, self.b.cap))
         self.pending += open_
         if hi == 0:
             self.pending += close
