@@ -70,6 +70,17 @@ def test_max_items_is_an_upper_bound_that_shrinks_to_fit_max_tokens(random_engin
     assert len(json_plan(random_engine, {**ints, "maxItems": 10**9}).layout) < context  # no max_tokens: the context
 
 
+def test_when_only_the_minimum_fits_values_get_shorter_too(random_engine):
+    schema = {"type": "array", "items": {"type": "number"}, "minItems": 5}  # unbounded numbers had 10 positions each
+    r = random_engine.generate_json("x", schema=schema, max_tokens=30, seed=2, **FAST)
+    jsonschema.validate(r.value, schema)
+    assert len(r.value) == 5 and r.done.completion_tokens <= 30
+    words = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 3, "maxItems": 9}
+    r = random_engine.generate_json("x", schema=words, max_tokens=16, seed=3, **FAST)
+    jsonschema.validate(r.value, words)
+    assert r.done.completion_tokens <= 16
+
+
 def test_max_tokens_error_names_only_the_minimums_that_do_not_fit(random_engine):
     schema = {"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 300}
     with pytest.raises(ValueError, match="raise max_tokens .* lower its minItems$"):

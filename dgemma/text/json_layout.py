@@ -45,10 +45,14 @@ class Budget:
     cap: int | None = None  # at most this many items/entries in any array or map (never below minItems)
 
     def smaller(self) -> "Budget | None":
-        if self.string <= 2 and self.items <= 1 and self.entries <= 1:
+        if self.string > 2 or self.items > 1 or self.entries > 1:
+            return replace(self, string=max(2, self.string // 2), items=max(1, self.items - 1),
+                           entries=max(1, self.entries - 1), key=max(2, self.key // 2))
+        if self.cap != 0 or (self.string, self.number, self.integer) == (0, 1, 1):
             return None
-        return replace(self, string=max(2, self.string // 2), items=max(1, self.items - 1),
-                       entries=max(1, self.entries - 1), key=max(2, self.key // 2))
+        # the last resort, every container at its minItems: shorter values (a number keeps room for its fallback)
+        return replace(self, string=self.string // 2, number=max(1, self.number // 4),
+                       integer=max(1, self.integer // 4))
 
 
 @dataclass
