@@ -82,8 +82,9 @@ def cmd_infill(args, load_engine) -> int:
         options["max_middle_tokens"] = args.max_middle_tokens
     r = engine.infill(prefix, suffix, **options)
     if args.json:
-        print(json.dumps({"middle": r.middle, "middle_tokens": r.middle_tokens, "candidates": r.candidates,
-                          "steps_per_canvas": r.steps_per_canvas, "wall_s": round(r.wall_s, 4)}))
+        out = {"middle": r.middle, "middle_tokens": r.middle_tokens, "candidates": r.candidates,
+               "steps_per_canvas": r.steps_per_canvas, "wall_s": round(r.wall_s, 4)}
+        print(json.dumps({**out, "text": r.text} if args.full else out))
     else:
         sys.stdout.write(r.text if args.full else r.middle)
     return 0
@@ -134,7 +135,8 @@ def add_canvas_parsers(sub, add_model_flags, load_engine) -> None:
     length.add_argument("--middle-tokens", type=positive_int, default=None, help="exact middle length in tokens")
     length.add_argument("--max-middle-tokens", type=positive_int, default=None,
                         help="longest candidate length (default: what fits in one canvas beside the suffix)")
-    p.add_argument("--full", action="store_true", help="print prefix + middle + suffix (default: the middle only)")
+    p.add_argument("--full", action="store_true", help="print prefix + middle + suffix (default: the middle only); "
+                                                          "with --json: a 'text' field beside 'middle'")
     _add_flags(p, add_model_flags)
     p.set_defaults(func=lambda args: cmd_infill(args, load_engine))
 

@@ -3,6 +3,7 @@ the middle holds no special token, and the junction score picks the right length
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -136,6 +137,10 @@ def test_cli_infill(random_model_dir, tmp_path, capsys):
                  str(tmp_path / "b.py"), "--steps", "2", "--seed", "0", "--full"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("def main():\n    ") and out.endswith("\n    return 0\n")
+    assert main(["infill", "--model", str(random_model_dir), "--prefix-file", str(tmp_path / "a.py"), "--suffix-file",
+                 str(tmp_path / "b.py"), "--steps", "2", "--seed", "0", "--full", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)  # --full beside --json: the whole text too (it was silently dropped)
+    assert r["text"] == "def main():\n    " + r["middle"] + "\n    return 0\n"
     assert main(["infill", "--model", str(random_model_dir), "--prefix-file", str(tmp_path / "missing"),
                  "--suffix-file", str(tmp_path / "b.py")]) == 2
     assert "missing" in capsys.readouterr().err
