@@ -212,7 +212,7 @@ BAD_CHAT = [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string",
                                                                                         "pattern": "a+"}}}},
      400, "response_format"),
-    ({"response_format": {"type": "json_object"}, "stop": ["}"]}, 400, "response_format"),
+    ({"response_format": {"type": "json_object"}, "stop": ["}"]}, 400, "stop"),
     ({"tool_choice": "required"}, 400, "tool_choice"),
     ({"dgemma_drafts": True}, 400, "dgemma_drafts"),
     ({"chat_template_kwargs": {"template": "{{ x }}"}}, 400, "chat_template_kwargs"),

@@ -54,6 +54,9 @@ def chat_job(engine, req: ChatCompletionRequest, default_max_tokens) -> Job:
         if req.ignore_eos:  # the layout decides the document's length, so "exactly max_tokens" cannot hold
             raise ApiError(400, "ignore_eos cannot be combined with response_format: the JSON document ends where its "
                                 "layout ends, not at max_tokens", param="ignore_eos")
+        if req.stop_list():  # a stop string could cut the document (engine/structured.py refuses it too)
+            raise ApiError(400, "stop strings cannot be combined with response_format: they could cut the JSON "
+                                "document", param="stop")
         _structured(engine, job, req.response_format, req.max_completion_tokens or req.max_tokens)
     return job
 
