@@ -36,7 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import DTYPES, PeakMemory, StepCost, Timers, hardware, random_weights, read_config, sync  # noqa: E402
+from _common import (DTYPES, PeakMemory, StepCost, Timers, device_arg, hardware, random_weights,  # noqa: E402
+                     read_config, sync)
 
 from dgemma.config import ModelConfig  # noqa: E402
 from dgemma.engine.compiled import COMPILE_MODES  # noqa: E402
@@ -50,7 +51,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="26b-a4b", help="bench config name (bench/configs) or a config.json path")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="cuda", type=device_arg)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--canvases", type=int, default=2, help="canvases per run")
     p.add_argument("--short-prompt", type=int, default=32)

@@ -22,7 +22,7 @@ Variants: every preset of dgemma/engine/presets.py, each with and without `--int
 * Sudoku (the bundled Sudoku model, or --sudoku-model DIR; --sudoku-model none skips it): dgemma.sudoku.evaluate
   under the variant's preset on generated puzzles with 30-36 givens (fixed seed): solved_rate, cell_accuracy,
   mean steps per canvas; with the speed rows also ratio_at_sudoku_steps (`at_sudoku_steps`): the speed ratio had
-  each side run the steps it takes on the Sudoku model instead of its full budget.
+  each side run the steps it takes on the Sudoku model instead of its full budget (needs `exact` among the presets).
 Ends with one JSON line.
 """
 
@@ -227,6 +227,9 @@ def at_sudoku_steps(speed_rows: dict, sudoku_rows: dict) -> None:
     cost down, so the estimate leans toward the reference. Variants with settled positions (`settle`) are charged
     full-canvas steps too (random weights never settle), which understates them; bench/sudoku_speed.py times them
     on the trained model itself."""
+    if "exact" not in sudoku_rows:  # the reference's Sudoku steps are exact's: without it there is no estimate
+        print("no ratio_at_sudoku_steps: it needs the exact preset among --presets", file=sys.stderr)
+        return
     ref = speed_rows["reference"]["wall_s"] * sudoku_rows["exact"]["mean_steps_per_canvas"] / REFERENCE_STEPS
     for int8 in (False, True):
         labels = [k for k in sudoku_rows if k in speed_rows and k.endswith("+int8") == int8]

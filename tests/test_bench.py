@@ -230,3 +230,58 @@ def test_step_profile_kinds_from_annotations_and_names():
     assert sp.kind_of("aten::_scaled_dot_product_flash_attention_for_cpu", [sp.FORWARD]) == "attention"
     assert sp.kind_of("aten::index_select", []) == "copies and indexing"
     assert sp.kind_of("aten::exp", []) == "elementwise and reductions"
+
+
+def test_presets_ratio_at_sudoku_steps_needs_exact_and_says_so(capsys):
+    """`--presets fast,fastest` with speed and Sudoku rows: the reference's Sudoku steps are exact's, so without
+    exact there is no ratio to estimate; the script says so instead of a KeyError after all its runs."""
+    import presets
+
+    speed = {"reference": {"wall_s": 16.0, "steps": 16}, "fast": {"wall_s": 9.0, "steps": 16},
+             "fastest": {"wall_s": 5.0, "steps": 8}}
+    sudoku = {"fast": {"mean_steps_per_canvas": 6.0}, "fastest": {"mean_steps_per_canvas": 4.0}}
+    presets.at_sudoku_steps(speed, sudoku)
+    assert all("ratio_at_sudoku_steps" not in row for row in sudoku.values())
+    assert "needs the exact preset" in capsys.readouterr().err
+
+
+def test_serve_load_random_model_needs_the_bundled_tokenizers_vocabulary(tmp_path):
+    """bench/serve_load.py --config: a config whose vocabulary is smaller than the bundled tokenizer's is refused by
+    name (it served prompts with ids past the embedding: 'IndexError: index out of range'); a large enough one
+    writes a model directory that loads and generates."""
+    import serve_load
+
+    import dgemma
+    from dgemma.bundled import PACKAGED
+    from dgemma.text.tokenizer import load_tokenizer
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    with pytest.raises(SystemExit, match=r"vocab_size 512 is smaller than the bundled tokenizer's \d+ tokens"):
+        serve_load.random_model(str(config), tmp_path / "refused")
+    big = json.loads(json.dumps(TINY_CONFIG))
+    big["text_config"]["vocab_size"] = load_tokenizer(PACKAGED).vocab_size
+    config.write_text(json.dumps(big))
+    engine = dgemma.load(serve_load.random_model(str(config), tmp_path / "model"), quiet=True)
+    done = engine.complete("def f(x):", max_tokens=4, max_denoising_steps=2, seed=0)
+    assert done.completion_tokens == 4 or done.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("script", ["gpu", "step_profile", "sampler_ops", "vs_reference"])
+def test_bench_device_unusable_here_is_a_usage_error(script, capsys):
+    """--device names a device this torch or machine cannot use (meta everywhere; cuda on CPU-only torch): an
+    argparse error naming it, not a traceback from inside the run."""
+    module = __import__(script)
+    argv = ["--device", "meta"] + (["--config", "small"] if script == "vs_reference" else [])
+    with pytest.raises(SystemExit) as e:
+        (module.parse_args if hasattr(module, "parse_args") else module.main)(argv)
+    assert e.value.code == 2
+    assert "argument --device: device 'meta' is not usable here" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_quant_gpu_check_without_cuda_says_it_needs_one():
+    import quant_gpu_check
+
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        quant_gpu_check.main([])
