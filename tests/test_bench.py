@@ -285,3 +285,84 @@ def test_quant_gpu_check_without_cuda_says_it_needs_one():
 
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         quant_gpu_check.main([])
+
+
+def last_json_line(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_sampler_ops_bench_counts_and_times_both_budgets(capsys):
+    import sampler_ops
+
+    assert sampler_ops.main(["--vocab", "1024", "--canvas", "16", "--reps", "1", "--threads", "1"]) == 0
+    r = last_json_line(capsys)
+    assert [row["budget"] for row in r["rows"]] == ["cpu", "accelerator"]
+    for row in r["rows"]:
+        assert row["chunk_positions"] > 0 and row["aten_calls"] > 10 and row["ms_per_step"] > 0
+
+
+def test_gpu_bench_runs_on_a_cpu_with_the_tiny_config(tmp_path, capsys):
+    """bench/gpu.py's documented CPU smoke run (the scenarios, the JSON line) on the tiny config."""
+    import gpu
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    r = gpu.main(["--config", str(config), "--device", "cpu", "--dtype", "fp32", "--steps", "2", "--short-prompt",
+                  "8", "--long-prompt", "20", "--batches", "1,2", "--compile", ""])
+    assert last_json_line(capsys) == r
+    assert r["steps"] == 2 and r["ms_per_step"] > 0 and r["tok_s_per_canvas"] > 0 and r["quantize"] == "none"
+
+
+def test_scheduler_rows_bench_shares_forwards(capsys):
+    """bench/scheduler_rows.py on the bundled model: two requests' rows share the decoder forwards of one."""
+    import scheduler_rows
+
+    assert scheduler_rows.main(["--rows", "1", "2", "--max-tokens", "8", "--steps", "2", "--threads", "1"]) == 0
+    r = last_json_line(capsys)
+    assert r["levels"]["1"]["forwards"] == r["levels"]["2"]["forwards"] == 2 and r["speedup"] > 0
+
+
+def test_presets_bench_speed_rows_on_the_tiny_config(tmp_path, capsys):
+    """bench/presets.py --skip-quality on the tiny config, one preset: the reference row and the preset's float and
+    int8 rows, each variant running its own step budget."""
+    import presets
+
+    from dgemma.engine.presets import preset_knobs
+    from dgemma.quant import dynamic
+    try:
+        dynamic.check_available()
+    except dynamic.DynamicInt8Error as e:
+        pytest.skip(str(e))
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    r = presets.main(["--skip-quality", "--sudoku-model", "none", "--config", str(config), "--presets", "fastest",
+                      "--reps", "1", "--prompt-len", "8", "--threads", "1"])
+    assert last_json_line(capsys) == r
+    assert set(r["speed"]) == {"reference", "fastest", "fastest+int8"}
+    steps = preset_knobs("fastest")["max_denoising_steps"]
+    assert r["speed"]["fastest"]["steps"] == r["speed"]["fastest+int8"]["steps"] == steps
+    assert r["speed"]["fastest"]["ratio"] > 0
+
+
+def test_sudoku_speed_bench_scores_every_side(capsys):
+    """bench/sudoku_speed.py on one generated puzzle: the reference and our preset both answer and are scored."""
+    import sudoku_speed
+
+    r = sudoku_speed.main(["--limit", "1", "--presets", "fast", "--threads", "1"])
+    assert last_json_line(capsys) == r
+    assert set(r["rows"]) == {"reference", "fast"} and r["num_puzzles"] == 1
+    assert r["rows"]["fast"]["mean_steps_per_canvas"] >= 1 and 0 <= r["rows"]["fast"]["cell_accuracy"] <= 1
+
+
+def test_structured_bench_infill_rows(capsys):
+    """bench/structured.py's infill half on the bundled model, one held-out case: what it reads from infill (the
+    InfillRun result) and complete is there and in range."""
+    import structured
+
+    import dgemma
+    from dgemma.bundled import PACKAGED
+
+    engine = dgemma.load(PACKAGED, quiet=True)
+    i = structured.run_infill(engine, 1, 0)
+    assert i["functions"] == 1 and 0 <= i["syntax_valid_rate"] <= 1 and i["infill_s_mean"] > 0
+    assert "infill  0 valid=" in capsys.readouterr().out
