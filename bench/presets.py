@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import dgemma  # noqa: E402
+from dgemma.argtypes import positive_int  # noqa: E402
 from dgemma.engine.presets import PRESETS, preset_knobs  # noqa: E402
 from dgemma.sudoku.commands import BUNDLED as SUDOKU  # noqa: E402
 
@@ -182,15 +183,15 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated preset names (default: all)")
     p.add_argument("--config", default="small", help="speed config: a bench/configs name or a path")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--prompt-len", type=positive_int, default=32)
+    p.add_argument("--reps", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=str(DEFAULT), help="quality model (default: the bundled default model)")
-    p.add_argument("--prompts", type=int, default=16, help="held-out prompts for the quality rows")
+    p.add_argument("--prompts", type=positive_int, default=16, help="held-out prompts for the quality rows")
     p.add_argument("--sudoku-model", default=str(SUDOKU) if (SUDOKU / "config.json").exists() else None,
                    help="a Sudoku model directory for the Sudoku rows (default: the bundled one; 'none' skips them)")
-    p.add_argument("--puzzles", type=int, default=100)
+    p.add_argument("--puzzles", type=positive_int, default=100)
     p.add_argument("--puzzle-seed", type=int, default=777)
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-quality", action="store_true")

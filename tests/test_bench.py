@@ -366,3 +366,26 @@ def test_structured_bench_infill_rows(capsys):
     i = structured.run_infill(engine, 1, 0)
     assert i["functions"] == 1 and 0 <= i["syntax_valid_rate"] <= 1 and i["infill_s_mean"] > 0
     assert "infill  0 valid=" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script, entry, argv", [
+    ("_canvas", "parse", ["--reps", "0"]),
+    ("row_skipping", "main", ["--count", "0"]),
+    ("quant_quality", "main", ["--examples", "0"]),
+    ("presets", "main", ["--reps", "0"]),
+    ("sudoku_speed", "main", ["--limit", "0"]),
+    ("scheduler_rows", "main", ["--max-tokens", "0"]),
+    ("sampler_ops", "parse_args", ["--vocab", "0"]),
+    ("gpu", "parse_args", ["--device", "cpu", "--steps", "0"]),
+    ("gpu", "parse_args", ["--device", "cpu", "--batches", "1,0"]),
+    ("step_profile", "main", ["--device", "cpu", "--prompt", "0"]),
+])
+def test_bench_counts_below_one_are_usage_errors(script, entry, argv, capsys):
+    """A count of 0 (reps, puzzles, tokens, steps, ...) is refused while parsing, by flag name; it used to fail after
+    the model was built (no median of zero runs, an empty batch, an IndexError, a ZeroDivisionError)."""
+    module = __import__(script)
+    fn = getattr(module, entry)
+    with pytest.raises(SystemExit) as e:
+        fn("x", argv) if entry == "parse" else fn(argv)
+    assert e.value.code == 2
+    assert "must be at least 1, got 0" in capsys.readouterr().err
