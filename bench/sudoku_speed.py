@@ -85,7 +85,8 @@ def main(argv=None) -> dict:
         return out.sequences[0, ids.shape[1]:], float(out.steps_per_canvas[0][0])
 
     with torch.inference_mode():
-        run("reference", torch.tensor([prompt_ids(eng.tokenizer, pairs[0][0])]), -1)  # warm-up
+        for side in sides:  # one discarded warm-up of every side
+            run(side, torch.tensor([prompt_ids(eng.tokenizer, pairs[0][0])]), -1)
         for i, (puzzle, solution) in enumerate(pairs):
             ids = torch.tensor([prompt_ids(eng.tokenizer, puzzle)])
             for side in sides:

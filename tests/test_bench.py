@@ -389,3 +389,16 @@ def test_bench_counts_below_one_are_usage_errors(script, entry, argv, capsys):
         fn("x", argv) if entry == "parse" else fn(argv)
     assert e.value.code == 2
     assert "must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_sudoku_speed_bench_warms_up_every_side(monkeypatch, capsys):
+    """Each side gets one discarded warm-up (bench/README.md): ours too, not only the reference, so our first
+    puzzle's wall does not carry one-time costs the reference's does not."""
+    import sudoku_speed
+
+    import dgemma
+    calls = []
+    generate = dgemma.Engine.generate
+    monkeypatch.setattr(dgemma.Engine, "generate", lambda self, *a, **k: calls.append(1) or generate(self, *a, **k))
+    sudoku_speed.main(["--limit", "1", "--presets", "fast", "--threads", "1"])
+    assert len(calls) == 2  # the warm-up and the one puzzle
