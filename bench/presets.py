@@ -204,7 +204,7 @@ def main(argv=None) -> dict:
     result = {"bench": "presets", "threads": args.threads, "reference_steps": REFERENCE_STEPS}
     if not args.skip_speed:
         result["speed"] = speed(args, names)
-        print_rows("speed (config %s, batch 1, one 256-token canvas)" % args.config, result["speed"])
+        print_rows("speed (config %s, batch 1, one canvas)" % args.config, result["speed"])
     if not args.skip_quality:
         result["quality"] = quality(args, names)
         print_rows(f"quality ({args.model}, {args.prompts} held-out prompts)", result["quality"])
