@@ -15,13 +15,16 @@ import torch
 from _common import hardware, read_config
 from vs_reference import build, random_prompt
 
+from dgemma.argtypes import positive_int
+
 
 def parse(description: str, argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", default="small", help="a bench/configs name or a path (default small)")
-    p.add_argument("--steps", type=int, default=16, help="denoising steps of the canvas (default 16, fast's budget)")
-    p.add_argument("--reps", type=int, default=5, help="measured reps, after one warm-up (default 5)")
-    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--steps", type=positive_int, default=16,
+                   help="denoising steps of the canvas (default 16, fast's budget)")
+    p.add_argument("--reps", type=positive_int, default=5, help="measured reps, after one warm-up (default 5)")
+    p.add_argument("--prompt-len", type=positive_int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default torch's choice)")
     args = p.parse_args(argv)

@@ -31,6 +31,19 @@ def read_config(name_or_path: str) -> tuple[str, dict]:
         {k: v for k, v in raw.items() if not k.startswith("_")}
 
 
+def device_arg(name: str) -> str:
+    """argparse type of --device: the name, once this torch and machine can use it (dgemma's usable_device), so
+    `--device cuda` on a CPU-only machine is a usage error rather than a traceback from deep inside a run."""
+    import argparse
+
+    from dgemma.model.loading import usable_device
+    try:
+        usable_device(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None

@@ -36,8 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import DTYPES, PeakMemory, StepCost, Timers, hardware, random_weights, read_config, sync  # noqa: E402
+from _common import (DTYPES, PeakMemory, StepCost, Timers, device_arg, hardware, random_weights,  # noqa: E402
+                     read_config, sync)
 
+from dgemma.argtypes import positive_int  # noqa: E402
 from dgemma.config import ModelConfig  # noqa: E402
 from dgemma.engine.compiled import COMPILE_MODES  # noqa: E402
 from dgemma.engine.engine import Engine  # noqa: E402
@@ -50,11 +52,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="26b-a4b", help="bench config name (bench/configs) or a config.json path")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--canvases", type=int, default=2, help="canvases per run")
-    p.add_argument("--short-prompt", type=int, default=32)
-    p.add_argument("--long-prompt", type=int, default=4096)
+    p.add_argument("--device", default="cuda", type=device_arg)
+    p.add_argument("--steps", type=positive_int, default=16)
+    p.add_argument("--canvases", type=positive_int, default=2, help="canvases per run")
+    p.add_argument("--short-prompt", type=positive_int, default=32)
+    p.add_argument("--long-prompt", type=positive_int, default=4096)
     p.add_argument("--no-loop", action="store_true", help="skip the one_user_loop scenario (the per-expert loop takes "
                    "about 4x a grouped step; with quantized experts it dequantizes expert by expert)")
     p.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
@@ -68,6 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor; eager or "
                    "aot_eager isolate graph capture from code generation)")
     args = p.parse_args(argv)
+    try:
+        [positive_int(b) for b in args.batches.split(",")]
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--batches {args.batches!r}: each batch size {e}")
     args.compile_modes = [m for m in args.compile.split(",") if m]
     for m in args.compile_modes:
         if m not in COMPILE_MODES:

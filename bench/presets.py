@@ -22,7 +22,7 @@ Variants: every preset of dgemma/engine/presets.py, each with and without `--int
 * Sudoku (the bundled Sudoku model, or --sudoku-model DIR; --sudoku-model none skips it): dgemma.sudoku.evaluate
   under the variant's preset on generated puzzles with 30-36 givens (fixed seed): solved_rate, cell_accuracy,
   mean steps per canvas; with the speed rows also ratio_at_sudoku_steps (`at_sudoku_steps`): the speed ratio had
-  each side run the steps it takes on the Sudoku model instead of its full budget.
+  each side run the steps it takes on the Sudoku model instead of its full budget (needs `exact` among the presets).
 Ends with one JSON line.
 """
 
@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import dgemma  # noqa: E402
+from dgemma.argtypes import positive_int  # noqa: E402
 from dgemma.engine.presets import PRESETS, preset_knobs  # noqa: E402
 from dgemma.sudoku.commands import BUNDLED as SUDOKU  # noqa: E402
 
@@ -182,15 +183,15 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated preset names (default: all)")
     p.add_argument("--config", default="small", help="speed config: a bench/configs name or a path")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--prompt-len", type=positive_int, default=32)
+    p.add_argument("--reps", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=str(DEFAULT), help="quality model (default: the bundled default model)")
-    p.add_argument("--prompts", type=int, default=16, help="held-out prompts for the quality rows")
+    p.add_argument("--prompts", type=positive_int, default=16, help="held-out prompts for the quality rows")
     p.add_argument("--sudoku-model", default=str(SUDOKU) if (SUDOKU / "config.json").exists() else None,
                    help="a Sudoku model directory for the Sudoku rows (default: the bundled one; 'none' skips them)")
-    p.add_argument("--puzzles", type=int, default=100)
+    p.add_argument("--puzzles", type=positive_int, default=100)
     p.add_argument("--puzzle-seed", type=int, default=777)
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-quality", action="store_true")
@@ -203,7 +204,7 @@ def main(argv=None) -> dict:
     result = {"bench": "presets", "threads": args.threads, "reference_steps": REFERENCE_STEPS}
     if not args.skip_speed:
         result["speed"] = speed(args, names)
-        print_rows("speed (config %s, batch 1, one 256-token canvas)" % args.config, result["speed"])
+        print_rows("speed (config %s, batch 1, one canvas)" % args.config, result["speed"])
     if not args.skip_quality:
         result["quality"] = quality(args, names)
         print_rows(f"quality ({args.model}, {args.prompts} held-out prompts)", result["quality"])
@@ -227,6 +228,9 @@ def at_sudoku_steps(speed_rows: dict, sudoku_rows: dict) -> None:
     cost down, so the estimate leans toward the reference. Variants with settled positions (`settle`) are charged
     full-canvas steps too (random weights never settle), which understates them; bench/sudoku_speed.py times them
     on the trained model itself."""
+    if "exact" not in sudoku_rows:  # the reference's Sudoku steps are exact's: without it there is no estimate
+        print("no ratio_at_sudoku_steps: it needs the exact preset among --presets", file=sys.stderr)
+        return
     ref = speed_rows["reference"]["wall_s"] * sudoku_rows["exact"]["mean_steps_per_canvas"] / REFERENCE_STEPS
     for int8 in (False, True):
         labels = [k for k in sudoku_rows if k in speed_rows and k.endswith("+int8") == int8]

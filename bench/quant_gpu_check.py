@@ -10,6 +10,7 @@ Prints one JSON line. `python bench/quant_gpu_check.py`
    reference loop, `rel_err_vs_bf16` against the bf16 weights, `ms` per call (both projections and the GELU).
 """
 
+import argparse
 import json
 import sys
 import time
@@ -85,7 +86,11 @@ def fp8_experts_check(dev: torch.device, g: torch.Generator, E: int, D: int, I: 
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("quant_gpu_check.py needs a CUDA GPU, and this torch sees none (torch.cuda.is_available() "
+                         f"is False; torch {torch.__version__})")
     dev = torch.device("cuda")
     out = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__}
     g = torch.Generator().manual_seed(0)

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import dgemma  # noqa: E402
+from dgemma.argtypes import positive_int  # noqa: E402
 from dgemma.quant.convert import quantize_checkpoint  # noqa: E402
 from dgemma.quant.schemes import SCHEMES, QuantError  # noqa: E402
 from dgemma.sudoku.commands import BUNDLED as SUDOKU  # noqa: E402
@@ -136,11 +137,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT), help="full-precision text model (default: the bundled one)")
     p.add_argument("--sudoku-model", default=str(SUDOKU), help="Sudoku model; skipped when it does not exist")
-    p.add_argument("--examples", type=int, default=48, help="held-out examples (and puzzles) for the logit comparison")
-    p.add_argument("--prompts", type=int, default=16, help="held-out prompts for steps per canvas")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--puzzles", type=int, default=100)
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size (halved until it divides the widths)")
+    p.add_argument("--examples", type=positive_int, default=48,
+                   help="held-out examples (and puzzles) for the logit comparison")
+    p.add_argument("--prompts", type=positive_int, default=16, help="held-out prompts for steps per canvas")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--puzzles", type=positive_int, default=100)
+    p.add_argument("--group-size", type=positive_int, default=64,
+                   help="int4 group size (halved until it divides the widths)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated, from {', '.join(SCHEMES)} "
                    "(fp8 runs dequantized on a CPU: its quality, not its GPU speed)")

@@ -25,15 +25,18 @@ from _common import cpu_model, median
 
 
 def main(argv=None) -> dict:
+    from dgemma.argtypes import positive_int
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model directory (default: the bundled Sudoku model)")
     p.add_argument("--puzzles", default=None, help="JSONL of puzzles (default: --count generated ones)")
-    p.add_argument("--count", type=int, default=100, help="puzzles to generate without --puzzles (100)")
+    p.add_argument("--count", type=positive_int, default=100, help="puzzles to generate without --puzzles (100)")
     p.add_argument("--givens", default="30-36", help="givens of generated puzzles (30-36, the card's band)")
-    p.add_argument("--limit", type=int, default=None, help="use the first N puzzles of the file")
-    p.add_argument("--views", type=int, default=5, help="views per puzzle (5)")
-    p.add_argument("--batch-size", type=int, default=50, help="puzzles per batch (50: 250 canvases at 5 views)")
-    p.add_argument("--reps", type=int, default=1, help="measured runs per side (1)")
+    p.add_argument("--limit", type=positive_int, default=None, help="use the first N puzzles of the file")
+    p.add_argument("--views", type=positive_int, default=5, help="views per puzzle (5)")
+    p.add_argument("--batch-size", type=positive_int, default=50,
+                   help="puzzles per batch (50: 250 canvases at 5 views)")
+    p.add_argument("--reps", type=positive_int, default=1, help="measured runs per side (1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default torch's choice)")
     args = p.parse_args(argv)

@@ -26,19 +26,20 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import hardware, sync  # noqa: E402
+from _common import device_arg, hardware, sync  # noqa: E402
 
+from dgemma.argtypes import non_negative_int, positive_int  # noqa: E402
 from dgemma.sampling import lean  # noqa: E402
 from dgemma.sampling import sampler as S  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", type=int, default=262_144)
-    p.add_argument("--canvas", type=int, default=256)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--reps", type=int, default=5, help="timed steps per budget (0: count only)")
+    p.add_argument("--vocab", type=positive_int, default=262_144)
+    p.add_argument("--canvas", type=positive_int, default=256)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--device", default="cpu", type=device_arg)
+    p.add_argument("--reps", type=non_negative_int, default=5, help="timed steps per budget (0: count only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p.parse_args(argv)
 

@@ -19,11 +19,13 @@ import torch
 
 
 def main(argv=None) -> int:
+    from dgemma.argtypes import positive_int
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model directory (default: the bundled default model)")
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="concurrent requests per level (1 8)")
-    p.add_argument("--max-tokens", type=int, default=128, help="committed tokens per request (128)")
-    p.add_argument("--steps", type=int, default=16, help="max_denoising_steps per canvas (16)")
+    p.add_argument("--rows", type=positive_int, nargs="+", default=[1, 8], help="concurrent requests per level (1 8)")
+    p.add_argument("--max-tokens", type=positive_int, default=128, help="committed tokens per request (128)")
+    p.add_argument("--steps", type=positive_int, default=16, help="max_denoising_steps per canvas (16)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default torch's choice)")
     args = p.parse_args(argv)
     if args.threads:

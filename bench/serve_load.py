@@ -81,8 +81,14 @@ def random_model(config: str, directory: Path) -> Path:
     from dgemma.model import DiffusionGemma
     from dgemma.model.saving import init_weights, save_checkpoint
 
+    from dgemma.text.tokenizer import load_tokenizer
+
     _, raw = read_config(config)
-    module = DiffusionGemma(ModelConfig.from_dict(raw))
+    model_config, tokens = ModelConfig.from_dict(raw), load_tokenizer(PACKAGED).vocab_size
+    if model_config.vocab_size < tokens:  # the served prompts would hold ids the embedding lacks
+        raise SystemExit(f"--config {config}: vocab_size {model_config.vocab_size} is smaller than the bundled "
+                         f"tokenizer's {tokens} tokens; use a config with vocab_size >= {tokens} (e.g. small)")
+    module = DiffusionGemma(model_config)
     init_weights(module, torch.Generator().manual_seed(0))
     save_checkpoint(module, directory, generation_config=json.loads((PACKAGED / "generation_config.json").read_text()))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):

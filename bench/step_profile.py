@@ -41,9 +41,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import _canvas  # noqa: E402
-from _common import DTYPES, StepCost, Timers, hardware, read_config, sync  # noqa: E402
+from _common import DTYPES, StepCost, Timers, device_arg, hardware, read_config, sync  # noqa: E402
 from gpu import build, weight_bytes  # noqa: E402
 
+from dgemma.argtypes import positive_int  # noqa: E402
 from dgemma.engine.compiled import COMPILE_MODES  # noqa: E402
 from dgemma.quant.schemes import SCHEMES  # noqa: E402
 
@@ -151,9 +152,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="26b-a4b", help="bench config name (bench/configs) or a config.json path")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="cuda", type=device_arg)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--prompt", type=positive_int, default=32)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--sampling", default="fast", choices=["fast", "reference"])
     p.add_argument("--compile", default="", help=f"torch.compile mode for the step ({', '.join(COMPILE_MODES)})")

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dgemma  # noqa: E402
+from dgemma.argtypes import positive_int  # noqa: E402
 from dgemma.bundled import PACKAGED  # noqa: E402
 from dgemma.train.corpus import functions, is_heldout, stdlib_modules  # noqa: E402
 
@@ -177,7 +178,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json-only", action="store_true")
     ap.add_argument("--infill-only", action="store_true")
-    ap.add_argument("--infill-count", type=int, default=40)
+    ap.add_argument("--infill-count", type=positive_int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()

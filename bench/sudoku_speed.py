@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import dgemma  # noqa: E402
+from dgemma.argtypes import positive_int  # noqa: E402
 from dgemma.engine.presets import PRESETS  # noqa: E402
 from dgemma.sudoku.commands import BUNDLED  # noqa: E402
 from dgemma.sudoku.evaluate import read_puzzles  # noqa: E402
@@ -43,7 +44,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default=str(BUNDLED), help="Sudoku model directory (default: the bundled one)")
     ap.add_argument("--puzzles", default=None, help="JSONL of {puzzle, solution}; default: --limit generated puzzles "
                                                     "with 30-36 givens, seed 777 (the model card's held-out set)")
-    ap.add_argument("--limit", type=int, default=100, help="puzzles to run (default 100)")
+    ap.add_argument("--limit", type=positive_int, default=100, help="puzzles to run (default 100)")
     ap.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets (default: all)")
     ap.add_argument("--int8", action="store_true", help="also run each preset with --int8-dynamic")
     ap.add_argument("--threads", type=int, default=2)
@@ -84,7 +85,8 @@ def main(argv=None) -> dict:
         return out.sequences[0, ids.shape[1]:], float(out.steps_per_canvas[0][0])
 
     with torch.inference_mode():
-        run("reference", torch.tensor([prompt_ids(eng.tokenizer, pairs[0][0])]), -1)  # warm-up
+        for side in sides:  # one discarded warm-up of every side
+            run(side, torch.tensor([prompt_ids(eng.tokenizer, pairs[0][0])]), -1)
         for i, (puzzle, solution) in enumerate(pairs):
             ids = torch.tensor([prompt_ids(eng.tokenizer, puzzle)])
             for side in sides:

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import DTYPES, NAMED_CONFIGS, PeakMemory, StepCost, Timers, hardware, matmul_peak_gflops, median, \
-    random_weights, read_config, sync  # noqa: E402
+    random_weights, read_config, sync, device_arg  # noqa: E402
 
 import dgemma  # noqa: E402
 from dgemma.engine.compiled import COMPILE_MODES  # noqa: E402
@@ -61,7 +61,7 @@ def parse_args(argv=None):
                                                                "by both sides (default 256)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and compute (default fp32)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=0, help="weights, prompt and generation seed (default 0)")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 matmul that measures the peak")
     p.add_argument("--compile", default=None, choices=COMPILE_MODES, metavar="MODE",

@@ -230,3 +230,175 @@ def test_step_profile_kinds_from_annotations_and_names():
     assert sp.kind_of("aten::_scaled_dot_product_flash_attention_for_cpu", [sp.FORWARD]) == "attention"
     assert sp.kind_of("aten::index_select", []) == "copies and indexing"
     assert sp.kind_of("aten::exp", []) == "elementwise and reductions"
+
+
+def test_presets_ratio_at_sudoku_steps_needs_exact_and_says_so(capsys):
+    """`--presets fast,fastest` with speed and Sudoku rows: the reference's Sudoku steps are exact's, so without
+    exact there is no ratio to estimate; the script says so instead of a KeyError after all its runs."""
+    import presets
+
+    speed = {"reference": {"wall_s": 16.0, "steps": 16}, "fast": {"wall_s": 9.0, "steps": 16},
+             "fastest": {"wall_s": 5.0, "steps": 8}}
+    sudoku = {"fast": {"mean_steps_per_canvas": 6.0}, "fastest": {"mean_steps_per_canvas": 4.0}}
+    presets.at_sudoku_steps(speed, sudoku)
+    assert all("ratio_at_sudoku_steps" not in row for row in sudoku.values())
+    assert "needs the exact preset" in capsys.readouterr().err
+
+
+def test_serve_load_random_model_needs_the_bundled_tokenizers_vocabulary(tmp_path):
+    """bench/serve_load.py --config: a config whose vocabulary is smaller than the bundled tokenizer's is refused by
+    name (it served prompts with ids past the embedding: 'IndexError: index out of range'); a large enough one
+    writes a model directory that loads and generates."""
+    import serve_load
+
+    import dgemma
+    from dgemma.bundled import PACKAGED
+    from dgemma.text.tokenizer import load_tokenizer
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    with pytest.raises(SystemExit, match=r"vocab_size 512 is smaller than the bundled tokenizer's \d+ tokens"):
+        serve_load.random_model(str(config), tmp_path / "refused")
+    big = json.loads(json.dumps(TINY_CONFIG))
+    big["text_config"]["vocab_size"] = load_tokenizer(PACKAGED).vocab_size
+    config.write_text(json.dumps(big))
+    engine = dgemma.load(serve_load.random_model(str(config), tmp_path / "model"), quiet=True)
+    done = engine.complete("def f(x):", max_tokens=4, max_denoising_steps=2, seed=0)
+    assert done.completion_tokens == 4 or done.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("script", ["gpu", "step_profile", "sampler_ops", "vs_reference"])
+def test_bench_device_unusable_here_is_a_usage_error(script, capsys):
+    """--device names a device this torch or machine cannot use (meta everywhere; cuda on CPU-only torch): an
+    argparse error naming it, not a traceback from inside the run."""
+    module = __import__(script)
+    argv = ["--device", "meta"] + (["--config", "small"] if script == "vs_reference" else [])
+    with pytest.raises(SystemExit) as e:
+        (module.parse_args if hasattr(module, "parse_args") else module.main)(argv)
+    assert e.value.code == 2
+    assert "argument --device: device 'meta' is not usable here" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_quant_gpu_check_without_cuda_says_it_needs_one():
+    import quant_gpu_check
+
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        quant_gpu_check.main([])
+
+
+def last_json_line(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_sampler_ops_bench_counts_and_times_both_budgets(capsys):
+    import sampler_ops
+
+    assert sampler_ops.main(["--vocab", "1024", "--canvas", "16", "--reps", "1", "--threads", "1"]) == 0
+    r = last_json_line(capsys)
+    assert [row["budget"] for row in r["rows"]] == ["cpu", "accelerator"]
+    for row in r["rows"]:
+        assert row["chunk_positions"] > 0 and row["aten_calls"] > 10 and row["ms_per_step"] > 0
+
+
+def test_gpu_bench_runs_on_a_cpu_with_the_tiny_config(tmp_path, capsys):
+    """bench/gpu.py's documented CPU smoke run (the scenarios, the JSON line) on the tiny config."""
+    import gpu
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    r = gpu.main(["--config", str(config), "--device", "cpu", "--dtype", "fp32", "--steps", "2", "--short-prompt",
+                  "8", "--long-prompt", "20", "--batches", "1,2", "--compile", ""])
+    assert last_json_line(capsys) == r
+    assert r["steps"] == 2 and r["ms_per_step"] > 0 and r["tok_s_per_canvas"] > 0 and r["quantize"] == "none"
+
+
+def test_scheduler_rows_bench_shares_forwards(capsys):
+    """bench/scheduler_rows.py on the bundled model: two requests' rows share the decoder forwards of one."""
+    import scheduler_rows
+
+    assert scheduler_rows.main(["--rows", "1", "2", "--max-tokens", "8", "--steps", "2", "--threads", "1"]) == 0
+    r = last_json_line(capsys)
+    assert r["levels"]["1"]["forwards"] == r["levels"]["2"]["forwards"] == 2 and r["speedup"] > 0
+
+
+def test_presets_bench_speed_rows_on_the_tiny_config(tmp_path, capsys):
+    """bench/presets.py --skip-quality on the tiny config, one preset: the reference row and the preset's float and
+    int8 rows, each variant running its own step budget."""
+    import presets
+
+    from dgemma.engine.presets import preset_knobs
+    from dgemma.quant import dynamic
+    try:
+        dynamic.check_available()
+    except dynamic.DynamicInt8Error as e:
+        pytest.skip(str(e))
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    r = presets.main(["--skip-quality", "--sudoku-model", "none", "--config", str(config), "--presets", "fastest",
+                      "--reps", "1", "--prompt-len", "8", "--threads", "1"])
+    assert last_json_line(capsys) == r
+    assert set(r["speed"]) == {"reference", "fastest", "fastest+int8"}
+    steps = preset_knobs("fastest")["max_denoising_steps"]
+    assert r["speed"]["fastest"]["steps"] == r["speed"]["fastest+int8"]["steps"] == steps
+    assert r["speed"]["fastest"]["ratio"] > 0
+
+
+def test_sudoku_speed_bench_scores_every_side(capsys):
+    """bench/sudoku_speed.py on one generated puzzle: the reference and our preset both answer and are scored."""
+    import sudoku_speed
+
+    r = sudoku_speed.main(["--limit", "1", "--presets", "fast", "--threads", "1"])
+    assert last_json_line(capsys) == r
+    assert set(r["rows"]) == {"reference", "fast"} and r["num_puzzles"] == 1
+    assert r["rows"]["fast"]["mean_steps_per_canvas"] >= 1 and 0 <= r["rows"]["fast"]["cell_accuracy"] <= 1
+
+
+def test_structured_bench_infill_rows(capsys):
+    """bench/structured.py's infill half on the bundled model, one held-out case: what it reads from infill (the
+    InfillRun result) and complete is there and in range."""
+    import structured
+
+    import dgemma
+    from dgemma.bundled import PACKAGED
+
+    engine = dgemma.load(PACKAGED, quiet=True)
+    i = structured.run_infill(engine, 1, 0)
+    assert i["functions"] == 1 and 0 <= i["syntax_valid_rate"] <= 1 and i["infill_s_mean"] > 0
+    assert "infill  0 valid=" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script, entry, argv", [
+    ("_canvas", "parse", ["--reps", "0"]),
+    ("row_skipping", "main", ["--count", "0"]),
+    ("quant_quality", "main", ["--examples", "0"]),
+    ("presets", "main", ["--reps", "0"]),
+    ("sudoku_speed", "main", ["--limit", "0"]),
+    ("scheduler_rows", "main", ["--max-tokens", "0"]),
+    ("sampler_ops", "parse_args", ["--vocab", "0"]),
+    ("gpu", "parse_args", ["--device", "cpu", "--steps", "0"]),
+    ("gpu", "parse_args", ["--device", "cpu", "--batches", "1,0"]),
+    ("step_profile", "main", ["--device", "cpu", "--prompt", "0"]),
+])
+def test_bench_counts_below_one_are_usage_errors(script, entry, argv, capsys):
+    """A count of 0 (reps, puzzles, tokens, steps, ...) is refused while parsing, by flag name; it used to fail after
+    the model was built (no median of zero runs, an empty batch, an IndexError, a ZeroDivisionError)."""
+    module = __import__(script)
+    fn = getattr(module, entry)
+    with pytest.raises(SystemExit) as e:
+        fn("x", argv) if entry == "parse" else fn(argv)
+    assert e.value.code == 2
+    assert "must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_sudoku_speed_bench_warms_up_every_side(monkeypatch, capsys):
+    """Each side gets one discarded warm-up (bench/README.md): ours too, not only the reference, so our first
+    puzzle's wall does not carry one-time costs the reference's does not."""
+    import sudoku_speed
+
+    import dgemma
+    calls = []
+    generate = dgemma.Engine.generate
+    monkeypatch.setattr(dgemma.Engine, "generate", lambda self, *a, **k: calls.append(1) or generate(self, *a, **k))
+    sudoku_speed.main(["--limit", "1", "--presets", "fast", "--threads", "1"])
+    assert len(calls) == 2  # the warm-up and the one puzzle
