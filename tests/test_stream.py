@@ -338,3 +338,21 @@ def test_with_no_stop_ids_the_text_goes_on_past_an_end_marker(engine):
         done = text.finish()
         assert "".join(p.text for p in pieces) == done.output.answer == answer
         assert done.completion_tokens == tokens
+
+
+def test_a_tokenizer_bigger_than_the_model_is_a_clear_error(model_dir, tmp_path):
+    """The bundled default's tokenizer (4,096 tokens) beside the random model (640): text input used to die with an
+    IndexError inside the embedding (the server: 'generation failed'); now a ValueError names both sizes."""
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(model_dir, mixed)
+    default = Path(dgemma.__file__).parent / "models" / "default"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default / name, mixed / name)
+    engine = dgemma.load(mixed, quiet=True)
+    assert engine.tokenizer.vocab_size > engine.config.vocab_size
+    with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens but the model only \d+"):
+        engine.complete("hello there", max_tokens=4)
+    ids = torch.tensor([[2, 5, 7]])  # token ids still work without the tokenizer
+    assert engine.generate(ids, max_new_tokens=4, max_denoising_steps=2).shape[1] > 3

@@ -43,6 +43,10 @@ class Engine:
         if self.tokenizer is None:
             raise ValueError(f"{self.directory}: this model directory has no tokenizer.json, so text input/output "
                              "is unavailable; pass token ids to generate() or add the tokenizer files")
+        if self.tokenizer.vocab_size > self.config.vocab_size:  # its ids past the embedding would be an IndexError
+            raise ValueError(f"{self.directory}: the tokenizer has {self.tokenizer.vocab_size} tokens but the model "
+                             f"only {self.config.vocab_size} (config.json vocab_size): they do not belong together; "
+                             "put the model's own tokenizer files in the directory")
         return self.tokenizer
 
     def check_context(self, prompt_len: int, max_new_tokens: int) -> None:
