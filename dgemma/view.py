@@ -48,6 +48,8 @@ class DraftView:
         self.live.update(self._render())
 
     def close(self) -> None:
-        self.header = RichText()
+        # the last frame is the answer alone: a canvas that committed no text (it began at a stop id, or a stop
+        # string cut before it) left its draft behind, raw <eos> pieces included
+        self.header, self.draft = RichText(), RichText()
         self.live.update(self._render())
         self.live.stop()

@@ -356,3 +356,23 @@ def test_a_tokenizer_bigger_than_the_model_is_a_clear_error(model_dir, tmp_path)
         engine.complete("hello there", max_tokens=4)
     ids = torch.tensor([[2, 5, 7]])  # token ids still work without the tokenizer
     assert engine.generate(ids, max_new_tokens=4, max_denoising_steps=2).shape[1] > 3
+
+
+def test_draft_view_ends_on_the_answer_alone(engine):
+    """--show-drafts: a last canvas that commits no text (it starts at a stop id) left its draft, <eos> pieces and
+    all, in the view's final frame under the answer (seen in the README's first command)."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from dgemma.view import DraftView
+
+    out = io.StringIO()
+    view = DraftView(engine.tokenizer, console=Console(file=out, force_terminal=False, width=80))
+    view.commit(SimpleNamespace(kind="answer", text="the answer"))
+    eos = engine.tokenizer.eos_id
+    view.update(SimpleNamespace(token_ids=[eos] * 8, confidence=[0.9] * 8, canvas_index=1, step=3))
+    view.close()
+    final = out.getvalue()
+    assert "the answer" in final and "<eos>" not in final and "step 3" not in final, final
