@@ -192,6 +192,8 @@ BAD_CHAT = [
     ({"max_tokens": 10**6}, 400, "messages"),
     ({"messages": [{"role": "user", "content": "word " * 9000}]}, 400, "messages"),
     ({"stop": 5}, 400, "stop"),
+    ({"stop": ""}, 400, "stop"),
+    ({"stop": ["x", ""]}, 400, "stop"),
     ({"seed": "x"}, 400, "seed"),
     ({"n": 2}, 400, "n"),
     ({"stream": "yes"}, 400, "stream"),

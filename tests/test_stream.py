@@ -94,6 +94,9 @@ def test_one_stop_string_is_one_stop_not_its_characters(engine):
     for bad in ([5], 5, [None]):
         with pytest.raises(ValueError, match="stop must be a string or a list of strings"):
             run(engine, stop=bad)
+    for empty in ("", ["x", ""]):  # an empty stop string was silently dropped
+        with pytest.raises(ValueError, match="stop strings must not be empty"):
+            run(engine, stop=empty)
 
 
 def test_seed_reproducibility(engine):

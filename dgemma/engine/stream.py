@@ -185,6 +185,8 @@ def open_request(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = 
     stop = [stop] if isinstance(stop, str) else stop  # one stop string, as OpenAI's "stop": not its characters
     if stop is not None and (not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop)):
         raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+    if stop is not None and "" in stop:  # it would match before every character: nothing could be generated
+        raise ValueError("stop strings must not be empty; drop the empty one")
     if max_tokens is not None:
         check_max_tokens(max_tokens)
         if "max_new_tokens" in knobs:

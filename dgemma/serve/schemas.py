@@ -22,7 +22,8 @@ MAX_BODY_BYTES = 8 << 20
 TOOL_CHOICES = "'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": NAME}}"
 
 PositiveInt = Annotated[int, Field(ge=1)]
-StopStrings = str | Annotated[list[Annotated[str, Field(max_length=1000)]], Field(max_length=MAX_STOP_STRINGS)] | None
+_Stop = Annotated[str, Field(min_length=1, max_length=1000)]  # an empty one would match before every character
+StopStrings = _Stop | Annotated[list[_Stop], Field(max_length=MAX_STOP_STRINGS)] | None
 
 
 class ApiError(Exception):
@@ -187,6 +188,6 @@ def _from_validation(e: ValidationError, model: type[_Common]) -> ApiError:
                     code="invalid_value")
 
 
-_UNION_HINTS = {"stop": f"a string or a list of at most {MAX_STOP_STRINGS} strings",
+_UNION_HINTS = {"stop": f"a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
                 "prompt": "a string, a list of one string, or a list of token ids",
                 "tool_choice": TOOL_CHOICES}
