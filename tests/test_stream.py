@@ -379,3 +379,8 @@ def test_draft_view_ends_on_the_answer_alone(engine):
     view.close()
     final = out.getvalue()
     assert "the answer" in final and "<eos>" not in final and "step 3" not in final, final
+
+
+def test_complete_with_drafts_points_to_stream(engine):
+    with pytest.raises(TypeError, match="use stream"):  # was Python's "got multiple values for keyword 'drafts'"
+        engine.complete("hi", max_tokens=2, drafts=True)

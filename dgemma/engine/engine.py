@@ -82,6 +82,8 @@ class Engine:
 
     def complete(self, prompt: str | None = None, *, messages=None, enable_thinking: bool = False, **options):
         """Non-streaming: run to the end and return the Done event (.output.answer, .output.thinking, stats)."""
+        if "drafts" in options:
+            raise TypeError("complete() returns only the finished answer; for the drafts of each step use stream()")
         *_, done = self.stream(prompt, messages=messages, enable_thinking=enable_thinking, drafts=False, **options)
         return done
 
