@@ -335,6 +335,11 @@ def entropy_bound_of(sampler, *, source: str = "sampler_config") -> float | None
                       "(or {'entropy_bound': x}), or pass entropy_bound=x")
 
 
+def eos_ids(value) -> tuple[int, ...]:
+    """eos_token_id as the configs store it: one id or a list of them -> a tuple."""
+    return (value,) if isinstance(value, int) else tuple(value)
+
+
 def set_knobs(raw: dict, *, source: str = "generation_config", strict: bool = False) -> dict:
     """Generation settings by the reference's names (and GenerationConfig's own) -> GenerationConfig field values,
     leaving out the unset ones (None, as in the reference's config files and objects). strict (a caller's
@@ -359,7 +364,7 @@ def set_knobs(raw: dict, *, source: str = "generation_config", strict: bool = Fa
             if value is None:
                 continue
         elif key == "eos_token_id":
-            value = (value,) if isinstance(value, int) else tuple(value)
+            value = eos_ids(value)
         kwargs[key] = value
     return kwargs
 

@@ -86,9 +86,12 @@ def edit(engine, text: str, start: int, end: int, *, instruction: str | None = N
     prompt = None
     if instruction is not None:
         prompt = f"{instruction}\n\nThe part to rewrite:\n{old}" if old else instruction
-    lengths = span_tokens if span_tokens is not None else edit_lengths(max(1, len(old_ids)), num_candidates)
-    if span_tokens is None and not after:  # no text after the span, no junction to score: lengths would all tie
-        lengths = max(1, len(old_ids))  # (and the shortest win), so the span keeps its length
+    if span_tokens is not None:
+        lengths = span_tokens
+    elif not after:  # no text after the span, no junction to score: lengths would all tie (and the shortest win),
+        lengths = max(1, len(old_ids))  # so the span keeps its length
+    else:
+        lengths = edit_lengths(max(1, len(old_ids)), num_candidates)
     result = infill(engine, before, after, instruction=prompt, seed=seed, seeds_from=seeds, middle_tokens=lengths,
                     **options)
     return EditResult(before + result.middle + after, old, result.middle, start, end, result)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import REFERENCE_INERT, GenerationConfig, ModelConfig, entropy_bound_of, passed_settings
+from ..config import REFERENCE_INERT, GenerationConfig, ModelConfig, entropy_bound_of, eos_ids, passed_settings
 from ..model import DiffusionGemma, load_module
 from ..quant.modules import swap_for_checkpoint
 from ..text import Tokenizer
@@ -174,7 +174,7 @@ class Engine:
             if key not in values:
                 raise TypeError(f"unknown generation option {key!r}; known: {sorted(set(values) - {'max_length'})}")
             if key == "eos_token_id" and value is not None:
-                value = (value,) if isinstance(value, int) else tuple(value)
+                value = eos_ids(value)
             values[key] = value
         return GenerationConfig(**values)
 

@@ -178,23 +178,20 @@ class InfillRun:
             self.steps.append(event.num_steps.cpu())
 
     def result(self) -> InfillResult:
-        lengths, tok = self.lengths, self.engine.require_tokenizer()
+        tok = self.engine.require_tokenizer()
         tokens = torch.cat(self.pieces, dim=1)
-        if self.continuation is not None:
+        if self.continuation is not None:  # the one row, up to its first stop id
+            row, candidates = 0, []
             middle_ids = tokens[0, :self.continuation].tolist()
-            stops = [k for k, t in enumerate(middle_ids) if t in tok.stop_ids]
-            middle_ids = middle_ids[: stops[0]] if stops else middle_ids
-            middle = tok.decode(middle_ids)
-            return InfillResult(middle, self.prefix + middle + self.suffix, middle_ids, len(middle_ids), [],
-                                [int(s[0]) for s in self.steps], time.perf_counter() - self.started)
-        scores = self.plan.scores.nan_to_num(float("-inf"))
-        order = sorted(range(len(lengths)), key=lambda r: (-float(scores[r]), lengths[r]))
-        best = order[0]
-        middle_ids = tokens[best, : lengths[best]].tolist()
+            middle_ids = middle_ids[:next((k for k, t in enumerate(middle_ids) if t in tok.stop_ids), None)]
+        else:  # the best-scoring length (ties: the shorter)
+            lengths, scores = self.lengths, self.plan.scores.nan_to_num(float("-inf"))
+            order = sorted(range(len(lengths)), key=lambda r: (-float(scores[r]), lengths[r]))
+            row, candidates = order[0], [(lengths[r], float(scores[r])) for r in order]
+            middle_ids = tokens[row, : lengths[row]].tolist()
         middle = tok.decode(middle_ids)
-        return InfillResult(middle, self.prefix + middle + self.suffix, middle_ids, lengths[best],
-                            [(lengths[r], float(scores[r])) for r in order], [int(s[best]) for s in self.steps],
-                            time.perf_counter() - self.started)
+        return InfillResult(middle, self.prefix + middle + self.suffix, middle_ids, len(middle_ids), candidates,
+                            [int(s[row]) for s in self.steps], time.perf_counter() - self.started)
 
 
 def open_infill(engine, prefix: str, suffix: str, *, instruction: str | None = None,

@@ -107,16 +107,18 @@ class QuantizedWeights(nn.Module):
 
     def prepare(self, device: torch.device, dtype: torch.dtype, names=None) -> None:
         """Repack int4 matrices once for this device's kernel (bf16 activations), REPLACING the stored form, so
-        the fast path holds one copy. Happens on the first fast matmul, or ahead of time via `prepare_kernels`."""
+        the fast path holds one copy; int8 on CPU: realign them. Happens on the first fast matmul, or ahead of time
+        via `prepare_kernels`."""
         kind = fast_kernel(self.scheme, torch.device(device), dtype)
+        names = names or [n for n in self._buffers if n + "_scale" in self._buffers]
         if kind == "int8-cpu":  # a memory-mapped checkpoint tensor may start anywhere: copy it once to aligned memory
-            for name in names or [n for n in self._buffers if n + "_scale" in self._buffers]:
+            for name in names:
                 if getattr(self, name).data_ptr() % INT8_ALIGN:
                     self._buffers[name] = getattr(self, name).clone()
             return
         if self.scheme != "int4" or not kind.startswith("int4"):
             return
-        for name in names or [n for n in self._buffers if n + "_scale" in self._buffers]:
+        for name in names:
             data = getattr(self, name)
             lead, (N, half) = data.shape[:-2], data.shape[-2:]
             if not kernel_fits(kind, N, 2 * half, self.group_size):

@@ -112,7 +112,7 @@ class InfillText:
 
     def finish(self) -> Done:
         r = self.result if self.result is not None else self.run.result()
-        ids = r.middle_ids  # free positions only: their token class excludes every stop id (infill.middle_class)
+        ids = r.middle_ids  # no stop id: free positions exclude them (infill.middle_class), a continuation cuts there
         return Done("length" if len(ids) >= self.limit else "stop", ParsedOutput(None, r.middle), self.prompt_len,
                     len(ids), ids, r.steps_per_canvas, r.wall_s, r.wall_s)
 

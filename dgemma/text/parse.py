@@ -127,7 +127,7 @@ class OutputSplitter:
     def _transition(self, marker: str, out: list[Delta]) -> None:
         if marker == PAD or (marker in END_MARKERS and marker not in self.ends):
             return
-        if marker in (TURN_END, EOS, TOOL_RESPONSE_START):
+        if marker in END_MARKERS:
             if self.state == "tool":  # cut off inside a call: keep it as text, never run it
                 self._emit_as("answer", TOOL_CALL_START + self._tool, out)
             self.state = "done"
