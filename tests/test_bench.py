@@ -402,3 +402,24 @@ def test_sudoku_speed_bench_warms_up_every_side(monkeypatch, capsys):
     monkeypatch.setattr(dgemma.Engine, "generate", lambda self, *a, **k: calls.append(1) or generate(self, *a, **k))
     sudoku_speed.main(["--limit", "1", "--presets", "fast", "--threads", "1"])
     assert len(calls) == 2  # the warm-up and the one puzzle
+
+
+def test_long_prompt_bench_times_both_variants_and_restores_chunking(tmp_path, capsys):
+    """bench/long_prompt.py on the tiny config (window 8) at a chunked length: both variants run, leave the same
+    bits, the JSON line says so, and the shipped chunk size is back afterwards; a length past the config's
+    positions is a usage error before anything is built."""
+    import long_prompt
+
+    from dgemma.model import attention
+
+    raw = json.loads(json.dumps(TINY_CONFIG))
+    raw["text_config"]["max_position_embeddings"] = 2048
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(raw))
+    result = long_prompt.main(["--config", str(config), "--lengths", "1800", "--reps", "1"])
+    assert attention.QUERY_CHUNK == 1024
+    row = result["lengths"][1800]
+    assert row["same_bits"] is True and row["one_call_s"] > 0 and row["chunked_s"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"] == "long_prompt"
+    with pytest.raises(SystemExit, match="past the config's 2048 positions"):
+        long_prompt.main(["--config", str(config), "--lengths", "4096", "--reps", "1"])

@@ -15,6 +15,9 @@ Keys/values are stored post-norm and post-RoPE, exactly what attention consumes.
 
 from __future__ import annotations
 
+import itertools
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,7 +46,8 @@ class Attention(nn.Module):
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, cos, sin, context, mask, canvas=None):
-        """x [B,T,D]; context (k, v) [B,Hk,S,Dh] or None; mask bool [B,1,T,S+T] (True = attend) or None.
+        """x [B,T,D]; context (k, v) [B,Hk,S,Dh] or None; mask bool [B,1,T,S+T] (True = attend), that mask as a
+        ChunkedMask (`chunk_queries`), or None.
         canvas: None, or (k_buf, v_buf [B,Hk,L+1,Dh], index [B,T]) when x holds only T of a canvas's L positions
         (decoder over a subset, engine/settle.py): the new k/v are written into the buffers at `index` (index L,
         the spare last slot, takes what nobody reads) and the queries attend to [context ; the L canvas entries]
@@ -66,12 +70,81 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), (k_new, v_new)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+QUERY_CHUNK = 1024  # queries per chunk of a long masked pass (`chunk_queries`); None turns chunking off
+MIN_QUERY_CHUNK = 768  # the shortest chunk: from 768 queries on, torch's CPU kernel takes 256-query blocks
+KEY_BLOCK = 512  # the key block of torch's CPU flash-attention kernel: chunks' key ranges start and end on them
+
+
+class ChunkedMask(NamedTuple):
+    """An encoder mask with its query chunks: `chunks` holds (q0, q1, k0, k1) per chunk, and every key outside
+    [k0, k1) is masked for every query in [q0, q1), so attention runs chunk by chunk on those keys only."""
+    mask: torch.Tensor  # bool [B,1,T,S], True = attend
+    chunks: tuple[tuple[int, int, int, int], ...]
+
+
+def chunk_queries(mask: torch.Tensor) -> torch.Tensor | ChunkedMask:
+    """The long encoder pass (a prompt of thousands of tokens) in query chunks that skip the keys they cannot see.
+
+    With one [T, S] mask SDPA computes every query against every key: at a 4,096-token prompt a sliding layer
+    (window 512) does 8x the work its window needs, and a causal full layer twice. Chunks of QUERY_CHUNK queries
+    see only the keys some query of theirs attends to, widened to KEY_BLOCK boundaries.
+
+    Same bits as the one call on the CPU (tests/test_attention_chunks.py checks fp32 and bf16): torch's CPU
+    flash-attention kernel goes through the keys in blocks of 512 from the first with an online softmax, so a
+    block masked for every query leaves a row's running sums exactly as they were, and blocks on the same
+    boundaries are the same sums; queries go in blocks of 256 once a call has at least 768 of them, so chunks
+    start on multiples of 256 and have at least MIN_QUERY_CHUNK queries. Measured with bench/long_prompt.py
+    (`small`, fp32, 2-core EPYC): a 4,096-token prefill 6.49 -> 4.40 s, 8,192 tokens 23.7 -> 11.7 s.
+
+    Returns the mask itself when chunks would save nothing (fewer than two chunks' worth of queries, or every
+    chunk sees every key)."""
+    T, S = mask.shape[-2:]
+    if QUERY_CHUNK is None or T < QUERY_CHUNK + MIN_QUERY_CHUNK:
+        return mask
+    bounds = list(range(0, T, QUERY_CHUNK)) + [T]
+    if bounds[-1] - bounds[-2] < MIN_QUERY_CHUNK:
+        del bounds[-2]
+    seen = mask.any(dim=1).any(dim=0)  # [T, S]: keys some row attends to
+    chunks = []
+    for q0, q1 in itertools.pairwise(bounds):
+        keys = seen[q0:q1].any(dim=0).nonzero()  # every query sees at least itself (encoder_mask)
+        first, last = (int(keys[0]), int(keys[-1])) if keys.numel() else (0, S - 1)
+        chunks.append((q0, q1, first // KEY_BLOCK * KEY_BLOCK, min(S, -(-(last + 1) // KEY_BLOCK) * KEY_BLOCK)))
+    if all(k0 == 0 and k1 == S for _, _, k0, k1 in chunks):
+        return mask
+    return ChunkedMask(mask, tuple(chunks))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           mask: torch.Tensor | ChunkedMask | None) -> torch.Tensor:
     """softmax(q kᵀ · 1.0 + mask) v with grouped-query heads. q [B,H,T,D]; k, v [B,Hk,S,D] -> [B,H,T,D].
 
     SDPA's enable_gqa reads each K/V head for its group of query heads in place: no repeat_interleave copy of the
-    cache (measured on CPU: the same bits, ~4x faster for a 256-query step against 288 keys)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=k.shape[1] != q.shape[1])
+    cache (measured on CPU: the same bits, ~4x faster for a 256-query step against 288 keys). On CUDA only the
+    flash kernel takes enable_gqa, and it takes no mask, no head over 256 wide and no fp32; SDPA would then fall
+    back to its math kernel, which materialises the [B,H,T,S] scores in fp32 (the encoder's masked passes, the
+    512-wide full-attention heads). There the K/V heads are repeated instead, as the reference does
+    (transformers' `use_gqa_in_sdpa`), so the memory-efficient kernel runs. A ChunkedMask runs chunk by chunk."""
+    if isinstance(mask, ChunkedMask):
+        return torch.cat([attend(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], mask.mask[..., q0:q1, k0:k1])
+                          for q0, q1, k0, k1 in mask.chunks], dim=2)
+    grouped = k.shape[1] != q.shape[1]
+    if grouped and q.device.type == "cuda" and not flash_takes_gqa(q, v, mask):
+        k, v = repeat_heads(k, q.shape[1]), repeat_heads(v, q.shape[1])
+        grouped = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=grouped)
+
+
+def flash_takes_gqa(q: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether CUDA's flash kernel takes this grouped-query call (else SDPA's math kernel would run it)."""
+    return mask is None and q.dtype in (torch.bfloat16, torch.float16) and max(q.shape[-1], v.shape[-1]) <= 256
+
+
+def repeat_heads(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B,Hk,S,D] -> [B,H,S,D], each K/V head repeated for its group of H/Hk query heads (query head h reads
+    K/V head h // (H/Hk), SDPA's enable_gqa layout)."""
+    B, Hk, S, D = kv.shape
+    return kv[:, :, None].expand(B, Hk, num_heads // Hk, S, D).reshape(B, num_heads, S, D)
 
 
 def attend_reference(q, k, v, mask):

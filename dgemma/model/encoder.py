@@ -4,13 +4,15 @@ It is an ordinary causal Gemma-4 forward (spec §4.7): query at position q sees 
 sliding layers also k > q - window (1024 keys including itself). Padded key slots (left padding in a batch)
 are masked. New tokens continue at positions cache.length .. cache.length+T-1, pad slots included, as the
 reference does (spec §6.6); cache.length may be a [B] tensor (each row continues its own context). The same
-function serves prompt prefill and canvas commits (stage, then commit).
+function serves prompt prefill and canvas commits (stage, then commit). A long prompt's attention runs in query
+chunks that skip the keys they cannot see (attention.chunk_queries: the same bits, a fraction of the work).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .attention import chunk_queries
 from .decoder import context_positions
 
 
@@ -57,7 +59,7 @@ def encode(model, tokens: torch.Tensor, cache, valid: torch.Tensor | None = None
                 key_valid = torch.cat([ones(num_context) if ctx_valid is None else ctx_valid,
                                        ones(T) if valid is None else valid], dim=1)
             window = cfg.sliding_window if layer.is_sliding else None
-            masks[key] = encoder_mask(num_context, T, cache.length, window, key_valid, tokens.device)
+            masks[key] = chunk_queries(encoder_mask(num_context, T, cache.length, window, key_valid, tokens.device))
         cos, sin = rope[layer.is_sliding]
         if i == len(model.layers) - 1 and not return_hidden:
             cache.write(i, *layer.self_attn.project_kv(layer.input_layernorm(x), cos, sin))

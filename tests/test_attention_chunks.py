@@ -1,0 +1,139 @@
+"""Long encoder passes in query chunks (attention.chunk_queries) and the CUDA K/V head repeat (attention.attend).
+
+Chunks must give the one call's very bits on the CPU (the parity with transformers rests on it), must skip only
+keys that no query of theirs attends to, and must leave short passes alone. The slow side of each comparison is
+the plain one-call path (QUERY_CHUNK = None), and a long prompt is also checked against the reference itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dgemma
+from dgemma.model import attention
+from dgemma.model.attention import ChunkedMask, attend, attend_reference, chunk_queries, repeat_heads
+from dgemma.model.encoder import encoder_mask
+
+
+def layer_mask(B, S0, T, window, pad=0):
+    """The encoder's mask for T new tokens after S0 cached ones; row 0 left-padded by `pad` slots if B > 1."""
+    key_valid = None
+    if pad:
+        key_valid = torch.ones(B, S0 + T, dtype=torch.bool)
+        key_valid[0, :pad] = False
+    return encoder_mask(S0, T, S0, window, key_valid, "cpu")
+
+
+GEOMETRIES = [  # (B, cached S0, new T, window, pad of row 0)
+    (1, 0, 2100, 8, 0),
+    (2, 700, 2500, 512, 37),
+    (3, 0, 1800, None, 0),
+    (2, 1500, 3000, 1024, 5),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,S0,T,window,pad", GEOMETRIES)
+def test_chunked_attention_gives_the_one_calls_bits(B, S0, T, window, pad, dtype):
+    g = torch.Generator().manual_seed(T)
+    mask = layer_mask(B, S0, T, window, pad)
+    chunked = chunk_queries(mask)
+    assert isinstance(chunked, ChunkedMask), "a long pass must be chunked"
+    q = torch.randn(B, 8, T, 32, generator=g).to(dtype)
+    k = torch.randn(B, 2, S0 + T, 32, generator=g).to(dtype)
+    v = torch.randn(B, 2, S0 + T, 32, generator=g).to(dtype)
+    one, parts = attend(q, k, v, mask), attend(q, k, v, chunked)
+    assert torch.equal(one, parts), f"max |diff| {(one.float() - parts.float()).abs().max().item():.3e}"
+    # and the one call is right (the oracle: an explicit fp32 softmax)
+    torch.testing.assert_close(one.float(), attend_reference(q, k, v, mask).float(), rtol=0,
+                               atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("B,S0,T,window,pad", GEOMETRIES)
+def test_chunks_skip_only_keys_no_query_of_theirs_sees(B, S0, T, window, pad):
+    mask = layer_mask(B, S0, T, window, pad)
+    chunked = chunk_queries(mask)
+    S = S0 + T
+    starts = [c[0] for c in chunked.chunks]
+    assert starts[0] == 0 and chunked.chunks[-1][1] == T
+    skipped = 0
+    for (q0, q1, k0, k1), nxt in zip(chunked.chunks, starts[1:] + [T]):
+        assert q1 == nxt and q0 % 256 == 0 and q1 - q0 >= attention.MIN_QUERY_CHUNK
+        assert k0 % attention.KEY_BLOCK == 0 and (k1 % attention.KEY_BLOCK == 0 or k1 == S)
+        assert not mask[..., q0:q1, :k0].any() and not mask[..., q0:q1, k1:].any()
+        skipped += (q1 - q0) * (S - (k1 - k0))
+    assert skipped > 0
+    if window is not None and window <= 1024:  # the point: a sliding layer's chunks see far fewer keys
+        assert skipped > 0.3 * T * S
+
+
+def test_short_passes_and_commits_are_not_chunked():
+    for T, S0 in ((256, 4000), (1024, 0), (1791, 0)):  # a canvas commit after a long context; short prompts
+        mask = layer_mask(1, S0, T, 512)
+        assert chunk_queries(mask) is mask
+    # a full (causal) layer of a pass too short for two chunks of 768: one call
+    short = layer_mask(1, 0, 1500, None)
+    assert chunk_queries(short) is short
+    assert isinstance(chunk_queries(layer_mask(1, 0, 1792, None)), ChunkedMask)
+
+
+def test_long_prompt_encode_equals_the_unchunked_pass_and_the_reference(reference_checkpoint, monkeypatch):
+    """A 2,100-token prompt through the whole encoder: every layer's K/V and the final hidden state are the same
+    bits with and without chunks, and equal to transformers' (the oracle), as are the decoder's logits after it."""
+    ref, path = reference_checkpoint({"text_config": {"max_position_embeddings": 4096}})
+    engine = dgemma.load(path, dtype=torch.float32, quiet=True)
+    cfg = engine.config
+    T, L = 2100, cfg.canvas_length
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(3, cfg.vocab_size - 8, (1, T), generator=g)
+    canvas = torch.randint(3, cfg.vocab_size - 8, (1, L), generator=g)
+
+    def run():
+        cache = engine.new_cache(1)
+        return engine.encode(tokens, cache, return_hidden=True), cache
+
+    made = []
+    monkeypatch.setattr("dgemma.model.encoder.chunk_queries", lambda m: made.append(chunk_queries(m)) or made[-1])
+    hidden, cache = run()
+    assert any(isinstance(c, ChunkedMask) for c in made), "the long prompt was not chunked"
+    monkeypatch.setattr(attention, "QUERY_CHUNK", None)
+    plain_hidden, plain_cache = run()
+    assert torch.equal(hidden, plain_hidden)
+    for i in range(cfg.num_hidden_layers):
+        assert torch.equal(cache.keys[i], plain_cache.keys[i]) and torch.equal(cache.values[i], plain_cache.values[i])
+
+    from transformers.cache_utils import DynamicCache
+
+    pkv = DynamicCache(config=ref.config.get_text_config())
+    with torch.no_grad():
+        out = ref(input_ids=tokens, past_key_values=pkv, decoder_input_ids=canvas,
+                  position_ids=torch.arange(T)[None], decoder_position_ids=torch.arange(T, T + L)[None])
+    assert (hidden - out.encoder_last_hidden_state).abs().max().item() <= 1e-4
+    for i in range(cfg.num_hidden_layers):
+        assert (cache.keys[i] - pkv.layers[i].keys).abs().max().item() <= 1e-4
+        assert (cache.values[i] - pkv.layers[i].values).abs().max().item() <= 1e-4
+    assert (engine.denoise(canvas, cache) - out.logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("H,Hk", [(8, 2), (6, 3), (4, 1)])
+def test_repeated_heads_equal_grouped_query_attention(H, Hk):
+    """The CUDA fallback's layout (K/V heads repeated) computes what enable_gqa computes."""
+    g = torch.Generator().manual_seed(H + Hk)
+    q, k, v = torch.randn(2, H, 7, 16, generator=g), torch.randn(2, Hk, 11, 16, generator=g), None
+    v = torch.randn(2, Hk, 11, 16, generator=g)
+    mask = torch.rand(2, 1, 7, 11, generator=g) > 0.3
+    mask[..., -1] = True
+    repeated = torch.nn.functional.scaled_dot_product_attention(q, repeat_heads(k, H), repeat_heads(v, H),
+                                                                attn_mask=mask, scale=1.0)
+    torch.testing.assert_close(repeated, attend(q, k, v, mask), rtol=0, atol=1e-6)
+    torch.testing.assert_close(repeated, attend_reference(q, k, v, mask), rtol=0, atol=1e-5)
+
+
+def test_flash_takes_gqa_only_where_cudas_flash_kernel_does():
+    half, wide = torch.empty(1, 8, 4, 256, dtype=torch.bfloat16), torch.empty(1, 8, 4, 512, dtype=torch.bfloat16)
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    assert attention.flash_takes_gqa(half, half, None)
+    assert not attention.flash_takes_gqa(half, half, mask)  # a mask: math kernel
+    assert not attention.flash_takes_gqa(wide, wide, None)  # the 512-wide full-attention heads
+    assert not attention.flash_takes_gqa(half.float(), half.float(), None)  # fp32
