@@ -1,15 +1,20 @@
 """A long prompt's prefill with the encoder's attention in query chunks (the default) or as one call per layer.
 
-    python bench/long_prompt.py                                   # config small, prompts of 1,024-8,192 tokens
+    python bench/long_prompt.py                                   # CPU: config small, fp32, prompts of 1K-8K tokens
     python bench/long_prompt.py --config small --lengths 2048,4096 --reps 3 --threads 2
+    python bench/long_prompt.py --device cuda                     # GPU: 26b-a4b, bf16, prompts of 1K and 4K tokens
 
-Random weights for the config (as bench/vs_reference.py builds them), fp32 on the CPU, batch 1. For each prompt
-length, after one warm-up of each variant, the variants run in turn `--reps` times:
+Random weights for the config, built on the device (bench/gpu.py's `build`), batch 1. For each prompt length,
+after one warm-up of each variant, the variants run in turn `--reps` times:
   one-call  every layer's attention as one SDPA call over the [T, T] mask (`attention.QUERY_CHUNK = None`; the
             reference's way);
-  chunked   queries in chunks of `attention.QUERY_CHUNK` that skip the keys they cannot see (the default).
-Per length: median prefill wall of each, the speed of `chunked` over `one-call`, and whether the two left the same
-bits (final hidden state and every layer's cached K/V). Ends with one JSON line.
+  chunked   queries in chunks of `attention.QUERY_CHUNK` that skip the keys they cannot see (the default);
+  gqa-math  (CUDA only) one call per layer with grouped-query heads passed to SDPA as they are
+            (`attention.REPEAT_HEADS_ON_CUDA = False`, the dispatch before 2026-11-28), which sends a masked call
+            to SDPA's math kernel.
+Per length: median prefill wall of each variant, each one's speed over `one-call`, and whether they left the same
+bits as `one-call` (final hidden state and every layer's cached K/V; on the CPU chunks must, on a GPU other kernels
+may round differently, so there the largest difference is printed too). Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -18,29 +23,38 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from _common import hardware, read_config
-from vs_reference import build, random_prompt
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import DTYPES, device_arg, hardware, read_config, sync  # noqa: E402
+from gpu import build  # noqa: E402
+from vs_reference import random_prompt  # noqa: E402
 
-from dgemma.argtypes import positive_int
+from dgemma.argtypes import positive_int  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="small", help="a bench/configs name or a path (default small)")
-    p.add_argument("--lengths", default="1024,2048,4096,8192",
-                   help="comma-separated prompt lengths in tokens (default 1024,2048,4096,8192)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--config", default=None, help="a bench/configs name or a path (default small on the CPU, "
+                                                  "26b-a4b on a GPU)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on the CPU, bf16 on a GPU")
+    p.add_argument("--lengths", default=None, help="comma-separated prompt lengths in tokens (default "
+                                                   "1024,2048,4096,8192 on the CPU, 1024,4096 on a GPU)")
     p.add_argument("--reps", type=positive_int, default=3, help="measured reps per variant (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default torch's)")
     args = p.parse_args(argv)
+    gpu = args.device != "cpu"
+    args.config = args.config or ("26b-a4b" if gpu else "small")
+    args.dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
     try:
-        args.lengths = [positive_int(x) for x in args.lengths.split(",")]
+        args.lengths = [positive_int(x) for x in (args.lengths or ("1024,4096" if gpu else
+                                                                   "1024,2048,4096,8192")).split(",")]
     except (ValueError, argparse.ArgumentTypeError) as e:
         p.error(f"--lengths: {e} (give comma-separated token counts, e.g. 2048,4096)")
     if args.threads:
@@ -48,57 +62,67 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def prefill(engine, ids: torch.Tensor, chunked: bool):
-    """(wall seconds, final hidden state, cache) of one prefill of `ids`."""
+def prefill(engine, ids: torch.Tensor, variant: str):
+    """(wall seconds, final hidden state, cache) of one prefill of `ids` in `variant`."""
     from dgemma.model import attention
 
-    shipped = attention.QUERY_CHUNK
-    attention.QUERY_CHUNK = shipped if chunked else None
+    chunk, repeat = attention.QUERY_CHUNK, attention.REPEAT_HEADS_ON_CUDA
+    attention.QUERY_CHUNK = chunk if variant == "chunked" else None
+    attention.REPEAT_HEADS_ON_CUDA = variant != "gqa-math"
     try:
         cache = engine.new_cache(1)
+        sync(engine.device)
         start = time.perf_counter()
         hidden = engine.encode(ids, cache, return_hidden=True)
+        sync(engine.device)
         return time.perf_counter() - start, hidden, cache
     finally:
-        attention.QUERY_CHUNK = shipped
+        attention.QUERY_CHUNK, attention.REPEAT_HEADS_ON_CUDA = chunk, repeat
 
 
-def same_bits(a, b) -> bool:
+def difference(a, b) -> float:
+    """Largest |a - b| over the final hidden state and every layer's cached K/V (0.0: the same bits)."""
     (h1, c1), (h2, c2) = a, b
-    return torch.equal(h1, h2) and all(torch.equal(x, y) for x, y in zip(c1.keys + c1.values, c2.keys + c2.values))
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip([h1] + c1.keys + c1.values,
+                                                                           [h2] + c2.keys + c2.values))
 
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    device = torch.device(args.device)
     label, raw = read_config(args.config)
     positions = raw.get("text_config", raw).get("max_position_embeddings", 0)
     if positions and max(args.lengths) > positions:
         sys.exit(f"error: --lengths goes up to {max(args.lengths)} tokens, past the config's {positions} positions")
-    with tempfile.TemporaryDirectory(prefix="dgemma-long-prompt-") as tmp:
-        ref, engine = build(raw, args.seed, torch.float32, torch.device("cpu"), Path(tmp))
-    del ref
+    engine = build(raw, args.dtype, device, args.seed)
+    variants = ("one-call", "chunked") + (("gqa-math",) if device.type == "cuda" else ())
+    dtype = str(args.dtype).removeprefix("torch.")
     rows = {}
-    print(f"{label}, fp32, batch 1, {hardware(torch.device('cpu'))}")
-    print(f"  {'prompt':>8}{'one call':>12}{'chunked':>12}{'speed':>8}  same bits")
+    print(f"{label}, {dtype}, batch 1, {hardware(device)}")
+    print(f"  {'prompt':>8}" + "".join(f"{v:>12}" for v in variants) + "  speed over one-call, max |diff|")
     for T in args.lengths:
-        ids = random_prompt(raw, engine.config.vocab_size, 1, T, args.seed)
-        walls = {"one-call": [], "chunked": []}
+        ids = random_prompt(raw, engine.config.vocab_size, 1, T, args.seed).to(device)
+        walls = {v: [] for v in variants}
         outputs = {}
         for rep in range(args.reps + 1):  # rep 0 warms up
-            for variant in walls:
-                wall, hidden, cache = prefill(engine, ids, variant == "chunked")
+            for variant in variants:
+                wall, hidden, cache = prefill(engine, ids, variant)
                 outputs[variant] = (hidden, cache)
                 if rep:
                     walls[variant].append(wall)
-        one, chunked = statistics.median(walls["one-call"]), statistics.median(walls["chunked"])
-        rows[T] = {"one_call_s": round(one, 3), "chunked_s": round(chunked, 3), "speed": round(one / chunked, 3),
-                   "same_bits": same_bits(outputs["one-call"], outputs["chunked"]),
-                   "walls": {v: [round(w, 3) for w in ws] for v, ws in walls.items()}}
-        r = rows[T]
-        print(f"  {T:>8}{one:>11.3f}s{chunked:>11.3f}s{r['speed']:>7.2f}x  {'yes' if r['same_bits'] else 'NO'}")
+        medians = {v: statistics.median(ws) for v, ws in walls.items()}
+        row = {"wall_s": {v: round(m, 3) for v, m in medians.items()},
+               "speed": {v: round(medians["one-call"] / m, 3) for v, m in medians.items() if v != "one-call"},
+               "max_diff": {v: difference(outputs["one-call"], outputs[v]) for v in variants if v != "one-call"},
+               "walls": {v: [round(w, 3) for w in ws] for v, ws in walls.items()}}
+        row["same_bits"] = row["max_diff"]["chunked"] == 0.0
+        rows[T] = row
+        print(f"  {T:>8}" + "".join(f"{m:>11.3f}s" for m in medians.values()) + "  " +
+              ", ".join(f"{v} {row['speed'][v]:.2f}x, {row['max_diff'][v]:.1e}" for v in row["speed"]))
         del outputs
-    out = {"bench": "long_prompt", "config": label, "reps": args.reps, "threads": torch.get_num_threads(),
-           "hardware": hardware(torch.device("cpu")), "torch": torch.__version__, "lengths": rows}
+    out = {"bench": "long_prompt", "config": label, "dtype": dtype, "reps": args.reps,
+           "threads": torch.get_num_threads(), "hardware": hardware(device), "torch": torch.__version__,
+           "lengths": rows}
     print(json.dumps(out))
     return out
 

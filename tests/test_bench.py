@@ -417,9 +417,10 @@ def test_long_prompt_bench_times_both_variants_and_restores_chunking(tmp_path, c
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(raw))
     result = long_prompt.main(["--config", str(config), "--lengths", "1800", "--reps", "1"])
-    assert attention.QUERY_CHUNK == 1024
+    assert attention.QUERY_CHUNK == 1024 and attention.REPEAT_HEADS_ON_CUDA is True
     row = result["lengths"][1800]
-    assert row["same_bits"] is True and row["one_call_s"] > 0 and row["chunked_s"] > 0
+    assert row["same_bits"] is True and row["max_diff"] == {"chunked": 0.0}
+    assert row["wall_s"]["one-call"] > 0 and row["wall_s"]["chunked"] > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"] == "long_prompt"
     with pytest.raises(SystemExit, match="past the config's 2048 positions"):
         long_prompt.main(["--config", str(config), "--lengths", "4096", "--reps", "1"])

@@ -75,6 +75,9 @@ MIN_QUERY_CHUNK = 768  # the shortest chunk: from 768 queries on, torch's CPU ke
 KEY_BLOCK = 512  # the key block of torch's CPU flash-attention kernel: chunks' key ranges start and end on them
 
 
+REPEAT_HEADS_ON_CUDA = True  # False: enable_gqa everywhere, as before 2026-11-28 (bench/long_prompt.py's gqa-math)
+
+
 class ChunkedMask(NamedTuple):
     """An encoder mask with its query chunks: `chunks` holds (q0, q1, k0, k1) per chunk, and every key outside
     [k0, k1) is masked for every query in [q0, q1), so attention runs chunk by chunk on those keys only."""
@@ -129,7 +132,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return torch.cat([attend(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], mask.mask[..., q0:q1, k0:k1])
                           for q0, q1, k0, k1 in mask.chunks], dim=2)
     grouped = k.shape[1] != q.shape[1]
-    if grouped and q.device.type == "cuda" and not flash_takes_gqa(q, v, mask):
+    if grouped and REPEAT_HEADS_ON_CUDA and q.device.type == "cuda" and not flash_takes_gqa(q, v, mask):
         k, v = repeat_heads(k, q.shape[1]), repeat_heads(v, q.shape[1])
         grouped = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=grouped)
