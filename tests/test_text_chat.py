@@ -76,6 +76,8 @@ def test_tools_calls_and_results():
         ("Hi", "must be a list"),
         ([USER, "Hi"], r"messages\[1\] is str"),
         ([{"role": "bot", "content": "x"}], r"messages\[0\] has unknown role 'bot'.*user"),
+        ([{"role": ["user"], "content": "x"}], r"messages\[0\] has unknown role \['user'\]"),  # was a TypeError
+        ([USER, {"role": "tool", "tool_call_id": {"id": "c1"}, "content": "x"}], "without a tool name"),
         ([{"role": "user", "content": 42}], r"messages\[0\]\['content'\] is int.*string"),
         ([{"role": "user"}], r"content'\] is NoneType"),
         ([USER, {"role": "system", "content": "x"}], r"messages\[1\] is a system message.*first"),
@@ -94,6 +96,9 @@ def test_invalid_messages_say_what_to_fix(messages, pattern):
 def test_invalid_tools():
     with pytest.raises(ChatFormatError, match=r"tools\[0\] needs a 'name'"):
         render_chat([USER], tools=[{"description": "no name"}])
+    for tools in ({"name": "f"}, "f", 5):  # one definition not in a list: was "tools[0] needs a 'name'" / TypeError
+        with pytest.raises(ChatFormatError, match=f"tools must be a list of tool .*, got {type(tools).__name__}"):
+            render_chat([USER], tools=tools)
 
 
 def test_custom_template_and_context():

@@ -113,7 +113,8 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
             raise ChatFormatError(
                 f"{where} is {type(m).__name__}; expected a dict with role and content"
             )
-        role = _ALIASES.get(m.get("role"), m.get("role"))
+        role = m.get("role")
+        role = _ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
             raise ChatFormatError(f"{where} has unknown role {m.get('role')!r}; use one of {ROLES}")
         if role == "system" and i > 0:
@@ -129,7 +130,8 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
                 call_names[c.get("id", "")] = c["function"]["name"]
             content = "" if content is None else content
         if role == "tool":
-            name = m.get("name") or call_names.get(m.get("tool_call_id") or "")
+            call_id = m.get("tool_call_id") or ""
+            name = m.get("name") or (call_names.get(call_id) if isinstance(call_id, str) else None)
             if not isinstance(name, str) or not name:
                 raise ChatFormatError(
                     f"{where} is a tool result without a tool name: give it 'name', or a "
@@ -153,6 +155,11 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
 
 def normalize_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict] | None:
     """Accept OpenAI-style `{"type": "function", "function": {...}}` or bare `{"name": ...}`."""
+    if isinstance(tools, (str, Mapping)) or not isinstance(tools, (Sequence, type(None))):
+        raise ChatFormatError(
+            f"tools must be a list of tool definitions, got {type(tools).__name__}; "
+            "e.g. [{'type': 'function', 'function': {'name': 'get_weather', 'parameters': {...}}}]"
+        )
     if not tools:
         return None
     out = []
