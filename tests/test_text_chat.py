@@ -129,3 +129,18 @@ def test_load_chat_template(tmp_path):
     (tmp_path / "chat_template.jinja").write_text("J")  # the separate file wins (HF layout)
     assert load_chat_template(tmp_path) == "J"
     assert "<|turn>" in default_chat_template()
+
+
+def test_generation_blocks_render_as_their_body():
+    # Templates written for training wrap the assistant's text in {% generation %} (Hugging Face's loss-mask
+    # marker); they failed with "unknown tag 'generation'". transformers renders them: the oracle.
+    from dgemma.bundled import PACKAGED
+
+    marked = "{%- generation -%}{{- m.content -}}{% set x = 5 %}{%- endgeneration -%}{{- x is defined -}}"
+    template = default_chat_template().replace("{{- m.content -}}", marked)
+    msgs = [USER, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
+    ours = render_chat(msgs, template=template, add_generation_prompt=False)
+    assert ours == "<bos><|turn>user\nHi<turn|>\n<|turn>model\nHello!False<turn|>\n<|turn>user\n2+2?<turn|>\n"
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(PACKAGED))
+    assert hf.apply_chat_template(msgs, chat_template=template, tokenize=False) == ours
