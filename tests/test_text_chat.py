@@ -144,3 +144,21 @@ def test_generation_blocks_render_as_their_body():
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(PACKAGED))
     assert hf.apply_chat_template(msgs, chat_template=template, tokenize=False) == ours
+
+
+@pytest.mark.parametrize("args, dumps", [
+    ("", {}), ("(indent=2)", {"indent": 2}), ("(sort_keys=True)", {"sort_keys": True}),
+    ("(separators=(',', ':'))", {"separators": (",", ":")}), ("(ensure_ascii=True)", {"ensure_ascii": True}),
+    ("(indent=1, sort_keys=True, separators=(',', ': '))", {"indent": 1, "sort_keys": True, "separators": (",", ": ")}),
+])
+def test_tojson_takes_json_dumps_keywords_as_transformers_does(args, dumps):
+    # sort_keys and separators were silently ignored (another prompt than the reference renders)
+    from dgemma.bundled import PACKAGED
+
+    tools = [{"type": "function", "function": {"name": "f", "description": "é <b>", "parameters": {"b": 1, "a": [1]}}}]
+    template = "{{ tools | tojson" + args + " }}"
+    ours = render_chat([USER], tools=tools, template=template)
+    assert ours == json.dumps(tools, **{"ensure_ascii": False, **dumps})
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(PACKAGED))
+    assert hf.apply_chat_template([USER], tools=tools, chat_template=template, tokenize=False) == ours

@@ -176,9 +176,11 @@ def _raise(message: str) -> None:
     raise ChatFormatError(f"chat template: {message}")
 
 
-def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
-    # Jinja's own tojson escapes <, > and & for HTML, which would corrupt a prompt.
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes <, > and & for HTML, which would corrupt a prompt. The keywords are json.dumps's,
+    # which templates use (compact separators, sorted keys) and Hugging Face's renderer honours.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 class _Generation(Extension):
