@@ -81,7 +81,11 @@ def test_tools_calls_and_results():
         ([{"role": "user", "content": 42}], r"messages\[0\]\['content'\] is int.*string"),
         ([{"role": "user"}], r"content'\] is NoneType"),
         ([USER, {"role": "system", "content": "x"}], r"messages\[1\] is a system message.*first"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "'image_url' part"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], r"\[0\] is a 'image_url' part"),
+        # were "has a None part" and "content'] is list; content must be a string"
+        ([{"role": "user", "content": [{"text": "a"}]}], r"content'\]\[0\] has no 'type'"),
+        ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"}]}],
+         r"content'\]\[1\]\['text'\] is NoneType; it must be a string"),
         ([USER, {"role": "tool", "content": "x"}], "without a tool name"),
         ([USER, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}],
          "not valid JSON"),

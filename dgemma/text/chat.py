@@ -55,13 +55,15 @@ def _text(content: Any, where: str) -> str:
         return content
     if isinstance(content, Sequence) and all(isinstance(p, Mapping) for p in content):
         # OpenAI-style content parts: text parts are joined; anything else is not supported yet.
-        kinds = [p.get("type") for p in content if p.get("type") != "text"]
-        if not kinds and all(isinstance(p.get("text"), str) for p in content):
-            return "".join(p["text"] for p in content)
-        if kinds:
-            raise ChatFormatError(
-                f"{where} has a {kinds[0]!r} part: only text is supported for now"
-            )
+        for j, p in enumerate(content):
+            if "type" not in p:
+                raise ChatFormatError(f"{where}[{j}] has no 'type'; a text part is {{'type': 'text', 'text': ...}}")
+            if p["type"] != "text":
+                raise ChatFormatError(f"{where}[{j}] is a {p['type']!r} part: only text is supported for now "
+                                      "(images and audio are not); send the text parts alone")
+            if not isinstance(p.get("text"), str):
+                raise ChatFormatError(f"{where}[{j}]['text'] is {type(p.get('text')).__name__}; it must be a string")
+        return "".join(p["text"] for p in content)
     raise ChatFormatError(
         f"{where} is {type(content).__name__}; content must be a string "
         "(or a list of {'type': 'text', 'text': ...} parts)"
