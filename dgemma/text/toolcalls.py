@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 
-QUOTE = '<|"|>'
+from .specials import QUOTE
 
 
 def parse_tool_call(raw: str) -> dict:
