@@ -76,10 +76,16 @@ def test_tools_calls_and_results():
         ("Hi", "must be a list"),
         ([USER, "Hi"], r"messages\[1\] is str"),
         ([{"role": "bot", "content": "x"}], r"messages\[0\] has unknown role 'bot'.*user"),
+        ([{"role": ["user"], "content": "x"}], r"messages\[0\] has unknown role \['user'\]"),  # was a TypeError
+        ([USER, {"role": "tool", "tool_call_id": {"id": "c1"}, "content": "x"}], "without a tool name"),
         ([{"role": "user", "content": 42}], r"messages\[0\]\['content'\] is int.*string"),
         ([{"role": "user"}], r"content'\] is NoneType"),
         ([USER, {"role": "system", "content": "x"}], r"messages\[1\] is a system message.*first"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "'image_url' part"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], r"\[0\] is a 'image_url' part"),
+        # were "has a None part" and "content'] is list; content must be a string"
+        ([{"role": "user", "content": [{"text": "a"}]}], r"content'\]\[0\] has no 'type'"),
+        ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"}]}],
+         r"content'\]\[1\]\['text'\] is NoneType; it must be a string"),
         ([USER, {"role": "tool", "content": "x"}], "without a tool name"),
         ([USER, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}],
          "not valid JSON"),
@@ -94,6 +100,9 @@ def test_invalid_messages_say_what_to_fix(messages, pattern):
 def test_invalid_tools():
     with pytest.raises(ChatFormatError, match=r"tools\[0\] needs a 'name'"):
         render_chat([USER], tools=[{"description": "no name"}])
+    for tools in ({"name": "f"}, "f", 5):  # one definition not in a list: was "tools[0] needs a 'name'" / TypeError
+        with pytest.raises(ChatFormatError, match=f"tools must be a list of tool .*, got {type(tools).__name__}"):
+            render_chat([USER], tools=tools)
 
 
 def test_custom_template_and_context():
@@ -124,3 +133,36 @@ def test_load_chat_template(tmp_path):
     (tmp_path / "chat_template.jinja").write_text("J")  # the separate file wins (HF layout)
     assert load_chat_template(tmp_path) == "J"
     assert "<|turn>" in default_chat_template()
+
+
+def test_generation_blocks_render_as_their_body():
+    # Templates written for training wrap the assistant's text in {% generation %} (Hugging Face's loss-mask
+    # marker); they failed with "unknown tag 'generation'". transformers renders them: the oracle.
+    from dgemma.bundled import PACKAGED
+
+    marked = "{%- generation -%}{{- m.content -}}{% set x = 5 %}{%- endgeneration -%}{{- x is defined -}}"
+    template = default_chat_template().replace("{{- m.content -}}", marked)
+    msgs = [USER, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
+    ours = render_chat(msgs, template=template, add_generation_prompt=False)
+    assert ours == "<bos><|turn>user\nHi<turn|>\n<|turn>model\nHello!False<turn|>\n<|turn>user\n2+2?<turn|>\n"
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(PACKAGED))
+    assert hf.apply_chat_template(msgs, chat_template=template, tokenize=False) == ours
+
+
+@pytest.mark.parametrize("args, dumps", [
+    ("", {}), ("(indent=2)", {"indent": 2}), ("(sort_keys=True)", {"sort_keys": True}),
+    ("(separators=(',', ':'))", {"separators": (",", ":")}), ("(ensure_ascii=True)", {"ensure_ascii": True}),
+    ("(indent=1, sort_keys=True, separators=(',', ': '))", {"indent": 1, "sort_keys": True, "separators": (",", ": ")}),
+])
+def test_tojson_takes_json_dumps_keywords_as_transformers_does(args, dumps):
+    # sort_keys and separators were silently ignored (another prompt than the reference renders)
+    from dgemma.bundled import PACKAGED
+
+    tools = [{"type": "function", "function": {"name": "f", "description": "é <b>", "parameters": {"b": 1, "a": [1]}}}]
+    template = "{{ tools | tojson" + args + " }}"
+    ours = render_chat([USER], tools=tools, template=template)
+    assert ours == json.dumps(tools, **{"ensure_ascii": False, **dumps})
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(PACKAGED))
+    assert hf.apply_chat_template([USER], tools=tools, chat_template=template, tokenize=False) == ours

@@ -290,3 +290,12 @@ def test_template_from_tokenizer_config(tmp_path):
     assert Tokenizer.from_dir(tmp_path).encode_chat([{"role": "user", "content": "a"}]) == [
         2, *Tokenizer.from_dir(tmp_path).encode("a", add_bos=False)
     ]
+
+
+def test_surrogates_encode_as_utf8_would_allow(tok):
+    # JSON's "\ud83d\ude00" escapes and text cut inside a pair give Python strings UTF-8 cannot spell; the
+    # tokenizer library raised "TypeError: TextInputSequence must be str" (a server 500).
+    assert tok.encode("a\ud83d\ude00b", add_bos=False) == tok.encode("a😀b", add_bos=False)
+    assert tok.encode("x\ud800y\udfff", add_bos=False) == tok.encode("x\ufffdy\ufffd", add_bos=False)
+    chat = tok.encode_chat([{"role": "user", "content": "hi \udc00"}])
+    assert chat == tok.encode_chat([{"role": "user", "content": "hi \ufffd"}])

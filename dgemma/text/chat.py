@@ -17,7 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, nodes
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .specials import BOS, EOS, PAD
@@ -54,13 +55,15 @@ def _text(content: Any, where: str) -> str:
         return content
     if isinstance(content, Sequence) and all(isinstance(p, Mapping) for p in content):
         # OpenAI-style content parts: text parts are joined; anything else is not supported yet.
-        kinds = [p.get("type") for p in content if p.get("type") != "text"]
-        if not kinds and all(isinstance(p.get("text"), str) for p in content):
-            return "".join(p["text"] for p in content)
-        if kinds:
-            raise ChatFormatError(
-                f"{where} has a {kinds[0]!r} part: only text is supported for now"
-            )
+        for j, p in enumerate(content):
+            if "type" not in p:
+                raise ChatFormatError(f"{where}[{j}] has no 'type'; a text part is {{'type': 'text', 'text': ...}}")
+            if p["type"] != "text":
+                raise ChatFormatError(f"{where}[{j}] is a {p['type']!r} part: only text is supported for now "
+                                      "(images and audio are not); send the text parts alone")
+            if not isinstance(p.get("text"), str):
+                raise ChatFormatError(f"{where}[{j}]['text'] is {type(p.get('text')).__name__}; it must be a string")
+        return "".join(p["text"] for p in content)
     raise ChatFormatError(
         f"{where} is {type(content).__name__}; content must be a string "
         "(or a list of {'type': 'text', 'text': ...} parts)"
@@ -113,7 +116,8 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
             raise ChatFormatError(
                 f"{where} is {type(m).__name__}; expected a dict with role and content"
             )
-        role = _ALIASES.get(m.get("role"), m.get("role"))
+        role = m.get("role")
+        role = _ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
             raise ChatFormatError(f"{where} has unknown role {m.get('role')!r}; use one of {ROLES}")
         if role == "system" and i > 0:
@@ -129,7 +133,8 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
                 call_names[c.get("id", "")] = c["function"]["name"]
             content = "" if content is None else content
         if role == "tool":
-            name = m.get("name") or call_names.get(m.get("tool_call_id") or "")
+            call_id = m.get("tool_call_id") or ""
+            name = m.get("name") or (call_names.get(call_id) if isinstance(call_id, str) else None)
             if not isinstance(name, str) or not name:
                 raise ChatFormatError(
                     f"{where} is a tool result without a tool name: give it 'name', or a "
@@ -153,6 +158,11 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
 
 def normalize_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict] | None:
     """Accept OpenAI-style `{"type": "function", "function": {...}}` or bare `{"name": ...}`."""
+    if isinstance(tools, (str, Mapping)) or not isinstance(tools, (Sequence, type(None))):
+        raise ChatFormatError(
+            f"tools must be a list of tool definitions, got {type(tools).__name__}; "
+            "e.g. [{'type': 'function', 'function': {'name': 'get_weather', 'parameters': {...}}}]"
+        )
     if not tools:
         return None
     out = []
@@ -168,15 +178,29 @@ def _raise(message: str) -> None:
     raise ChatFormatError(f"chat template: {message}")
 
 
-def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
-    # Jinja's own tojson escapes <, > and & for HTML, which would corrupt a prompt.
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes <, > and & for HTML, which would corrupt a prompt. The keywords are json.dumps's,
+    # which templates use (compact separators, sorted keys) and Hugging Face's renderer honours.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _Generation(Extension):
+    """`{% generation %}...{% endgeneration %}`: templates written for training mark the assistant's text with it (a
+    loss mask in Hugging Face's renderer); for a prompt only the text matters, so the block renders as its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
 
 
 @lru_cache(maxsize=8)
 def _compile(source: str):
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _Generation]
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise

@@ -8,6 +8,7 @@ ones. Special ids are found by looking their strings up in the loaded vocabulary
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -44,6 +45,16 @@ class SpecialIds:
 
 
 assert [f.name for f in fields(SpecialIds)] == list(GEMMA4_SPECIALS)  # one table, kept in sync
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _encodable(text: str) -> str:
+    """`text` with UTF-16 surrogates made valid: a pair becomes its character, a lone one U+FFFD. Python strings
+    can hold them (JSON's "\\ud83d\\ude00" escapes, text cut inside a pair); UTF-8, and so the tokenizer, cannot."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _token_string(value: Any) -> str | None:
@@ -148,12 +159,13 @@ class Tokenizer:
         """Ids of `text`. Special-token strings in it (e.g. `<|turn>`) become their special ids.
 
         `add_bos` prepends `<bos>` unless the text already starts with it (a rendered chat prompt
-        does), so a prompt never gets two: the model never saw a doubled `<bos>` in training.
+        does), so a prompt never gets two: the model never saw a doubled `<bos>` in training. A lone UTF-16
+        surrogate (no character; UTF-8 cannot spell it) is read as U+FFFD, a surrogate pair as its character.
         """
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
         # The post-processor is skipped: it is where HF tokenizers add <bos>, and we do that here.
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        ids = self.backend.encode(_encodable(text), add_special_tokens=False).ids
         bos = self.bos_id
         if add_bos and bos is not None and (not ids or ids[0] != bos):
             ids.insert(0, bos)
