@@ -129,6 +129,66 @@ def test_chat_reuses_the_cache_and_it_matches_a_fresh_encode(engine):
         torch.testing.assert_close(session.cache.values[i], fresh.values[i], atol=1e-4, rtol=1e-4)
 
 
+def test_chat_turn_after_a_cancelled_turn_is_computed_on_a_consistent_cache(engine):
+    """A caller that stops iterating a turn leaves the session as before that turn; the cache that turn grew
+    (its prompt, its canvases) was reused by the next turn at the wrong positions: silently different tokens."""
+    def session_after_first_turn():
+        s = ChatSession(engine, system="Be brief.")
+        list(s.send("First question", seed=0, max_tokens=100, eos_token_id=[]))
+        return s
+    cancelled = session_after_first_turn()
+    before = list(cancelled.ids)
+    turn = cancelled.send("A question left unanswered", seed=1, max_tokens=200, eos_token_id=[])
+    next(e for e in turn if isinstance(e, Text))
+    turn.close()
+    assert cancelled.ids == before  # the cancelled turn left no trace in the history
+    third = list(cancelled.send("Third question", seed=2, max_tokens=30, eos_token_id=[]))[-1]
+    fresh = session_after_first_turn()
+    fresh.cache = None  # the same conversation, its prompt encoded from scratch as the rebuilt cache is
+    assert list(fresh.send("Third question", seed=2, max_tokens=30, eos_token_id=[]))[-1].completion_ids == \
+        third.completion_ids
+    assert cancelled.cache.length == len(cancelled.cached_ids) and cancelled.ids == fresh.ids
+
+
+def test_chat_opens_with_one_system_turn_and_follows_changes_to_it(engine):
+    """With thinking on, every later turn added a second system turn (<|think|>) mid-conversation; a system prompt
+    set between turns was silently ignored."""
+    tok = engine.tokenizer
+    session = ChatSession(engine, system="Be brief.", enable_thinking=True)
+    list(session.send("One", seed=0, max_tokens=5, eos_token_id=[]))
+    first = list(session.ids)
+    list(session.send("Two", seed=0, max_tokens=5, eos_token_id=[]))
+    text = tok.decode(session.ids, skip_special=False)
+    assert text.count("<|turn>system") == 1 and text.count("<|think|>") == 1, text
+    # the second turn is what the template writes after the first: user turn, then a generation prompt in which
+    # thinking stays on (no empty thought channel)
+    assert session.ids[: len(first)] == first
+    second = tok.decode(session.ids[len(first):], skip_special=False)
+    assert second.startswith("<|turn>user\nTwo<turn|>\n<|turn>model\n") and "<channel|>" not in second, second
+    session.system, session.enable_thinking = "Be verbose.", False
+    list(session.send("Three", seed=0, max_tokens=5, eos_token_id=[]))
+    assert session.reused_tokens == 0  # the opening changed: the conversation is encoded afresh
+    text = tok.decode(session.ids, skip_special=False)
+    assert text.startswith(tok.render_chat([{"role": "system", "content": "Be verbose."}], add_generation_prompt=False))
+    assert "Be brief." not in text and "<|think|>" not in text and text.count("<|turn>system") == 1
+    assert "<|turn>user\nOne<turn|>" in text and "<|turn>user\nTwo<turn|>" in text  # the history is kept
+
+
+def test_chat_history_closes_a_model_turn_with_turn_end_not_eos():
+    """An answer that ended at <eos> was kept as answer<eos><turn|> in the history: off the chat format."""
+    from dgemma.bundled import default_model_path
+    engine = dgemma.load(default_model_path(), quiet=True)
+    eos, turn_end = engine.tokenizer.special.eos, engine.tokenizer.special.turn_end
+    session = ChatSession(engine)
+    done = list(session.send("def add(a, b):", seed=2, max_tokens=128, eos_token_id=[eos], drafts=False))[-1]
+    assert done.completion_ids[-1] == eos  # the trained model ends its answer with <eos>
+    assert eos not in session.ids
+    answer = done.completion_ids[:-1]
+    assert session.ids[-len(answer) - 2:] == answer + [turn_end] + engine.tokenizer.encode("\n", add_bos=False)
+    list(session.send("More", seed=1, max_tokens=5, drafts=False))
+    assert session.reused_tokens > 0
+
+
 def test_max_tokens_and_max_new_tokens_are_one_cap(engine):
     assert run(engine, seed=1, max_new_tokens=5, eos_token_id=[], drafts=False)[-1].completion_tokens == 5
     with pytest.raises(ValueError, match="give max_tokens or max_new_tokens"):
