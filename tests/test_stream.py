@@ -189,6 +189,26 @@ def test_chat_history_closes_a_model_turn_with_turn_end_not_eos():
     assert session.reused_tokens > 0
 
 
+def test_accept_takes_the_clis_text_of_a_rule(engine):
+    """accept="confidence:0.9" (the README's --accept spelling) was refused as "accept and sample must be
+    callables", naming a `sample` the caller never passed."""
+    from dgemma.sampling import confidence_threshold, linear_quota, quota
+
+    def ids(accept, **knobs):
+        return run(engine, seed=3, max_tokens=40, eos_token_id=[], drafts=False, accept=accept, **knobs)[-1]
+    assert ids("confidence:0.9").completion_ids == ids(confidence_threshold(0.9)).completion_ids
+    assert ids("linear-quota", max_denoising_steps=6).steps_per_canvas == [6]  # resolved with the call's steps
+    assert ids("linear-quota", max_denoising_steps=6).completion_ids == \
+        ids(linear_quota(6), max_denoising_steps=6).completion_ids
+    prompt = torch.tensor([[2, 10, 11]])
+    assert torch.equal(engine.generate(prompt, generator=torch.Generator().manual_seed(0), accept="quota:4"),
+                       engine.generate(prompt, generator=torch.Generator().manual_seed(0), accept=quota(4)))
+    for bad, message in (("confidence:x", "'x' is not a float"), ("bogus", "unknown acceptance rule"),
+                         (0.9, "accept must be an acceptance rule")):
+        with pytest.raises(ValueError, match=message):
+            run(engine, accept=bad)
+
+
 def test_max_tokens_and_max_new_tokens_are_one_cap(engine):
     assert run(engine, seed=1, max_new_tokens=5, eos_token_id=[], drafts=False)[-1].completion_tokens == 5
     with pytest.raises(ValueError, match="give max_tokens or max_new_tokens"):

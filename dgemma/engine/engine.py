@@ -200,9 +200,9 @@ class Engine:
         bos_token_id change no token and are ignored; sampling knobs the sampler does not have (temperature,
         top_k, do_sample, ...), which the reference ignores silently, are a TypeError so no setting is lost unseen.
         Returns the ids, or a GenerateOutput (.sequences, .tokens_per_forward) with return_dict or
-        return_dict_in_generate True. `accept` swaps the acceptance rule (see dgemma.sampling). With
-        generator=None the global torch RNG is used, so after torch.manual_seed(s) the tokens equal
-        the reference's on CPU in fp32; sampling="fast" samples the same distributions more cheaply. `plan`
+        return_dict_in_generate True. `accept` swaps the acceptance rule (an AcceptRule of dgemma.sampling, or
+        its text as the CLI's --accept, e.g. 'confidence:0.9'). With generator=None the global torch RNG is used,
+        so after torch.manual_seed(s) the tokens equal the reference's on CPU in fp32; sampling="fast" samples the same distributions more cheaply. `plan`
         constrains the canvases (clamped positions, allowed tokens: see dgemma.engine.generate.CanvasPlan).
         settle_after / settle_entropy (dgemma's own, approximate, off by default): positions whose argmax held that
         many steps with an entropy below settle_entropy stop being computed (dgemma/engine/settle.py)."""
