@@ -209,6 +209,15 @@ def test_accept_takes_the_clis_text_of_a_rule(engine):
             run(engine, accept=bad)
 
 
+def test_an_unknown_option_lists_the_text_apis_own_options(engine):
+    """A typo of max_tokens was answered with a 'known' list of generation knobs that lacked max_tokens itself."""
+    with pytest.raises(TypeError, match=r"unknown option 'max_token': neither an option of this call \(max_tokens, "
+                                        r"stop, seed, .*\) nor a generation knob \(confidence_threshold, "):
+        run(engine, max_token=5)
+    with pytest.raises(TypeError, match=r"'temperature' \(the temperature here is the t_max -> t_min schedule\)"):
+        engine.complete("Hi", temperature=0.7)
+
+
 def test_max_tokens_and_max_new_tokens_are_one_cap(engine):
     assert run(engine, seed=1, max_new_tokens=5, eos_token_id=[], drafts=False)[-1].completion_tokens == 5
     with pytest.raises(ValueError, match="give max_tokens or max_new_tokens"):

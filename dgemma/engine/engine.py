@@ -156,11 +156,13 @@ class Engine:
         return self.module.denoise(tokens, cache, soft=soft)
 
 
-    def generation_settings(self, generation_config=None, **knobs) -> GenerationConfig:
+    def generation_settings(self, generation_config=None, *, call_options: tuple[str, ...] = (),
+                            **knobs) -> GenerationConfig:
         """This engine's generation defaults (the checkpoint's generation_config.json, or its preset's) updated by
         `generation_config`, then by explicit knobs (None is a value: it disables). generation_config: a complete
         GenerationConfig (it replaces the defaults), or a dict of knobs or the reference's
-        DiffusionGemmaGenerationConfig (their unset/None fields keep the defaults, as in the reference)."""
+        DiffusionGemmaGenerationConfig (their unset/None fields keep the defaults, as in the reference).
+        call_options: the calling API's own options, which an unknown knob's error lists beside the knobs."""
         base = generation_config if isinstance(generation_config, GenerationConfig) else self.generation_config
         values = {k: getattr(base, k) for k in GenerationConfig.__dataclass_fields__}
         if generation_config is not None and not isinstance(generation_config, GenerationConfig):
@@ -172,7 +174,10 @@ class Engine:
                 raise TypeError("max_length is the reference generate()'s total-length cap (prompt included); "
                                 "here cap the new tokens with max_tokens (or max_new_tokens)")
             if key not in values:
-                raise TypeError(f"unknown generation option {key!r}; known: {sorted(set(values) - {'max_length'})}")
+                hint = " (the temperature here is the t_max -> t_min schedule)" if key == "temperature" else ""
+                own = f"an option of this call ({', '.join(call_options)}) nor " if call_options else ""
+                raise TypeError(f"unknown option {key!r}{hint}: neither {own}a generation knob "
+                                f"({', '.join(sorted(set(values) - {'max_length'}))})")
             if key == "eos_token_id" and value is not None:
                 value = eos_ids(value)
             values[key] = value
