@@ -93,9 +93,11 @@ def _run_stream(events, args, tokenizer, out=sys.stdout) -> "object":
                 if view is not None:
                     view.update(event)
             elif isinstance(event, Text):
+                if event.kind != "answer" and not args.show_thinking:
+                    continue  # thinking is shown only with --show-thinking, in the live view too
                 if view is not None:
                     view.commit(event)
-                elif not args.json and (event.kind == "answer" or args.show_thinking):
+                elif not args.json:
                     out.write(event.text if event.kind == "answer" else f"\x1b[2m{event.text}\x1b[0m")
                     out.flush()
             elif isinstance(event, Done):

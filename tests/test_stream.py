@@ -470,6 +470,25 @@ def test_draft_view_ends_on_the_answer_alone(engine):
     assert "the answer" in final and "<eos>" not in final and "step 3" not in final, final
 
 
+def test_draft_view_shows_thinking_only_with_show_thinking(engine, capsys):
+    """--think --show-drafts without --show-thinking left the committed thinking text on screen."""
+    import io
+    from types import SimpleNamespace
+
+    from dgemma.cli import _run_stream
+
+    events = [Text("secret thoughts", "thinking"), Text("the answer", "answer")]
+    for show_thinking in (False, True):
+        args = SimpleNamespace(show_drafts=True, json=False, show_thinking=show_thinking)
+        _run_stream(iter(events), args, engine.tokenizer)
+        out = capsys.readouterr().out
+        assert "the answer" in out and ("secret thoughts" in out) == show_thinking, out
+        args.show_drafts, printed = False, io.StringIO()  # the plain printer agrees
+        _run_stream(iter(events), args, engine.tokenizer, out=printed)
+        out = printed.getvalue()
+        assert "the answer" in out and ("secret thoughts" in out) == show_thinking, out
+
+
 def test_complete_with_drafts_points_to_stream(engine):
     with pytest.raises(TypeError, match="use stream"):  # was Python's "got multiple values for keyword 'drafts'"
         engine.complete("hi", max_tokens=2, drafts=True)
