@@ -31,24 +31,8 @@ def port(text: str) -> int:
 
 
 def accept_rule(text: str, num_steps: int | None = None):
-    """'entropy:B' | 'confidence:T' | 'quota:K' | 'linear-quota' -> an AcceptRule (dgemma.sampling).
+    """--accept / "acceptance": 'entropy:B' | 'confidence:T' | 'quota:K' | 'linear-quota' -> an AcceptRule
+    (dgemma.sampling.parse_accept, which says how)."""
+    from .sampling import parse_accept
 
-    Shared by the CLI's --accept and the server's "acceptance" field; raises ValueError with a clear message.
-    linear-quota needs the step count: with num_steps None the string "linear-quota" is returned for the caller
-    to resolve once the step count is known."""
-    from . import sampling
-
-    name, _, arg = text.partition(":")
-    parse = {"entropy": (float, 0.1, sampling.entropy_bound),
-             "confidence": (float, 0.9, sampling.confidence_threshold),
-             "quota": (int, 8, sampling.quota)}
-    if name in parse:
-        kind, default, make = parse[name]
-        try:
-            value = kind(arg) if arg else default
-        except ValueError:
-            raise ValueError(f"acceptance rule {text!r}: {arg!r} is not a {kind.__name__}") from None
-        return make(value)
-    if name == "linear-quota" and not arg:
-        return "linear-quota" if num_steps is None else sampling.linear_quota(num_steps)
-    raise ValueError(f"unknown acceptance rule {text!r}; use entropy:B, confidence:T, quota:K or linear-quota")
+    return parse_accept(text, num_steps)

@@ -46,7 +46,7 @@ def cmd_inspect(args) -> int:
 
 
 def _accept_rule(text: str):
-    """--accept entropy:0.1 | confidence:0.9 | quota:8 | linear-quota (linear-quota resolved in _engine_options)"""
+    """--accept entropy:0.1 | confidence:0.9 | quota:8 | linear-quota (linear-quota takes the call's step count)"""
     try:
         return accept_rule(text)
     except ValueError as e:
@@ -65,7 +65,7 @@ def _load_engine(args):
                 int8_dynamic=args.int8_dynamic, compile=args.compile)
 
 
-def _engine_options(args, engine) -> dict:
+def _engine_options(args) -> dict:
     options = {"max_tokens": args.max_tokens, "seed": args.seed, "stop": args.stop or None,
                "sampling": args.sampling}
     if args.steps is not None:
@@ -73,9 +73,7 @@ def _engine_options(args, engine) -> dict:
     for name in ("entropy_bound", "t_min", "t_max"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    if args.accept == "linear-quota":  # the rule needs the step count, known only now
-        options["accept"] = accept_rule("linear-quota", args.steps or engine.generation_config.max_denoising_steps)
-    elif args.accept is not None:
+    if args.accept is not None:  # "linear-quota" is resolved with the call's step count (engine step_config)
         options["accept"] = args.accept
     return options
 
@@ -95,9 +93,11 @@ def _run_stream(events, args, tokenizer, out=sys.stdout) -> "object":
                 if view is not None:
                     view.update(event)
             elif isinstance(event, Text):
+                if event.kind != "answer" and not args.show_thinking:
+                    continue  # thinking is shown only with --show-thinking, in the live view too
                 if view is not None:
                     view.commit(event)
-                elif not args.json and (event.kind == "answer" or args.show_thinking):
+                elif not args.json:
                     out.write(event.text if event.kind == "answer" else f"\x1b[2m{event.text}\x1b[0m")
                     out.flush()
             elif isinstance(event, Done):
@@ -128,7 +128,7 @@ def cmd_generate(args) -> int:
 
     fmt = json_format(args)
     engine = _load_engine(args)
-    options = _engine_options(args, engine)
+    options = _engine_options(args)
     if fmt is not None:  # only the JSON document is printed
         return run_json(args, engine, prompt, options, fmt)
     if args.raw:
@@ -157,7 +157,7 @@ def cmd_chat(args) -> int:
 
     engine = _load_engine(args)
     session = ChatSession(engine, system=args.system, enable_thinking=args.think)
-    options = _engine_options(args, engine)
+    options = _engine_options(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"dgemma chat: {CHAT_COMMANDS}", file=sys.stderr)

@@ -129,6 +129,95 @@ def test_chat_reuses_the_cache_and_it_matches_a_fresh_encode(engine):
         torch.testing.assert_close(session.cache.values[i], fresh.values[i], atol=1e-4, rtol=1e-4)
 
 
+def test_chat_turn_after_a_cancelled_turn_is_computed_on_a_consistent_cache(engine):
+    """A caller that stops iterating a turn leaves the session as before that turn; the cache that turn grew
+    (its prompt, its canvases) was reused by the next turn at the wrong positions: silently different tokens."""
+    def session_after_first_turn():
+        s = ChatSession(engine, system="Be brief.")
+        list(s.send("First question", seed=0, max_tokens=100, eos_token_id=[]))
+        return s
+    cancelled = session_after_first_turn()
+    before = list(cancelled.ids)
+    turn = cancelled.send("A question left unanswered", seed=1, max_tokens=200, eos_token_id=[])
+    next(e for e in turn if isinstance(e, Text))
+    turn.close()
+    assert cancelled.ids == before  # the cancelled turn left no trace in the history
+    third = list(cancelled.send("Third question", seed=2, max_tokens=30, eos_token_id=[]))[-1]
+    fresh = session_after_first_turn()
+    fresh.cache = None  # the same conversation, its prompt encoded from scratch as the rebuilt cache is
+    assert list(fresh.send("Third question", seed=2, max_tokens=30, eos_token_id=[]))[-1].completion_ids == \
+        third.completion_ids
+    assert cancelled.cache.length == len(cancelled.cached_ids) and cancelled.ids == fresh.ids
+
+
+def test_chat_opens_with_one_system_turn_and_follows_changes_to_it(engine):
+    """With thinking on, every later turn added a second system turn (<|think|>) mid-conversation; a system prompt
+    set between turns was silently ignored."""
+    tok = engine.tokenizer
+    session = ChatSession(engine, system="Be brief.", enable_thinking=True)
+    list(session.send("One", seed=0, max_tokens=5, eos_token_id=[]))
+    first = list(session.ids)
+    list(session.send("Two", seed=0, max_tokens=5, eos_token_id=[]))
+    text = tok.decode(session.ids, skip_special=False)
+    assert text.count("<|turn>system") == 1 and text.count("<|think|>") == 1, text
+    # the second turn is what the template writes after the first: user turn, then a generation prompt in which
+    # thinking stays on (no empty thought channel)
+    assert session.ids[: len(first)] == first
+    second = tok.decode(session.ids[len(first):], skip_special=False)
+    assert second.startswith("<|turn>user\nTwo<turn|>\n<|turn>model\n") and "<channel|>" not in second, second
+    session.system, session.enable_thinking = "Be verbose.", False
+    list(session.send("Three", seed=0, max_tokens=5, eos_token_id=[]))
+    assert session.reused_tokens == 0  # the opening changed: the conversation is encoded afresh
+    text = tok.decode(session.ids, skip_special=False)
+    assert text.startswith(tok.render_chat([{"role": "system", "content": "Be verbose."}], add_generation_prompt=False))
+    assert "Be brief." not in text and "<|think|>" not in text and text.count("<|turn>system") == 1
+    assert "<|turn>user\nOne<turn|>" in text and "<|turn>user\nTwo<turn|>" in text  # the history is kept
+
+
+def test_chat_history_closes_a_model_turn_with_turn_end_not_eos():
+    """An answer that ended at <eos> was kept as answer<eos><turn|> in the history: off the chat format."""
+    from dgemma.bundled import default_model_path
+    engine = dgemma.load(default_model_path(), quiet=True)
+    eos, turn_end = engine.tokenizer.special.eos, engine.tokenizer.special.turn_end
+    session = ChatSession(engine)
+    done = list(session.send("def add(a, b):", seed=2, max_tokens=128, eos_token_id=[eos], drafts=False))[-1]
+    assert done.completion_ids[-1] == eos  # the trained model ends its answer with <eos>
+    assert eos not in session.ids
+    answer = done.completion_ids[:-1]
+    assert session.ids[-len(answer) - 2:] == answer + [turn_end] + engine.tokenizer.encode("\n", add_bos=False)
+    list(session.send("More", seed=1, max_tokens=5, drafts=False))
+    assert session.reused_tokens > 0
+
+
+def test_accept_takes_the_clis_text_of_a_rule(engine):
+    """accept="confidence:0.9" (the README's --accept spelling) was refused as "accept and sample must be
+    callables", naming a `sample` the caller never passed."""
+    from dgemma.sampling import confidence_threshold, linear_quota, quota
+
+    def ids(accept, **knobs):
+        return run(engine, seed=3, max_tokens=40, eos_token_id=[], drafts=False, accept=accept, **knobs)[-1]
+    assert ids("confidence:0.9").completion_ids == ids(confidence_threshold(0.9)).completion_ids
+    assert ids("linear-quota", max_denoising_steps=6).steps_per_canvas == [6]  # resolved with the call's steps
+    assert ids("linear-quota", max_denoising_steps=6).completion_ids == \
+        ids(linear_quota(6), max_denoising_steps=6).completion_ids
+    prompt = torch.tensor([[2, 10, 11]])
+    assert torch.equal(engine.generate(prompt, generator=torch.Generator().manual_seed(0), accept="quota:4"),
+                       engine.generate(prompt, generator=torch.Generator().manual_seed(0), accept=quota(4)))
+    for bad, message in (("confidence:x", "'x' is not a float"), ("bogus", "unknown acceptance rule"),
+                         (0.9, "accept must be an acceptance rule")):
+        with pytest.raises(ValueError, match=message):
+            run(engine, accept=bad)
+
+
+def test_an_unknown_option_lists_the_text_apis_own_options(engine):
+    """A typo of max_tokens was answered with a 'known' list of generation knobs that lacked max_tokens itself."""
+    with pytest.raises(TypeError, match=r"unknown option 'max_token': neither an option of this call \(max_tokens, "
+                                        r"stop, seed, .*\) nor a generation knob \(confidence_threshold, "):
+        run(engine, max_token=5)
+    with pytest.raises(TypeError, match=r"'temperature' \(the temperature here is the t_max -> t_min schedule\)"):
+        engine.complete("Hi", temperature=0.7)
+
+
 def test_max_tokens_and_max_new_tokens_are_one_cap(engine):
     assert run(engine, seed=1, max_new_tokens=5, eos_token_id=[], drafts=False)[-1].completion_tokens == 5
     with pytest.raises(ValueError, match="give max_tokens or max_new_tokens"):
@@ -379,6 +468,25 @@ def test_draft_view_ends_on_the_answer_alone(engine):
     view.close()
     final = out.getvalue()
     assert "the answer" in final and "<eos>" not in final and "step 3" not in final, final
+
+
+def test_draft_view_shows_thinking_only_with_show_thinking(engine, capsys):
+    """--think --show-drafts without --show-thinking left the committed thinking text on screen."""
+    import io
+    from types import SimpleNamespace
+
+    from dgemma.cli import _run_stream
+
+    events = [Text("secret thoughts", "thinking"), Text("the answer", "answer")]
+    for show_thinking in (False, True):
+        args = SimpleNamespace(show_drafts=True, json=False, show_thinking=show_thinking)
+        _run_stream(iter(events), args, engine.tokenizer)
+        out = capsys.readouterr().out
+        assert "the answer" in out and ("secret thoughts" in out) == show_thinking, out
+        args.show_drafts, printed = False, io.StringIO()  # the plain printer agrees
+        _run_stream(iter(events), args, engine.tokenizer, out=printed)
+        out = printed.getvalue()
+        assert "the answer" in out and ("secret thoughts" in out) == show_thinking, out
 
 
 def test_complete_with_drafts_points_to_stream(engine):

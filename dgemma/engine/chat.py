@@ -2,9 +2,16 @@
 
 The conversation is kept as token ids, not re-rendered text: re-tokenising a generated answer need not
 give the ids the model produced, and then the cache would no longer be a prefix of the prompt. A turn
-appends the rendered user turn to the ids; after the answer, the emitted ids (cut exactly as streamed)
-plus the turn-end marker. The KV cache then holds the prompt and every committed canvas but the last,
-which is a prefix of the next turn's prompt; that is checked, and the cache is rebuilt if it is not.
+appends the rendered user turn to the ids; after the answer, the emitted ids (cut exactly as streamed;
+a final <eos> becomes the <turn|> that closes a model turn in the chat format) plus the turn-end marker.
+The KV cache then holds the prompt and every committed canvas but the last, which is a prefix of the next
+turn's prompt; that is checked (ids and length), and the cache is rebuilt if it is not.
+
+The conversation opens with <bos> and the system turn (the system prompt, and the thinking switch in Gemma-4's
+format); later turns are rendered as the chat template writes a user turn after earlier ones, so the system turn
+appears once. Changing `system` or `enable_thinking` between turns rewrites that opening (the next turn then
+encodes the conversation afresh). A turn that does not reach its Done event (an error, or a caller that stops
+iterating) leaves the conversation as it was before that turn.
 """
 
 from __future__ import annotations
@@ -19,28 +26,49 @@ class ChatSession:
         self.system = system
         self.enable_thinking = enable_thinking
         self.ids: list[int] = []  # the conversation so far, as the model saw or wrote it
+        self.opening: list[int] = []  # the ids that open self.ids: <bos> and the system turn
         self.cache = None
         self.cached_ids: list[int] = []  # what self.cache holds
         self.reused_tokens = 0  # prompt tokens the last turn did not have to encode
 
     def reset(self) -> None:
         """Start a new conversation (the system prompt stays): the history and its cache are dropped."""
-        self.ids, self.cache, self.cached_ids, self.reused_tokens = [], None, [], 0
+        self.ids, self.opening, self.cache, self.cached_ids, self.reused_tokens = [], [], None, [], 0
+
+    def _render(self, messages: list[dict], generation_prompt: bool = True) -> str:
+        return self.tok.render_chat(messages, add_generation_prompt=generation_prompt,
+                                    enable_thinking=self.enable_thinking)
+
+    def _opening_and_turn(self, user_text: str) -> tuple[list[int], list[int]]:
+        """(opening, turn) ids for the current system prompt and thinking switch: the opening is what the template
+        writes before the first user turn; the turn, what it writes for a user turn after earlier ones (the turn
+        and the generation prompt), found as the difference of two renderings of a conversation."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        user = {"role": "user", "content": user_text}
+        earlier = head + [{"role": "user", "content": "."}, {"role": "assistant", "content": "."}]
+        before, after, first = self._render(earlier, False), self._render(earlier + [user]), self._render(head + [user])
+        turn = after[len(before):]
+        if not after.startswith(before) or not first.endswith(turn):
+            raise ValueError("this model's chat template does not render a conversation turn by turn (a rendering "
+                             "with one more user turn does not extend the one before), so a chat session cannot "
+                             "append turns to its history; pass the whole conversation as messages= to stream()")
+        return self.tok.encode(first[: len(first) - len(turn)], add_bos=True), self.tok.encode(turn, add_bos=False)
 
     def _turn_ids(self, user_text: str) -> list[int]:
-        messages = [{"role": "user", "content": user_text}]
-        if not self.ids and self.system:
-            messages.insert(0, {"role": "system", "content": self.system})
-        ids = self.tok.encode_chat(messages, add_generation_prompt=True, enable_thinking=self.enable_thinking)
-        if self.ids and ids and ids[0] == self.tok.special.bos:  # <bos> only opens the conversation
-            ids = ids[1:]
-        return ids
+        """The ids this user message adds to the conversation (with the opening on the first turn)."""
+        opening, turn = self._opening_and_turn(user_text)
+        return turn if self.ids else opening + turn
 
     def send(self, user_text: str, **options):
         """Stream the answer to one user message (events as in engine/stream.py)."""
-        prompt = self.ids + self._turn_ids(user_text)
+        opening, turn = self._opening_and_turn(user_text)
+        history = self.ids
+        if history and opening != self.opening:  # the system prompt or the thinking switch changed
+            history = opening + history[len(self.opening):]
+        prompt = history + turn if history else opening + turn
         n = len(self.cached_ids)
-        if self.cache is None or prompt[:n] != self.cached_ids:
+        # a turn that did not finish may have grown the cache past what cached_ids records: rebuild it then
+        if self.cache is None or self.cache.length != n or prompt[:n] != self.cached_ids:
             self.cache, self.cached_ids, n = self.engine.new_cache(1), [], 0
         self.reused_tokens = n
         done = None
@@ -48,10 +76,13 @@ class ChatSession:
             if isinstance(event, Done):
                 done = event
             yield event
-        everything = prompt + done.completion_ids
+        turn_end = self.tok.special.turn_end
+        answer = done.completion_ids
+        if answer[-1:] == [self.tok.special.eos] and turn_end is not None:  # never in the cache: the last canvas
+            answer = answer[:-1] + [turn_end]
+        everything = prompt + answer
         self.cached_ids = everything[: self.cache.length]
         if self.cache.length > len(everything):  # a cut inside an encoded canvas: do not trust the cache
             self.cache, self.cached_ids = None, []
-        turn_end = self.tok.special.turn_end
-        closing = [] if done.completion_ids[-1:] == [turn_end] else [turn_end]
-        self.ids = everything + closing + self.tok.encode("\n", add_bos=False)
+        closing = [] if answer[-1:] == [turn_end] else [turn_end]
+        self.ids, self.opening = everything + closing + self.tok.encode("\n", add_bos=False), opening

@@ -156,11 +156,13 @@ class Engine:
         return self.module.denoise(tokens, cache, soft=soft)
 
 
-    def generation_settings(self, generation_config=None, **knobs) -> GenerationConfig:
+    def generation_settings(self, generation_config=None, *, call_options: tuple[str, ...] = (),
+                            **knobs) -> GenerationConfig:
         """This engine's generation defaults (the checkpoint's generation_config.json, or its preset's) updated by
         `generation_config`, then by explicit knobs (None is a value: it disables). generation_config: a complete
         GenerationConfig (it replaces the defaults), or a dict of knobs or the reference's
-        DiffusionGemmaGenerationConfig (their unset/None fields keep the defaults, as in the reference)."""
+        DiffusionGemmaGenerationConfig (their unset/None fields keep the defaults, as in the reference).
+        call_options: the calling API's own options, which an unknown knob's error lists beside the knobs."""
         base = generation_config if isinstance(generation_config, GenerationConfig) else self.generation_config
         values = {k: getattr(base, k) for k in GenerationConfig.__dataclass_fields__}
         if generation_config is not None and not isinstance(generation_config, GenerationConfig):
@@ -172,7 +174,10 @@ class Engine:
                 raise TypeError("max_length is the reference generate()'s total-length cap (prompt included); "
                                 "here cap the new tokens with max_tokens (or max_new_tokens)")
             if key not in values:
-                raise TypeError(f"unknown generation option {key!r}; known: {sorted(set(values) - {'max_length'})}")
+                hint = " (the temperature here is the t_max -> t_min schedule)" if key == "temperature" else ""
+                own = f"an option of this call ({', '.join(call_options)}) nor " if call_options else ""
+                raise TypeError(f"unknown option {key!r}{hint}: neither {own}a generation knob "
+                                f"({', '.join(sorted(set(values) - {'max_length'}))})")
             if key == "eos_token_id" and value is not None:
                 value = eos_ids(value)
             values[key] = value
@@ -200,9 +205,9 @@ class Engine:
         bos_token_id change no token and are ignored; sampling knobs the sampler does not have (temperature,
         top_k, do_sample, ...), which the reference ignores silently, are a TypeError so no setting is lost unseen.
         Returns the ids, or a GenerateOutput (.sequences, .tokens_per_forward) with return_dict or
-        return_dict_in_generate True. `accept` swaps the acceptance rule (see dgemma.sampling). With
-        generator=None the global torch RNG is used, so after torch.manual_seed(s) the tokens equal
-        the reference's on CPU in fp32; sampling="fast" samples the same distributions more cheaply. `plan`
+        return_dict_in_generate True. `accept` swaps the acceptance rule (an AcceptRule of dgemma.sampling, or
+        its text as the CLI's --accept, e.g. 'confidence:0.9'). With generator=None the global torch RNG is used,
+        so after torch.manual_seed(s) the tokens equal the reference's on CPU in fp32; sampling="fast" samples the same distributions more cheaply. `plan`
         constrains the canvases (clamped positions, allowed tokens: see dgemma.engine.generate.CanvasPlan).
         settle_after / settle_entropy (dgemma's own, approximate, off by default): positions whose argmax held that
         many steps with an entropy below settle_entropy stop being computed (dgemma/engine/settle.py)."""

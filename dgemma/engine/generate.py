@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GenerationConfig
-from ..sampling import StepConfig, sample_inverse_cdf, sample_reference
+from ..sampling import StepConfig, parse_accept, sample_inverse_cdf, sample_reference
 from .cache import KVCache
 from .scheduler import SC_CHUNK, CanvasPlan, Commit, Rows, Step, run_alone  # noqa: F401  (re-exported)
 
@@ -51,10 +51,17 @@ def seeded_generator(seed: int | None, device=None) -> torch.Generator | None:
 
 
 def step_config(gen: GenerationConfig, accept=None, sampling: str = "reference") -> StepConfig:
-    """GenerationConfig (reference knob names) -> the sampler's StepConfig; `accept` overrides the rule,
+    """GenerationConfig (reference knob names) -> the sampler's StepConfig; `accept` overrides the rule (an
+    AcceptRule or its text, 'confidence:0.9' as the CLI's --accept; linear-quota takes gen's step count),
     `sampling` picks the proposal primitive ("reference" or "fast")."""
     if sampling not in SAMPLERS:
         raise ValueError(f"sampling must be one of {sorted(SAMPLERS)}, got {sampling!r}")
+    if isinstance(accept, str):
+        accept = parse_accept(accept, gen.max_denoising_steps)
+    elif accept is not None and not callable(accept):
+        raise ValueError(f"accept must be an acceptance rule (dgemma.sampling.entropy_bound(B), "
+                         f"confidence_threshold(T), quota(K), linear_quota(N)) or its text ('entropy:B', "
+                         f"'confidence:T', 'quota:K', 'linear-quota'), got {accept!r}")
     kwargs = {"sample": SAMPLERS[sampling]}
     cfg = StepConfig.from_generation_config(gen.max_denoising_steps, gen.t_min, gen.t_max, gen.entropy_bound,
                                             gen.stability_threshold, gen.confidence_threshold, **kwargs)

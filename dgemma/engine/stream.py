@@ -175,6 +175,10 @@ def check_max_tokens(max_tokens) -> None:
         raise ValueError(f"max_tokens must be an integer >= 1 (the most new tokens), got {max_tokens!r}")
 
 
+# the text API's own options (stream, complete, chat turns), beside the generation knobs
+STREAM_OPTIONS = ("max_tokens", "stop", "seed", "drafts", "cache", "cached_len", "accept", "sampling", "plan")
+
+
 def open_request(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = None,
                  stop: Sequence[str] | None = None, seed: int | None = None, drafts: bool = True,
                  cache: KVCache | None = None, cached_len: int = 0, accept=None, sampling: str = "fast",
@@ -192,7 +196,7 @@ def open_request(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = 
         if "max_new_tokens" in knobs:
             raise ValueError("give max_tokens or max_new_tokens (two names of the same exact cap), not both")
         knobs["max_new_tokens"] = max_tokens
-    gen = engine.generation_settings(**knobs)
+    gen = engine.generation_settings(call_options=STREAM_OPTIONS, **knobs)
     stop_ids = set(gen.eos_token_id) if gen.eos_token_id is not None else set(tok.stop_ids)
     engine.check_context(len(prompt_ids), gen.max_new_tokens)
     generator = seeded_generator(seed, engine.device)
@@ -207,7 +211,8 @@ def stream_ids(engine, prompt_ids: Sequence[int], **options) -> Iterator:
     """Stream one request. prompt_ids are the full prompt; when `cache` already holds its first
     `cached_len` tokens only the rest is encoded (multi-turn chat reuses its prefix this way).
     sampling="fast" (default) draws one uniform per position; "reference" reproduces the reference's stream.
-    Options: max_tokens, stop, seed, drafts, cache, cached_len, accept, sampling, plan, generation knobs."""
+    Options: STREAM_OPTIONS (max_tokens, stop, seed, drafts, cache, cached_len, accept, sampling, plan) and the
+    generation knobs (Engine.generation_settings)."""
     rows, text = open_request(engine, prompt_ids, **options)
     for event in run_alone(engine.module, rows):
         yield from text.on_event(event)

@@ -116,3 +116,24 @@ def linear_quota(num_steps: int) -> AcceptRule:
         return quota_accept(confidence, (step * length + num_steps - 1) // num_steps)  # integer ceil, no float
 
     return AcceptRule(rule, f"linear_quota({num_steps})")
+
+
+def parse_accept(text: str, num_steps: int | None = None):
+    """'entropy:B' | 'confidence:T' | 'quota:K' | 'linear-quota' -> an AcceptRule (B, T, K optional: 0.1, 0.9, 8).
+
+    The one spelling of a rule as text: the CLI's --accept, the server's "acceptance" field and the library's
+    `accept=` take it; raises ValueError with a clear message. linear-quota needs the step count: with num_steps
+    None the string "linear-quota" is returned for the caller to resolve once the step count is known."""
+    name, _, arg = text.partition(":")
+    parse = {"entropy": (float, 0.1, entropy_bound), "confidence": (float, 0.9, confidence_threshold),
+             "quota": (int, 8, quota)}
+    if name in parse:
+        kind, default, make = parse[name]
+        try:
+            value = kind(arg) if arg else default
+        except ValueError:
+            raise ValueError(f"acceptance rule {text!r}: {arg!r} is not a {kind.__name__}") from None
+        return make(value)
+    if name == "linear-quota" and not arg:
+        return "linear-quota" if num_steps is None else linear_quota(num_steps)
+    raise ValueError(f"unknown acceptance rule {text!r}; use entropy:B, confidence:T, quota:K or linear-quota")
