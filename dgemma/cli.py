@@ -27,7 +27,8 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps({"config": str(path), "total_parameters": counts["total"],
                           "active_parameters_per_token": counts["active_per_token"],
-                          "by_component": counts["by_component"], "stored_bytes_by_dtype": stored}))
+                          "by_component": counts["by_component"],
+                          "layer_scalar_buffers": counts["layer_scalar_buffers"], "stored_bytes_by_dtype": stored}))
         return 0
     print(f"DiffusionGemma text model: {path}")
     for line in describe(cfg):
@@ -36,6 +37,7 @@ def cmd_inspect(args) -> int:
           f"{_fmt_count(counts['active_per_token'])} active per token")
     for name, n in sorted(counts["by_component"].items(), key=lambda kv: -kv[1]):
         print(f"    {name:<22}{n:>16,}")
+    print(f"  buffers           {counts['layer_scalar_buffers']:,} layer scalars (decoder and encoder; not parameters)")
     if stored is not None:
         for dtype, nbytes in sorted(stored.items()):
             print(f"  stored {dtype:<10} {nbytes / 2**30:10.3f} GiB")

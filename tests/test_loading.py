@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import dgemma
 from conftest import F, S
 from dgemma import CheckpointError, ConfigError
+from dgemma.cli import main
 
 KEY = "model.decoder.layers.1.mlp.up_proj.weight"
 
@@ -362,3 +363,33 @@ def test_header_entry_missing_a_field(checkpoint, field):
     write_header(file, header, body)
     msg = load_error(path)
     assert str(file) in msg and KEY in msg
+
+
+# --- dgemma inspect ----------------------------------------------------------------------------------------
+
+
+def inspect_json(path, capsys) -> dict:
+    assert main(["inspect", str(path), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("target", ["directory", "config.json"])
+def test_inspect_counts_the_parameters_the_reference_and_the_loaded_model_have(reference_checkpoint, capsys, target):
+    """Parameters, not buffers: the reference's text stack (transformers as the oracle) and the loaded module agree;
+    the layer_scalar buffers (one per layer for each pass) are reported apart."""
+    ref, path = reference_checkpoint()
+    out = inspect_json(path if target == "directory" else path / "config.json", capsys)
+    reference = sum(p.numel() for p in ref.model.decoder.parameters())
+    loaded = dgemma.load(path, quiet=True).module
+    assert out["total_parameters"] == reference == sum(p.numel() for p in loaded.parameters())
+    assert sum(out["by_component"].values()) == out["total_parameters"]
+    assert out["layer_scalar_buffers"] == sum(b.numel() for b in loaded.buffers()) == 2 * loaded.config.num_hidden_layers
+    assert (out["stored_bytes_by_dtype"] is None) == (target == "config.json")
+
+
+@pytest.mark.parametrize("name", ["default", "sudoku"])
+def test_bundled_model_cards_state_the_parameter_count_inspect_reports(name, capsys):
+    directory = Path(dgemma.__file__).parent / "models" / name
+    row = next(line for line in (directory / "README.md").read_text().splitlines() if line.startswith("| parameters |"))
+    stated = int(row.split("|")[2].split()[0].replace(",", ""))
+    assert stated == inspect_json(directory, capsys)["total_parameters"]
