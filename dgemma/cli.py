@@ -60,9 +60,6 @@ def _load_engine(args):
     from .engine.engine import load
 
     path = Path(args.model) if args.model else default_model_path()
-    if not path.exists():
-        raise FileNotFoundError(f"model directory {path} does not exist; pass --model DIR (a DiffusionGemma "
-                                "checkpoint in Hugging Face layout)")
     return load(path, dtype=args.dtype, device=args.device, quiet=True, preset=args.preset,
                 int8_dynamic=args.int8_dynamic, compile=args.compile)
 

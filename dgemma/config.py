@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,20 @@ TEXT_MODEL_TYPE = "diffusion_gemma_text"
 
 class ConfigError(ValueError):
     """A config.json that dgemma cannot use; the message says which field and what to do."""
+
+
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "owner/model", as the Hugging Face Hub names models
+
+
+def missing_path(path) -> str:
+    """The message for a model path that does not exist; a name shaped like a Hub name (`owner/model`) is told that
+    dgemma reads local directories only (it never downloads)."""
+    text = str(path)
+    if HUB_NAME.fullmatch(text):
+        return (f"{text} does not exist here. If it is a Hugging Face Hub name: dgemma loads local directories only "
+                f"and never downloads; download the model first (e.g. `hf download {text} --local-dir DIR` on a "
+                "machine with internet access) and pass DIR")
+    return f"{text} does not exist; pass a model directory (config.json and model.safetensors or its shards)"
 
 
 @dataclass(frozen=True)
@@ -214,12 +229,13 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
+        if not Path(path).exists():
+            raise ConfigError(missing_path(path))
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
         if not path.exists():
-            hint = "" if path.parent.exists() else " (the directory does not exist either)"
-            raise ConfigError(f"{path}: no such file{hint}; pass a model directory containing config.json, "
+            raise ConfigError(f"{path}: no such file; pass a model directory containing config.json, "
                               "or a config.json file")
         try:
             raw = json.loads(path.read_text())

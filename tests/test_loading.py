@@ -335,6 +335,27 @@ def test_not_a_directory_and_no_weights(tmp_path, checkpoint):
     assert str(path) in msg and "model.safetensors" in msg
 
 
+def test_a_hub_name_is_told_that_dgemma_never_downloads(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the name is no local path here
+    name = "google/diffusiongemma-26B-A4B-it"
+    for msg in (load_error(name), str(pytest.raises(ConfigError, dgemma.ModelConfig.from_file, name).value)):
+        assert msg.startswith(name) and "never downloads" in msg and f"hf download {name} --local-dir DIR" in msg
+    for argv in (["generate", "--model", name, "Hi"], ["inspect", name], ["chat", "--model", name]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "never downloads" in err and "Traceback" not in err, err
+    assert "Hub" not in load_error(tmp_path / "nowhere")  # a path that is plainly local is not called a Hub name
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "config.json"])
+def test_a_file_instead_of_the_model_directory_names_its_directory(checkpoint, file, capsys):
+    _, path, _ = checkpoint
+    msg = load_error(path / file)
+    assert f"{path / file} is a file, not a model directory" in msg and msg.endswith(str(path))
+    assert main(["generate", "--model", str(path / file), "Hi"]) == 2
+    assert "is a file, not a model directory" in capsys.readouterr().err
+
+
 def test_unusable_device_or_dtype_is_a_clear_error(reference_checkpoint):
     """Bad device/dtype values are ValueErrors that name the value (not a torch traceback or a KeyError)."""
     _, path = reference_checkpoint()

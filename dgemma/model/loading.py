@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, missing_path
 from .blocks import DiffusionGemma
 from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, MappedFiles, list_tensors
 
@@ -71,10 +71,12 @@ def load_module(directory: str | Path, *, dtype: torch.dtype | None = None, devi
     time, so peak host memory stays about one tensor above what the target device holds.
     prepare(module, metadata) -> names: runs on the meta module before loading (quant/ swaps in its quantized
     modules for a quantized checkpoint); the named tensors keep their stored dtype, which must be theirs."""
+    if not Path(directory).exists():
+        raise CheckpointError(missing_path(directory))
     directory = Path(directory)
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory; pass a model directory with config.json and "
-                              "model.safetensors (or shards)")
+        raise CheckpointError(f"{directory} is a file, not a model directory; pass the directory that holds "
+                              f"config.json and model.safetensors (or its shards), e.g. {directory.parent}")
     device = usable_device(device)
     config = ModelConfig.from_file(directory)
     infos, metadata = list_tensors(directory)
