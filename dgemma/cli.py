@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
             except (OSError, ValueError):  # no real file behind sys.stdout: nothing left to flush
                 pass
             return 141  # the shell's status for SIGPIPE
+        except OSError as e:  # a file the command cannot read or write (permissions, a directory, a full disk)
+            print(f"dgemma {args.command}: error: {e}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

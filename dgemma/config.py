@@ -25,6 +25,23 @@ class ConfigError(ValueError):
     """A config.json that dgemma cannot use; the message says which field and what to do."""
 
 
+def unreadable(path, e: OSError) -> str:
+    return f"{path}: cannot be read ({e.strerror or e}); check that it is a file this user may read"
+
+
+def read_json(path: Path, *, fix: str, error: type[ValueError] = ConfigError):
+    """A JSON file's value. A file this process cannot read (permissions, a directory, not UTF-8 text) or that is not
+    JSON is an `error` naming the file, what is wrong and `fix`."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise error(unreadable(path, e)) from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text (UTF-8) file, so not JSON; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e}); {fix}") from None
+
+
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "owner/model", as the Hugging Face Hub names models
 
 
@@ -237,11 +254,7 @@ class ModelConfig:
         if not path.exists():
             raise ConfigError(f"{path}: no such file; pass a model directory containing config.json, "
                               "or a config.json file")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e}); re-download or fix the file") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json(path, fix="pass a model directory or its config.json"), source=str(path))
 
 
 def check_temperatures(t_min, t_max) -> None:
@@ -313,6 +326,8 @@ class GenerationConfig:
     def from_dict(cls, raw: dict, *, source: str = "generation_config") -> "GenerationConfig":
         """generation_config.json's fields (null = unset: the global default); keys the reference does not read are
         ignored, as transformers ignores them."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object of generation settings, got {type(raw).__name__}")
         kwargs = set_knobs({k: v for k, v in raw.items() if k in REFERENCE_KNOBS}, source=source)
         try:
             return cls(**kwargs)
@@ -324,10 +339,7 @@ class GenerationConfig:
         path = Path(directory) / "generation_config.json"
         if not path.exists():
             return cls()
-        try:
-            return cls.from_dict(json.loads(path.read_text()), source=str(path))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+        return cls.from_dict(read_json(path, fix="fix or delete the file"), source=str(path))
 
 
 # the fields of the reference's generation config (spec §2.3, §9.4) that change what dgemma computes ...

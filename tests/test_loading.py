@@ -356,6 +356,45 @@ def test_a_file_instead_of_the_model_directory_names_its_directory(checkpoint, f
     assert "is a file, not a model directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "model.safetensors",
+                                  "model.safetensors.index.json"])
+def test_a_model_file_that_cannot_be_read_is_a_clear_error(checkpoint, name, capsys):
+    """An OSError on a model file (here a directory in its place; a file without read permission alike) names the
+    file: no traceback from the CLI, a ConfigError / CheckpointError from the library."""
+    _, path, _ = checkpoint
+    (path / name).unlink(missing_ok=True)
+    (path / name).mkdir()
+    with pytest.raises((ConfigError, CheckpointError), match="cannot be read \\(Is a directory\\)") as info:
+        dgemma.load(path, quiet=True)
+    assert str(path / name) in str(info.value)
+    for argv in (["generate", "--model", str(path), "Hi"], ["inspect", str(path)]):
+        if name == "generation_config.json" and argv[0] == "inspect":
+            continue  # inspect reads no generation settings
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"error: {path / name}: cannot be read" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("config.json", b"\x80\x81 not text", "not a text (UTF-8) file"),
+    ("generation_config.json", b"[1, 2]", "expected a JSON object of generation settings, got list"),
+    ("model.safetensors.index.json", b'{"weight_map": ["a", "b"]}', "not a valid shard index"),
+], ids=["binary-config", "generation-config-list", "index-weight-map-list"])
+def test_a_model_json_file_of_the_wrong_kind_names_the_file(checkpoint, name, content, message):
+    _, path, _ = checkpoint
+    (path / name).write_bytes(content)
+    with pytest.raises((ConfigError, CheckpointError)) as info:
+        dgemma.load(path, quiet=True)
+    assert str(info.value).startswith(f"{path / name}: ") and message in str(info.value), info.value
+
+
+def test_inspect_on_a_weights_file_says_what_to_pass(checkpoint, capsys):
+    _, path, file = checkpoint
+    assert main(["inspect", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert f"{file}: not a text (UTF-8) file" in err and "pass a model directory or its config.json" in err, err
+
+
 def test_unusable_device_or_dtype_is_a_clear_error(reference_checkpoint):
     """Bad device/dtype values are ValueErrors that name the value (not a torch traceback or a KeyError)."""
     _, path = reference_checkpoint()
