@@ -202,6 +202,33 @@ def test_wrongly_shaped_tensor(checkpoint):
     assert KEY in msg and str(file) in msg and "shape" in msg
 
 
+def test_integer_tensor_for_a_float_weight(checkpoint):
+    _, path, file = checkpoint
+    rewrite(file, lambda t: t.__setitem__(KEY, t[KEY].to(torch.int32)))
+    msg = load_error(path)
+    assert KEY in msg and str(file) in msg and "torch.int32" in msg and "floating point" in msg
+
+
+def test_mixed_float_dtypes_load_in_the_dtype_that_holds_most_bytes(checkpoint, capsys):
+    """A checkpoint whose float weights are stored in several dtypes runs in one (it failed in its first matmul)."""
+    ref, path, file = checkpoint
+    embed = "model.decoder.embed_tokens.weight"
+    rewrite(file, lambda t: [t.__setitem__(k, t[k].to(torch.bfloat16)) for k in (embed, KEY)])
+    mixed = dgemma.load(path)
+    assert {t.dtype for t in mixed.module.state_dict().values()} == {torch.float32}
+    assert "several dtypes" in capsys.readouterr().err
+    stored = reference_tensor(ref, "embed_tokens.weight").bfloat16().float()
+    assert torch.equal(mixed.module.embed_tokens.weight, stored)
+    same = dgemma.load(path, dtype=torch.float32, quiet=True)
+    prompt, canvas = (torch.randint(0, mixed.config.vocab_size, (1, n)) for n in (9, mixed.config.canvas_length))
+    logits = []
+    for engine in (mixed, same):
+        cache = engine.new_cache(1)
+        engine.encode(prompt, cache)
+        logits.append(engine.denoise(canvas, cache))
+    assert torch.isfinite(logits[0]).all() and torch.equal(*logits)
+
+
 def test_truncated_file_names_a_cut_tensor(checkpoint):
     _, path, file = checkpoint
     header, body = read_header(file)
