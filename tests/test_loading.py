@@ -342,6 +342,25 @@ def test_shard_index_pointing_at_the_wrong_shard(sharded):
     assert str(index_file) in msg and KEY in msg and other in msg
 
 
+def test_a_stray_copy_in_another_shard_is_ignored_as_the_index_says(sharded):
+    """A tensor also stored (with other values) in a shard the index does not name for it: the index's copy loads
+    (the error claimed the named shard did not contain it); stored twice and named by no index entry, it is an error."""
+    ref, path = sharded
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    weight_map = index["weight_map"]
+    last = max(weight_map.values())  # the stray copy goes in the shard read last, so it is what the loader saw last
+    key = next(k for k, f in weight_map.items() if f != last and sum(g == f for g in weight_map.values()) > 1)
+    name, other = key[len("model.decoder."):], path / last
+    rewrite(other, lambda t: t.__setitem__(key, torch.zeros_like(reference_tensor(ref, name))))
+    engine = dgemma.load(path, quiet=True)
+    assert torch.equal(engine.module.get_parameter(name), reference_tensor(ref, name))
+    del weight_map[key]
+    index_file.write_text(json.dumps(index))
+    msg = load_error(path)
+    assert key in msg and str(other) in msg and "both" in msg
+
+
 def test_missing_tensor_in_a_sharded_checkpoint(sharded):
     _, path = sharded
     index_file = path / "model.safetensors.index.json"

@@ -112,10 +112,16 @@ def list_tensors(directory: Path) -> tuple[dict[str, TensorInfo], dict]:
                 raise CheckpointError(f"{index} lists shard '{name}' but {shard} does not exist; "
                                       "the download is incomplete")
             shard_infos, shard_meta = read_header(shard)
-            infos.update(shard_infos)
+            for key, info in shard_infos.items():
+                if weight_map.get(key, name) != name:
+                    continue  # a stray copy: the index names another shard for this tensor
+                if key in infos:
+                    raise CheckpointError(f"tensor '{key}' is stored in both {infos[key].file} and {shard}, and {index} "
+                                          "names neither; a checkpoint holds each tensor once: re-download it")
+                infos[key] = info
             metadata.update(shard_meta)
         for key, name in weight_map.items():
-            if key not in infos or infos[key].file.name != name:
+            if key not in infos:
                 raise CheckpointError(f"{index} maps '{key}' to '{name}' but that shard does not contain it")
         return infos, metadata
     if single.exists():
