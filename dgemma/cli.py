@@ -219,7 +219,7 @@ def _add_model_flags(p) -> None:
     p.add_argument("--model", help="model directory (Hugging Face layout); default: the bundled model")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weight dtype (default: as stored)")
+                   help="weight dtype (default: as stored; if mixed, the one holding most bytes)")
     from .engine.presets import add_speed_flags
     add_speed_flags(p)
 
