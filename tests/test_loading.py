@@ -489,7 +489,8 @@ def test_inspect_counts_the_parameters_the_reference_and_the_loaded_model_have(r
     loaded = dgemma.load(path, quiet=True).module
     assert out["total_parameters"] == reference == sum(p.numel() for p in loaded.parameters())
     assert sum(out["by_component"].values()) == out["total_parameters"]
-    assert out["layer_scalar_buffers"] == sum(b.numel() for b in loaded.buffers()) == 2 * loaded.config.num_hidden_layers
+    scalars = sum(b.numel() for b in loaded.buffers())
+    assert out["layer_scalar_buffers"] == scalars == 2 * loaded.config.num_hidden_layers
     assert (out["stored_bytes_by_dtype"] is None) == (target == "config.json")
 
 

@@ -116,8 +116,8 @@ def list_tensors(directory: Path) -> tuple[dict[str, TensorInfo], dict]:
                 if weight_map.get(key, name) != name:
                     continue  # a stray copy: the index names another shard for this tensor
                 if key in infos:
-                    raise CheckpointError(f"tensor '{key}' is stored in both {infos[key].file} and {shard}, and {index} "
-                                          "names neither; a checkpoint holds each tensor once: re-download it")
+                    raise CheckpointError(f"tensor '{key}' is stored in both {infos[key].file} and {shard}, and "
+                                          f"{index} names neither; a checkpoint holds each tensor once: re-download it")
                 infos[key] = info
             metadata.update(shard_meta)
         for key, name in weight_map.items():

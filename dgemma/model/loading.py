@@ -87,8 +87,9 @@ def load_module(directory: str | Path, *, dtype: torch.dtype | None = None, devi
                 quiet: bool = False, prepare=None) -> DiffusionGemma:
     """Build the module on the meta device, then assign memory-mapped checkpoint tensors into it.
 
-    dtype None keeps the stored dtype (if they are mixed, the one holding most bytes); device None means CPU. Tensors are converted and moved one at a
-    time, so peak host memory stays about one tensor above what the target device holds.
+    dtype None keeps the stored dtype (if they are mixed, the one holding most bytes); device None means CPU.
+    Tensors are converted and moved one at a time, so peak host memory stays about one tensor above what the target
+    device holds.
     prepare(module, metadata) -> names: runs on the meta module before loading (quant/ swaps in its quantized
     modules for a quantized checkpoint); the named tensors keep their stored dtype, which must be theirs."""
     if not Path(directory).exists():
