@@ -27,7 +27,8 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps({"config": str(path), "total_parameters": counts["total"],
                           "active_parameters_per_token": counts["active_per_token"],
-                          "by_component": counts["by_component"], "stored_bytes_by_dtype": stored}))
+                          "by_component": counts["by_component"],
+                          "layer_scalar_buffers": counts["layer_scalar_buffers"], "stored_bytes_by_dtype": stored}))
         return 0
     print(f"DiffusionGemma text model: {path}")
     for line in describe(cfg):
@@ -36,6 +37,7 @@ def cmd_inspect(args) -> int:
           f"{_fmt_count(counts['active_per_token'])} active per token")
     for name, n in sorted(counts["by_component"].items(), key=lambda kv: -kv[1]):
         print(f"    {name:<22}{n:>16,}")
+    print(f"  buffers           {counts['layer_scalar_buffers']:,} layer scalars (decoder and encoder; not parameters)")
     if stored is not None:
         for dtype, nbytes in sorted(stored.items()):
             print(f"  stored {dtype:<10} {nbytes / 2**30:10.3f} GiB")
@@ -58,9 +60,6 @@ def _load_engine(args):
     from .engine.engine import load
 
     path = Path(args.model) if args.model else default_model_path()
-    if not path.exists():
-        raise FileNotFoundError(f"model directory {path} does not exist; pass --model DIR (a DiffusionGemma "
-                                "checkpoint in Hugging Face layout)")
     return load(path, dtype=args.dtype, device=args.device, quiet=True, preset=args.preset,
                 int8_dynamic=args.int8_dynamic, compile=args.compile)
 
@@ -220,7 +219,7 @@ def _add_model_flags(p) -> None:
     p.add_argument("--model", help="model directory (Hugging Face layout); default: the bundled model")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weight dtype (default: as stored)")
+                   help="weight dtype (default: as stored; if mixed, the one holding most bytes)")
     from .engine.presets import add_speed_flags
     add_speed_flags(p)
 
@@ -329,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
             except (OSError, ValueError):  # no real file behind sys.stdout: nothing left to flush
                 pass
             return 141  # the shell's status for SIGPIPE
+        except OSError as e:  # a file the command cannot read or write (permissions, a directory, a full disk)
+            print(f"dgemma {args.command}: error: {e}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

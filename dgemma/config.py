@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,37 @@ TEXT_MODEL_TYPE = "diffusion_gemma_text"
 
 class ConfigError(ValueError):
     """A config.json that dgemma cannot use; the message says which field and what to do."""
+
+
+def unreadable(path, e: OSError) -> str:
+    return f"{path}: cannot be read ({e.strerror or e}); check that it is a file this user may read"
+
+
+def read_json(path: Path, *, fix: str, error: type[ValueError] = ConfigError):
+    """A JSON file's value. A file this process cannot read (permissions, a directory, not UTF-8 text) or that is not
+    JSON is an `error` naming the file, what is wrong and `fix`."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise error(unreadable(path, e)) from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text (UTF-8) file, so not JSON; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e}); {fix}") from None
+
+
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "owner/model", as the Hugging Face Hub names models
+
+
+def missing_path(path) -> str:
+    """The message for a model path that does not exist; a name shaped like a Hub name (`owner/model`) is told that
+    dgemma reads local directories only (it never downloads)."""
+    text = str(path)
+    if HUB_NAME.fullmatch(text):
+        return (f"{text} does not exist here. If it is a Hugging Face Hub name: dgemma loads local directories only "
+                f"and never downloads; download the model first (e.g. `hf download {text} --local-dir DIR` on a "
+                "machine with internet access) and pass DIR")
+    return f"{text} does not exist; pass a model directory (config.json and model.safetensors or its shards)"
 
 
 @dataclass(frozen=True)
@@ -59,11 +91,22 @@ class ModelConfig:
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_experts",
                     "top_k_experts", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                    "head_dim", "global_head_dim", "num_global_key_value_heads", "sliding_window", "canvas_length")
+                    "head_dim", "global_head_dim", "num_global_key_value_heads", "sliding_window", "canvas_length",
+                    "max_position_embeddings")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config field `{name}` must be a positive integer, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta_sliding", "rope_theta_full", "final_logit_softcapping"):
+            value = getattr(self, name)
+            if not (value is None and name == "final_logit_softcapping") and (
+                    isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf):
+                raise ConfigError(f"config field `{name}` must be a positive number, got {value!r}")
+        for name, ids in (("pad_token_id", (self.pad_token_id,)), ("bos_token_id", (self.bos_token_id,)),
+                          ("eos_token_id", self.eos_token_id)):
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                shown = ids if name == "eos_token_id" else ids[0]
+                raise ConfigError(f"config field `{name}` must be token ids (integers >= 0), got {shown!r}")
         if self.top_k_experts > self.num_experts:
             raise ConfigError(f"`top_k_experts` ({self.top_k_experts}) exceeds `num_experts` ({self.num_experts})")
         if len(self.layer_types) != self.num_hidden_layers:
@@ -117,10 +160,11 @@ class ModelConfig:
                 raise ConfigError(f"{source}: `text_config` must be an object")
             canvas_length = raw.get("canvas_length", 256)
             tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
-            eos = raw.get("eos_token_id", text.get("eos_token_id", 1))
+            eos = raw.get("eos_token_id")
+            eos = text.get("eos_token_id") if eos is None else eos
         elif model_type == TEXT_MODEL_TYPE:
             text, canvas_length = raw, raw.get("canvas_length", 256)
-            tie, eos = raw.get("tie_word_embeddings", True), raw.get("eos_token_id", 1)
+            tie, eos = raw.get("tie_word_embeddings", True), raw.get("eos_token_id")
         else:
             raise ConfigError(f"{source}: unknown model_type {model_type!r}; dgemma runs DiffusionGemma checkpoints "
                               f"(model_type '{MODEL_TYPE}'). Point --model at a DiffusionGemma directory.")
@@ -135,10 +179,22 @@ class ModelConfig:
                 raise ConfigError(f"{source}: text_config is missing required field `{key}`")
             return default
 
+        def mapping(value, name) -> dict:  # a JSON object (null: empty)
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{source}: `{name}` must be a JSON object, got {value!r}")
+            return value or {}
+
+        def number(value, name) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{source}: `{name}` must be a number, got {value!r}")
+            return float(value)
+
         num_layers = get("num_hidden_layers", 30)
         layer_types = get("layer_types")
         if layer_types is None:  # spec §2.2 rule 2: every 6th layer is full attention
             layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(num_layers)]
+        if not isinstance(layer_types, list):
+            raise ConfigError(f"{source}: `layer_types` must be a list of '{SLIDING}' / '{FULL}', got {layer_types!r}")
         layer_types = list(layer_types)
         if layer_types and layer_types[-1] != FULL:  # rule 2: the last layer is forced to full attention
             layer_types[-1] = FULL
@@ -147,9 +203,9 @@ class ModelConfig:
         kv_heads = get("num_key_value_heads", 4)
         global_head_dim = get("global_head_dim")
         global_kv = get("num_global_key_value_heads")
-        per_layer = get("per_layer_config")
+        per_layer = mapping(get("per_layer_config"), "per_layer_config")
         if per_layer:  # the spelling save_pretrained writes: {"05": {"head_dim": 512, ...}, ...}
-            overrides = {int(k): v for k, v in per_layer.items() if str(k).isdigit()}
+            overrides = {int(k): mapping(v, f"per_layer_config.{k}") for k, v in per_layer.items() if str(k).isdigit()}
             for i, over in overrides.items():
                 if i >= len(layer_types):
                     raise ConfigError(f"{source}: per_layer_config names layer {i} but there are {len(layer_types)}")
@@ -171,18 +227,17 @@ class ModelConfig:
         if global_kv is None:
             global_kv = kv_heads  # spec §2.2 rule 3 gotcha: omitted -> full layers use the sliding count
 
-        rope = get("rope_parameters", {}) or {}
-        sliding_rope = rope.get(SLIDING, {}) or {}
-        full_rope = rope.get(FULL, {}) or {}
+        rope = mapping(get("rope_parameters"), "rope_parameters")
+        sliding_rope = mapping(rope.get(SLIDING), f"rope_parameters.{SLIDING}")
+        full_rope = mapping(rope.get(FULL), f"rope_parameters.{FULL}")
         if sliding_rope.get("rope_type", "default") != "default":
             raise ConfigError(f"{source}: sliding rope_type {sliding_rope.get('rope_type')!r} is not supported")
         if full_rope.get("rope_type", "proportional") != "proportional":
             raise ConfigError(f"{source}: full-attention rope_type {full_rope.get('rope_type')!r} is not supported")
         if get("use_bidirectional_attention") == "all":
             raise ConfigError(f"{source}: use_bidirectional_attention='all' (non-causal encoder) is not supported")
-        if isinstance(eos, int):
-            eos = [eos]
-        return cls(
+        eos = [1] if eos is None else [eos] if not isinstance(eos, list) else eos
+        fields = dict(
             vocab_size=get("vocab_size", 262144),
             hidden_size=get("hidden_size", 2304),
             intermediate_size=get("intermediate_size", 9216),
@@ -198,10 +253,10 @@ class ModelConfig:
             layer_types=tuple(layer_types),
             sliding_window=get("sliding_window", 512),
             canvas_length=canvas_length,
-            rope_theta_sliding=float(sliding_rope.get("rope_theta", 10000.0)),
-            rope_theta_full=float(full_rope.get("rope_theta", 1000000.0)),
-            partial_rotary_factor=float(full_rope.get("partial_rotary_factor", 0.25)),
-            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+            rope_theta_sliding=number(sliding_rope.get("rope_theta", 10000.0), f"{SLIDING} rope_theta"),
+            rope_theta_full=number(full_rope.get("rope_theta", 1000000.0), f"{FULL} rope_theta"),
+            partial_rotary_factor=number(full_rope.get("partial_rotary_factor", 0.25), "partial_rotary_factor"),
+            rms_norm_eps=number(get("rms_norm_eps", 1e-6), "rms_norm_eps"),
             final_logit_softcapping=get("final_logit_softcapping", 30.0),
             max_position_embeddings=get("max_position_embeddings", 131072),
             pad_token_id=get("pad_token_id", 0),
@@ -211,21 +266,22 @@ class ModelConfig:
             hidden_activation=get("hidden_activation", "gelu_pytorch_tanh"),
             extra={"raw": raw},
         )
+        try:
+            return cls(**fields)
+        except ConfigError as e:  # a value out of range: say which file it came from
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
+        if not Path(path).exists():
+            raise ConfigError(missing_path(path))
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
         if not path.exists():
-            hint = "" if path.parent.exists() else " (the directory does not exist either)"
-            raise ConfigError(f"{path}: no such file{hint}; pass a model directory containing config.json, "
+            raise ConfigError(f"{path}: no such file; pass a model directory containing config.json, "
                               "or a config.json file")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e}); re-download or fix the file") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json(path, fix="pass a model directory or its config.json"), source=str(path))
 
 
 def check_temperatures(t_min, t_max) -> None:
@@ -297,6 +353,8 @@ class GenerationConfig:
     def from_dict(cls, raw: dict, *, source: str = "generation_config") -> "GenerationConfig":
         """generation_config.json's fields (null = unset: the global default); keys the reference does not read are
         ignored, as transformers ignores them."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object of generation settings, got {type(raw).__name__}")
         kwargs = set_knobs({k: v for k, v in raw.items() if k in REFERENCE_KNOBS}, source=source)
         try:
             return cls(**kwargs)
@@ -308,10 +366,7 @@ class GenerationConfig:
         path = Path(directory) / "generation_config.json"
         if not path.exists():
             return cls()
-        try:
-            return cls.from_dict(json.loads(path.read_text()), source=str(path))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+        return cls.from_dict(read_json(path, fix="fix or delete the file"), source=str(path))
 
 
 # the fields of the reference's generation config (spec §2.3, §9.4) that change what dgemma computes ...

@@ -94,6 +94,30 @@ def test_non_positive_sizes_are_rejected(field, value):
     assert field in msg and str(value) in msg
 
 
+@pytest.mark.parametrize("field,value", [
+    ("rms_norm_eps", "1e-6"), ("rms_norm_eps", 0), ("rope_parameters", [10000.0]),
+    ("rope_parameters", {F: {"rope_type": "proportional", "partial_rotary_factor": "0.25"}}),
+    ("rope_parameters", {S: {"rope_type": "default", "rope_theta": -1.0}}), ("per_layer_config", {"01": 512}),
+    ("per_layer_config", [512]), ("layer_types", F), ("final_logit_softcapping", "30"),
+    ("max_position_embeddings", -1), ("pad_token_id", -1), ("bos_token_id", "<bos>"),
+], ids=lambda v: str(v)[:20])
+def test_values_of_the_wrong_kind_are_config_errors_naming_the_file_and_field(field, value):
+    """Each was a bare ValueError / AttributeError without the file's name, or was accepted and failed later."""
+    msg = error_for(text(**{field: value}))
+    assert msg.startswith("cfg.json: ") and (field in msg or "rope_theta" in msg or "partial_rotary" in msg), msg
+
+
+@pytest.mark.parametrize("eos,expected", [(None, (1,)), ("1", None), ([1, 1.5], None)])
+def test_top_level_eos_token_id(eos, expected):
+    """null falls back to text_config's ids (it was a TypeError); ids that are not integers are refused."""
+    raw = copy.deepcopy(TINY_CONFIG)
+    raw["eos_token_id"] = eos
+    if expected is None:
+        assert "eos_token_id" in error_for(raw)
+    else:
+        assert ModelConfig.from_dict(raw).eos_token_id == expected
+
+
 def test_top_k_above_num_experts():
     msg = error_for(text(top_k_experts=5))
     assert "top_k_experts" in msg and "num_experts" in msg

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import dgemma
 from conftest import F, S
 from dgemma import CheckpointError, ConfigError
+from dgemma.cli import main
 
 KEY = "model.decoder.layers.1.mlp.up_proj.weight"
 
@@ -201,6 +202,33 @@ def test_wrongly_shaped_tensor(checkpoint):
     assert KEY in msg and str(file) in msg and "shape" in msg
 
 
+def test_integer_tensor_for_a_float_weight(checkpoint):
+    _, path, file = checkpoint
+    rewrite(file, lambda t: t.__setitem__(KEY, t[KEY].to(torch.int32)))
+    msg = load_error(path)
+    assert KEY in msg and str(file) in msg and "torch.int32" in msg and "floating point" in msg
+
+
+def test_mixed_float_dtypes_load_in_the_dtype_that_holds_most_bytes(checkpoint, capsys):
+    """A checkpoint whose float weights are stored in several dtypes runs in one (it failed in its first matmul)."""
+    ref, path, file = checkpoint
+    embed = "model.decoder.embed_tokens.weight"
+    rewrite(file, lambda t: [t.__setitem__(k, t[k].to(torch.bfloat16)) for k in (embed, KEY)])
+    mixed = dgemma.load(path)
+    assert {t.dtype for t in mixed.module.state_dict().values()} == {torch.float32}
+    assert "several dtypes" in capsys.readouterr().err
+    stored = reference_tensor(ref, "embed_tokens.weight").bfloat16().float()
+    assert torch.equal(mixed.module.embed_tokens.weight, stored)
+    same = dgemma.load(path, dtype=torch.float32, quiet=True)
+    prompt, canvas = (torch.randint(0, mixed.config.vocab_size, (1, n)) for n in (9, mixed.config.canvas_length))
+    logits = []
+    for engine in (mixed, same):
+        cache = engine.new_cache(1)
+        engine.encode(prompt, cache)
+        logits.append(engine.denoise(canvas, cache))
+    assert torch.isfinite(logits[0]).all() and torch.equal(*logits)
+
+
 def test_truncated_file_names_a_cut_tensor(checkpoint):
     _, path, file = checkpoint
     header, body = read_header(file)
@@ -314,6 +342,25 @@ def test_shard_index_pointing_at_the_wrong_shard(sharded):
     assert str(index_file) in msg and KEY in msg and other in msg
 
 
+def test_a_stray_copy_in_another_shard_is_ignored_as_the_index_says(sharded):
+    """A tensor also stored (with other values) in a shard the index does not name for it: the index's copy loads
+    (the error claimed the named shard did not contain it); stored twice and named by no index entry, it is an error."""
+    ref, path = sharded
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    weight_map = index["weight_map"]
+    last = max(weight_map.values())  # the stray copy goes in the shard read last, so it is what the loader saw last
+    key = next(k for k, f in weight_map.items() if f != last and sum(g == f for g in weight_map.values()) > 1)
+    name, other = key[len("model.decoder."):], path / last
+    rewrite(other, lambda t: t.__setitem__(key, torch.zeros_like(reference_tensor(ref, name))))
+    engine = dgemma.load(path, quiet=True)
+    assert torch.equal(engine.module.get_parameter(name), reference_tensor(ref, name))
+    del weight_map[key]
+    index_file.write_text(json.dumps(index))
+    msg = load_error(path)
+    assert key in msg and str(other) in msg and "both" in msg
+
+
 def test_missing_tensor_in_a_sharded_checkpoint(sharded):
     _, path = sharded
     index_file = path / "model.safetensors.index.json"
@@ -332,6 +379,66 @@ def test_not_a_directory_and_no_weights(tmp_path, checkpoint):
     file.unlink()
     msg = load_error(path)
     assert str(path) in msg and "model.safetensors" in msg
+
+
+def test_a_hub_name_is_told_that_dgemma_never_downloads(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the name is no local path here
+    name = "google/diffusiongemma-26B-A4B-it"
+    for msg in (load_error(name), str(pytest.raises(ConfigError, dgemma.ModelConfig.from_file, name).value)):
+        assert msg.startswith(name) and "never downloads" in msg and f"hf download {name} --local-dir DIR" in msg
+    for argv in (["generate", "--model", name, "Hi"], ["inspect", name], ["chat", "--model", name]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "never downloads" in err and "Traceback" not in err, err
+    assert "Hub" not in load_error(tmp_path / "nowhere")  # a path that is plainly local is not called a Hub name
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "config.json"])
+def test_a_file_instead_of_the_model_directory_names_its_directory(checkpoint, file, capsys):
+    _, path, _ = checkpoint
+    msg = load_error(path / file)
+    assert f"{path / file} is a file, not a model directory" in msg and msg.endswith(str(path))
+    assert main(["generate", "--model", str(path / file), "Hi"]) == 2
+    assert "is a file, not a model directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "model.safetensors",
+                                  "model.safetensors.index.json"])
+def test_a_model_file_that_cannot_be_read_is_a_clear_error(checkpoint, name, capsys):
+    """An OSError on a model file (here a directory in its place; a file without read permission alike) names the
+    file: no traceback from the CLI, a ConfigError / CheckpointError from the library."""
+    _, path, _ = checkpoint
+    (path / name).unlink(missing_ok=True)
+    (path / name).mkdir()
+    with pytest.raises((ConfigError, CheckpointError), match="cannot be read \\(Is a directory\\)") as info:
+        dgemma.load(path, quiet=True)
+    assert str(path / name) in str(info.value)
+    for argv in (["generate", "--model", str(path), "Hi"], ["inspect", str(path)]):
+        if name == "generation_config.json" and argv[0] == "inspect":
+            continue  # inspect reads no generation settings
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"error: {path / name}: cannot be read" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("config.json", b"\x80\x81 not text", "not a text (UTF-8) file"),
+    ("generation_config.json", b"[1, 2]", "expected a JSON object of generation settings, got list"),
+    ("model.safetensors.index.json", b'{"weight_map": ["a", "b"]}', "not a valid shard index"),
+], ids=["binary-config", "generation-config-list", "index-weight-map-list"])
+def test_a_model_json_file_of_the_wrong_kind_names_the_file(checkpoint, name, content, message):
+    _, path, _ = checkpoint
+    (path / name).write_bytes(content)
+    with pytest.raises((ConfigError, CheckpointError)) as info:
+        dgemma.load(path, quiet=True)
+    assert str(info.value).startswith(f"{path / name}: ") and message in str(info.value), info.value
+
+
+def test_inspect_on_a_weights_file_says_what_to_pass(checkpoint, capsys):
+    _, path, file = checkpoint
+    assert main(["inspect", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert f"{file}: not a text (UTF-8) file" in err and "pass a model directory or its config.json" in err, err
 
 
 def test_unusable_device_or_dtype_is_a_clear_error(reference_checkpoint):
@@ -362,3 +469,34 @@ def test_header_entry_missing_a_field(checkpoint, field):
     write_header(file, header, body)
     msg = load_error(path)
     assert str(file) in msg and KEY in msg
+
+
+# --- dgemma inspect ----------------------------------------------------------------------------------------
+
+
+def inspect_json(path, capsys) -> dict:
+    assert main(["inspect", str(path), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("target", ["directory", "config.json"])
+def test_inspect_counts_the_parameters_the_reference_and_the_loaded_model_have(reference_checkpoint, capsys, target):
+    """Parameters, not buffers: the reference's text stack (transformers as the oracle) and the loaded module agree;
+    the layer_scalar buffers (one per layer for each pass) are reported apart."""
+    ref, path = reference_checkpoint()
+    out = inspect_json(path if target == "directory" else path / "config.json", capsys)
+    reference = sum(p.numel() for p in ref.model.decoder.parameters())
+    loaded = dgemma.load(path, quiet=True).module
+    assert out["total_parameters"] == reference == sum(p.numel() for p in loaded.parameters())
+    assert sum(out["by_component"].values()) == out["total_parameters"]
+    scalars = sum(b.numel() for b in loaded.buffers())
+    assert out["layer_scalar_buffers"] == scalars == 2 * loaded.config.num_hidden_layers
+    assert (out["stored_bytes_by_dtype"] is None) == (target == "config.json")
+
+
+@pytest.mark.parametrize("name", ["default", "sudoku"])
+def test_bundled_model_cards_state_the_parameter_count_inspect_reports(name, capsys):
+    directory = Path(dgemma.__file__).parent / "models" / name
+    row = next(line for line in (directory / "README.md").read_text().splitlines() if line.startswith("| parameters |"))
+    stated = int(row.split("|")[2].split()[0].replace(",", ""))
+    assert stated == inspect_json(directory, capsys)["total_parameters"]

@@ -313,7 +313,9 @@ def test_cli_inspect_26b(capsys):
     path = Path(__file__).parent.parent / "bench" / "configs" / "26b-a4b.json"  # the released text config
     assert main(["inspect", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["total_parameters"] == 25_250_986_782
+    # the checkpoint index's 25,823,778,864 parameters less the vision tower's 572,792,112 (spec §2.5); the 60
+    # layer_scalar values are buffers, reported apart
+    assert out["total_parameters"] == 25_250_986_752 and out["layer_scalar_buffers"] == 60
     assert round(out["active_parameters_per_token"] / 1e9, 2) == 3.84
 
 

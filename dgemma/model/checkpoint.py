@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import read_json, unreadable
+
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -44,8 +46,12 @@ class TensorInfo:
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     """Parse one safetensors file's header and check every tensor lies inside the file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    try:
+        size = path.stat().st_size
+        f = open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(unreadable(path, e)) from None
+    with f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: file is {size} bytes, too short to be safetensors (truncated download?)")
@@ -93,10 +99,11 @@ def list_tensors(directory: Path) -> tuple[dict[str, TensorInfo], dict]:
     index = directory / INDEX_FILE
     single = directory / SINGLE_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid shard index ({e!r}); it needs a 'weight_map' object") from None
+        fix = "it needs a 'weight_map' object; re-download it"
+        weight_map = read_json(index, fix=fix, error=CheckpointError)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+            raise CheckpointError(f"{index}: not a valid shard index; {fix}")
         files = sorted(set(weight_map.values()))
         infos, metadata = {}, {}
         for name in files:
@@ -105,10 +112,16 @@ def list_tensors(directory: Path) -> tuple[dict[str, TensorInfo], dict]:
                 raise CheckpointError(f"{index} lists shard '{name}' but {shard} does not exist; "
                                       "the download is incomplete")
             shard_infos, shard_meta = read_header(shard)
-            infos.update(shard_infos)
+            for key, info in shard_infos.items():
+                if weight_map.get(key, name) != name:
+                    continue  # a stray copy: the index names another shard for this tensor
+                if key in infos:
+                    raise CheckpointError(f"tensor '{key}' is stored in both {infos[key].file} and {shard}, and "
+                                          f"{index} names neither; a checkpoint holds each tensor once: re-download it")
+                infos[key] = info
             metadata.update(shard_meta)
         for key, name in weight_map.items():
-            if key not in infos or infos[key].file.name != name:
+            if key not in infos:
                 raise CheckpointError(f"{index} maps '{key}' to '{name}' but that shard does not contain it")
         return infos, metadata
     if single.exists():

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, missing_path
 from .blocks import DiffusionGemma
-from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, MappedFiles, list_tensors
+from .checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, CheckpointError, MappedFiles, list_tensors
 
 QUANTIZATION_KEY = "dgemma.quantization"  # metadata of a `dgemma quantize` checkpoint (dgemma/quant/modules.py)
 
@@ -63,18 +64,40 @@ def usable_device(device) -> torch.device:
     return device
 
 
+def common_dtype(infos: dict, exact: set[str], directory: Path, quiet: bool) -> torch.dtype | None:
+    """The dtype to load a checkpoint in when the caller names none: None (keep the stored dtype) when its float
+    weights share one, else the dtype that holds most of their bytes (one module runs in one dtype; a mixed one
+    fails in its first matmul). `exact` (quantized tensors) keep theirs and do not count."""
+    stored = Counter()
+    for key, info in infos.items():
+        action, name = map_key(key)
+        if action == "load" and name not in exact and info.dtype.is_floating_point:
+            stored[info.dtype] += info.end - info.begin
+    if len(stored) < 2:
+        return None
+    dtype = max(stored, key=stored.get)
+    if not quiet:
+        mix = ", ".join(f"{DTYPE_NAMES[d]} {n / 2**20:.1f} MiB" for d, n in stored.most_common())
+        print(f"dgemma: {directory} stores its weights in several dtypes ({mix}); loading all as {dtype} (pass a "
+              "dtype to choose another)", file=sys.stderr)
+    return dtype
+
+
 def load_module(directory: str | Path, *, dtype: torch.dtype | None = None, device=None,
                 quiet: bool = False, prepare=None) -> DiffusionGemma:
     """Build the module on the meta device, then assign memory-mapped checkpoint tensors into it.
 
-    dtype None keeps the stored dtype; device None means CPU. Tensors are converted and moved one at a
-    time, so peak host memory stays about one tensor above what the target device holds.
+    dtype None keeps the stored dtype (if they are mixed, the one holding most bytes); device None means CPU.
+    Tensors are converted and moved one at a time, so peak host memory stays about one tensor above what the target
+    device holds.
     prepare(module, metadata) -> names: runs on the meta module before loading (quant/ swaps in its quantized
     modules for a quantized checkpoint); the named tensors keep their stored dtype, which must be theirs."""
+    if not Path(directory).exists():
+        raise CheckpointError(missing_path(directory))
     directory = Path(directory)
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory; pass a model directory with config.json and "
-                              "model.safetensors (or shards)")
+        raise CheckpointError(f"{directory} is a file, not a model directory; pass the directory that holds "
+                              f"config.json and model.safetensors (or its shards), e.g. {directory.parent}")
     device = usable_device(device)
     config = ModelConfig.from_file(directory)
     infos, metadata = list_tensors(directory)
@@ -85,6 +108,8 @@ def load_module(directory: str | Path, *, dtype: torch.dtype | None = None, devi
                               "dgemma.load for inference, or train from the full-precision checkpoint")
     exact = prepare(module, metadata) if prepare is not None else set()
     expected = dict(module.state_dict(keep_vars=True))
+    if dtype is None:
+        dtype = common_dtype(infos, exact, directory, quiet)
     files = MappedFiles()
     loaded, deferred, skipped = {}, [], 0
     for key, info in infos.items():
@@ -99,6 +124,10 @@ def load_module(directory: str | Path, *, dtype: torch.dtype | None = None, devi
         if info.shape != want:
             raise CheckpointError(f"{info.file}: tensor '{key}' has shape {list(info.shape)} but config.json implies "
                                   f"{list(want)}; the config does not fit the weights")
+        if expected[name].is_floating_point() and not info.dtype.is_floating_point:
+            raise CheckpointError(f"{info.file}: tensor '{key}' is stored as {info.dtype}, but this weight is floating "
+                                  "point (a quantized checkpoint records its scheme in the metadata, which this file "
+                                  "lacks); the checkpoint is corrupt or from another tool")
         if name in exact and info.dtype != expected[name].dtype:
             raise CheckpointError(f"{info.file}: tensor '{key}' is {info.dtype} but the quantization recorded in the "
                                   f"metadata stores it as {expected[name].dtype}; the checkpoint is corrupt")

@@ -1,9 +1,12 @@
 """Architecture summary and parameter census, computed on the meta device (no weights allocated).
 
-Counting convention (matches the published 25,250,986,782 for 26B-A4B, spec §2.5): every parameter of the
-shared text stack once (the embedding is tied to the head) plus the decoder's per-layer `layer_scalar`;
-the encoder's copies of `layer_scalar` are listed separately. "Active per token" counts top_k of the
-num_experts experts per layer, everything else in full.
+Counting convention: parameters only, each once (the embedding is tied to the head; encoder and decoder share
+the stack), i.e. `sum(p.numel() for p in module.parameters())` of the loaded model, what transformers'
+`num_parameters()` and the checkpoint index's `total_parameters` count. The per-layer `layer_scalar` values
+(one per layer for the decoder, one for the encoder) are buffers, not parameters: reported apart. For 26B-A4B
+that is 25,250,986,752 text parameters, the index's 25,823,778,864 less the vision tower's 572,792,112 (spec
+§2.5, whose 25,250,986,782 adds the 30 decoder scalars). "Active per token" counts top_k of the num_experts
+experts per layer, everything else in full.
 """
 
 from __future__ import annotations
@@ -37,11 +40,10 @@ def census(cfg: ModelConfig) -> dict:
             groups["self-conditioning"] += p.numel()
         else:
             groups["norms"] += p.numel()
-    groups["layer scalars"] = cfg.num_hidden_layers
     total = sum(groups.values())
     active = total - groups["experts"] + groups["experts"] * cfg.top_k_experts // cfg.num_experts
     return {"total": total, "active_per_token": active, "by_component": dict(groups),
-            "encoder_layer_scalars": cfg.num_hidden_layers}
+            "layer_scalar_buffers": sum(b.numel() for name, b in module.named_buffers() if "layer_scalar" in name)}
 
 
 def stored_bytes(directory: Path) -> dict[str, int]:
