@@ -26,6 +26,7 @@ order, not the result.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -53,6 +54,12 @@ from .plot import Log, progress_bar
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 EVAL_SALT = 0x5EED_E7A1  # eval noise seeds differ from every training seed, and stay fixed across evaluations
+
+# Every rank holds the same buffers (the layer scalars), so DDP need not broadcast them before each forward.
+# torch 2.13 renamed the switch and warns on the old spelling; older torch only has the old one.
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                  if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                  else {"broadcast_buffers": False})
 
 
 class Objective(nn.Module):
@@ -299,7 +306,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     objective = Objective(model, cfg.loss)
     runner = objective
     if world > 1:
-        runner = nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False,
+        runner = nn.parallel.DistributedDataParallel(objective, **NO_BUFFER_SYNC,
                                                      device_ids=[device] if device.type == "cuda" else None)
     generation = _generation_config(cfg, mc, tokenizer)
     lead = rank == 0
