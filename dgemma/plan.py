@@ -239,8 +239,9 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--quant", choices=["none", *SCHEMES], default=None,
                    help="weight quantization (default: the checkpoint's, else none)")
     p.add_argument("--group-size", type=positive_int, default=None, help=f"int4 group size ({DEFAULT_GROUP_SIZE})")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="dtype of unquantized weights, activations and the KV cache (default bfloat16)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="dtype of unquantized weights, activations and the KV cache (default: with --model, the one "
+                        "dgemma.load keeps, i.e. as stored; with --config, bfloat16)")
     p.add_argument("--context", type=positive_int, default=None,
                    help=f"tokens per request (default {DEFAULT_CONTEXT}, or the model's positions if fewer)")
     p.add_argument("--prompt", type=non_negative_int, default=None,
@@ -257,27 +258,38 @@ def add_plan_parser(subparsers) -> None:
     p.set_defaults(func=cmd_plan)
 
 
+RUN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the dtypes a loaded module runs in
+
+
 def cmd_plan(args) -> int:
     import json
     import math
     from pathlib import Path
 
     from .model.checkpoint import list_tensors
+    from .model.loading import stored_float_bytes
     from .quant.modules import read_metadata
 
     path = Path(args.model or args.config)
     cfg = ModelConfig.from_file(path)
     quant, group_size, scale_dtype = args.quant, args.group_size, None
-    if args.model and quant is None and path.is_dir():
-        record = read_metadata(list_tensors(path)[1])
-        if record is not None:
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    if args.model and path.is_dir():
+        infos, metadata = list_tensors(path)
+        record = read_metadata(metadata)
+        if record is not None and quant is None:
             quant, group_size = record["scheme"], group_size or record["group_size"]
             scale_dtype = record["scale_dtype"]
+        # what dgemma.load keeps: the stored dtype (if mixed, the one holding most bytes; fp8 codes never run so)
+        stored = {d: n for d, n in stored_float_bytes(infos).items() if d in RUN_DTYPES}
+        if dtype is None and stored:
+            dtype = max(stored, key=stored.get)
+    dtype = dtype or torch.bfloat16
     quant = None if quant in (None, "none") else quant
     if args.group_size is not None and quant != "int4":
         raise ValueError(f"--group-size applies to int4 only, not to {quant or 'unquantized'} weights (int8 and fp8 "
                          "have one scale per output channel); drop it or add --quant int4")
-    plan = make_plan(cfg, quant=quant, group_size=group_size, dtype=getattr(torch, args.dtype), context=args.context,
+    plan = make_plan(cfg, quant=quant, group_size=group_size, dtype=dtype, context=args.context,
                      concurrency=args.concurrency, prompt=args.prompt, prefill_chunk=args.prefill_chunk,
                      device=args.device, scale_dtype=scale_dtype)
     budgets = args.budget or [18, 24, 80]

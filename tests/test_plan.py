@@ -207,3 +207,25 @@ def test_a_quantized_checkpoint_is_planned_with_its_recorded_scale_dtype(tmp_pat
     loaded = sum(t.numel() * t.element_size() for t in [*engine.module.parameters(), *engine.module.buffers()])
     assert main(["plan", "--model", str(tmp_path / "q"), "--dtype", "bfloat16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["weights_bytes"] == loaded
+
+
+def test_a_model_is_planned_in_the_dtype_load_keeps(tmp_path, capsys):
+    """`plan --model DIR` without --dtype counts the weights as `dgemma.load(DIR)` allocates them: the bundled model
+    is stored in fp32, so fp32 (it was planned in bfloat16, half its real size); an fp8 checkpoint of it is planned
+    in fp32 too (its fp8 codes are not a dtype the module runs in); --config keeps bfloat16."""
+    import dgemma
+    from dgemma.bundled import PACKAGED
+    from dgemma.quant.convert import quantize_checkpoint
+
+    def held(engine):
+        return sum(t.numel() * t.element_size() for t in [*engine.module.parameters(), *engine.module.buffers()])
+
+    assert main(["plan", "--model", str(PACKAGED), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dtype"] == "float32" and out["weights_bytes"] == held(dgemma.load(PACKAGED, quiet=True))
+    quantize_checkpoint(PACKAGED, tmp_path / "q8", "fp8", log=None)
+    assert main(["plan", "--model", str(tmp_path / "q8"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dtype"] == "float32" and out["weights_bytes"] == held(dgemma.load(tmp_path / "q8", quiet=True))
+    assert main(["plan", "--config", str(PACKAGED), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"

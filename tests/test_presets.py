@@ -131,10 +131,13 @@ def test_int8_model_close_then_restored_exactly():
     out = engine.generate(ids, generator=torch.Generator().manual_seed(3), return_dict=True, sampling="fast")
     again = engine.generate(ids, generator=torch.Generator().manual_seed(3), return_dict=True, sampling="fast")
     assert torch.equal(out.sequences, again.sequences)
-    with pytest.raises(dynamic.DynamicInt8Error, match="already"):
-        engine.use_int8_dynamic()
+    with pytest.raises(dynamic.DynamicInt8Error, match="already"):  # the low-level swap refuses a second one
+        dynamic.apply(engine.module)
+    assert engine.use_int8_dynamic() is engine and torch.equal(logits(), got)  # the engine's switch: no change
     engine.use_int8_dynamic(False)
     assert torch.equal(logits(), ref) and sorted(engine.module.state_dict()) == keys
+    engine.use_int8_dynamic(False)  # already float: no change
+    assert torch.equal(logits(), ref) and not dynamic.active(engine.module)
 
 
 def test_int8_self_conditioning_product_close_chunk_invariant_and_restored():

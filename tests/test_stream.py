@@ -494,3 +494,25 @@ def test_draft_view_shows_thinking_only_with_show_thinking(engine, capsys):
 def test_complete_with_drafts_points_to_stream(engine):
     with pytest.raises(TypeError, match="use stream"):  # was Python's "got multiple values for keyword 'drafts'"
         engine.complete("hi", max_tokens=2, drafts=True)
+
+
+def test_chat_turn_takes_response_format_as_stream_does(engine):
+    """ChatSession.send(response_format=...) constrains that turn's answer to the schema, as Engine.stream does for
+    the same conversation (the same seed gives the same document), and the next turn is plain text again."""
+    import jsonschema
+
+    from dgemma.engine.structured import compact_json
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+              "required": ["ok", "n"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}
+    session = ChatSession(engine)
+    *_, done = session.send("Answer as JSON", seed=0, response_format=fmt)
+    value = json.loads(compact_json(done.output.answer))
+    jsonschema.validate(value, schema)
+    *_, alone = engine.stream(messages=[{"role": "user", "content": "Answer as JSON"}], seed=0, response_format=fmt)
+    assert alone.output.answer == done.output.answer
+    *_, plain = session.send("Now in words", seed=0, max_tokens=8, response_format={"type": "text"})
+    assert plain.completion_tokens <= 8
+    with pytest.raises(ValueError, match="response_format"):
+        list(session.send("Bad", response_format={"type": "yaml"}))

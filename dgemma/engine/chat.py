@@ -60,7 +60,11 @@ class ChatSession:
         return turn if self.ids else opening + turn
 
     def send(self, user_text: str, **options):
-        """Stream the answer to one user message (events as in engine/stream.py)."""
+        """Stream the answer to one user message (events as in engine/stream.py; response_format as in
+        Engine.stream)."""
+        if "response_format" in options:
+            from .structured import structured_options
+            options = structured_options(self.engine, options)
         opening, turn = self._opening_and_turn(user_text)
         history = self.ids
         if history and opening != self.opening:  # the system prompt or the thinking switch changed

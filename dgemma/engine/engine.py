@@ -74,10 +74,9 @@ class Engine:
         response_format={"type": "json_object" | "json_schema", ...} constrains the answer to valid JSON
         (engine/structured.py; the text then carries filler spaces, see compact_json)."""
         from .stream import stream_ids
-        if options.get("response_format") is not None:
+        if "response_format" in options:
             from .structured import structured_options
             options = structured_options(self, options)
-        options.pop("response_format", None)
         return stream_ids(self, self.prompt_ids(prompt, messages, enable_thinking=enable_thinking), **options)
 
     def complete(self, prompt: str | None = None, *, messages=None, enable_thinking: bool = False, **options):
@@ -116,9 +115,10 @@ class Engine:
 
     def use_int8_dynamic(self, on: bool = True) -> "Engine":
         """Dynamic int8 matmuls on CPU (dgemma/quant/dynamic.py): faster and approximate; on=False puts the float
-        modules back exactly. Returns the engine."""
+        modules back exactly. Asking for the state the engine is already in changes nothing. Returns the engine."""
         from ..quant import dynamic
-        (dynamic.apply if on else dynamic.restore_float)(self.module)
+        if on != dynamic.active(self.module):
+            (dynamic.apply if on else dynamic.restore_float)(self.module)
         return self
 
     def compile(self, mode: str | None = "default", *, backend: str = "inductor") -> "Engine":

@@ -157,7 +157,8 @@ def _floors(node: dict) -> set[str]:
 
 
 def structured_options(engine, options: dict) -> dict:
-    """Engine.stream's options with `response_format` replaced by a plan (and max_tokens set to the layout's)."""
+    """Engine.stream's (or ChatSession.send's) options with `response_format` replaced by a plan (and max_tokens set
+    to the layout's); without one (absent, None or {"type": "text"}), the options without the key."""
     options = dict(options)
     schema = schema_of(options.pop("response_format", None))
     if schema is None:

@@ -64,15 +64,21 @@ def usable_device(device) -> torch.device:
     return device
 
 
-def common_dtype(infos: dict, exact: set[str], directory: Path, quiet: bool) -> torch.dtype | None:
-    """The dtype to load a checkpoint in when the caller names none: None (keep the stored dtype) when its float
-    weights share one, else the dtype that holds most of their bytes (one module runs in one dtype; a mixed one
-    fails in its first matmul). `exact` (quantized tensors) keep theirs and do not count."""
+def stored_float_bytes(infos: dict, exact: set[str] = frozenset()) -> Counter:
+    """Bytes of the checkpoint's float weights per stored dtype (`exact`: quantized tensors, not counted)."""
     stored = Counter()
     for key, info in infos.items():
         action, name = map_key(key)
         if action == "load" and name not in exact and info.dtype.is_floating_point:
             stored[info.dtype] += info.end - info.begin
+    return stored
+
+
+def common_dtype(infos: dict, exact: set[str], directory: Path, quiet: bool) -> torch.dtype | None:
+    """The dtype to load a checkpoint in when the caller names none: None (keep the stored dtype) when its float
+    weights share one, else the dtype that holds most of their bytes (one module runs in one dtype; a mixed one
+    fails in its first matmul). `exact` (quantized tensors) keep theirs and do not count."""
+    stored = stored_float_bytes(infos, exact)
     if len(stored) < 2:
         return None
     dtype = max(stored, key=stored.get)

@@ -170,7 +170,7 @@ def apply(model: nn.Module) -> nn.Module:
     if w.device.type != "cpu" or w.dtype != torch.float32:
         raise DynamicInt8Error(f"dynamic int8 runs on CPU float32 models; this one is {w.dtype} on {w.device.type} "
                                "(load with --dtype float32 --device cpu, or drop --int8-dynamic)")
-    if any(isinstance(m, (DynamicInt8Linear, DynamicInt8Experts)) for m in model.modules()):
+    if active(model):
         raise DynamicInt8Error("the model already runs dynamic int8 matmuls")
     swapped = 0
     for name, child in list(model.named_modules()):
@@ -188,6 +188,11 @@ def apply(model: nn.Module) -> nn.Module:
     model.head_logits = _Head(w, model.config.final_logit_softcapping)
     model.soft_product = _SoftProduct(w)
     return model
+
+
+def active(model: nn.Module) -> bool:
+    """Whether `apply` has swapped the int8 stand-ins into the model (and `restore_float` has not undone it)."""
+    return any(isinstance(m, (DynamicInt8Linear, DynamicInt8Experts)) for m in model.modules())
 
 
 def restore_float(model: nn.Module) -> nn.Module:
