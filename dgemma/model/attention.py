@@ -97,7 +97,7 @@ def chunk_queries(mask: torch.Tensor) -> torch.Tensor | ChunkedMask:
     block masked for every query leaves a row's running sums exactly as they were, and blocks on the same
     boundaries are the same sums; queries go in blocks of 256 once a call has at least 768 of them, so chunks
     start on multiples of 256 and have at least MIN_QUERY_CHUNK queries. Measured with bench/long_prompt.py
-    (`small`, fp32, 2-core EPYC): a 4,096-token prefill 6.49 -> 4.40 s, 8,192 tokens 23.7 -> 11.7 s.
+    (`small`, fp32, 2-core EPYC): a 4,096-token prefill 6.44 -> 3.97 s, 8,192 tokens 21.4 -> 10.1 s.
 
     Returns the mask itself when chunks would save nothing (fewer than two chunks' worth of queries, or every
     chunk sees every key)."""
