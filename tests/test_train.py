@@ -5,6 +5,7 @@ Everything runs on the tiny config (canvas 16, sliding window 8) with a tokenize
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import shutil
@@ -376,6 +377,25 @@ def test_resume_gives_the_same_weights(work, tmp_path):
         train(dataclasses.replace(cfg, out=str(b), resume=True, steps=3))
 
 
+def test_a_run_started_with_relative_paths_resumes_from_another_directory(work, tmp_path, monkeypatch):
+    """train_config.json (what `--resume` alone reads) holds the paths as given: relative ones named other files
+    (or none) once the working directory changed; pathlib.Path values could not be saved at all."""
+    from dgemma.train.commands import add_train_parser, config_from_args
+
+    monkeypatch.chdir(work)
+    cfg = base_config(work, tmp_path / "run", data=(Path("data.jsonl"),), config=Path("config.json"),
+                      tokenizer="tok", steps=1)
+    train(cfg)
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert (saved["data"], saved["config"], saved["tokenizer"]) == \
+        ([str(work / "data.jsonl")], str(work / "config.json"), str(work / "tok"))
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    resumed = train(config_from_args(parser.parse_args(["train", "--out", "run", "--resume", "--steps", "2"])))
+    assert resumed.step == 2 and (tmp_path / "run" / "checkpoints" / "step-000002").is_dir()
+
+
 def test_batches_prepared_by_a_worker_process_give_the_same_weights(work, tmp_path):
     """train/batches.py: a background process collating and drawing noise ahead (the CUDA default) feeds the very
     same batches as the training process itself (the CPU default), with grad accumulation and from a resume."""
@@ -446,8 +466,6 @@ def test_lora_run_merges_into_a_loadable_model(work, overfit, tmp_path):
 
 
 def test_cli_flags_build_the_config(work, tmp_path):
-    import argparse
-
     from dgemma.train.commands import add_train_parser, config_from_args
 
     parser = argparse.ArgumentParser()
@@ -458,11 +476,12 @@ def test_cli_flags_build_the_config(work, tmp_path):
                               "attention, experts", "--seed", "9", "--ar-weight", "0",
                               "--eval-data", "e.jsonl", "--betas", "0.9", "0.95", "--raw"])
     cfg = config_from_args(args)
+    here = Path.cwd()
     assert (cfg.data, cfg.init, cfg.model, cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.lr) == \
-        (("a.jsonl", "b.jsonl"), "lora", "m", 7, 6, 3, 2e-4)
+        ((str(here / "a.jsonl"), str(here / "b.jsonl")), "lora", str(here / "m"), 7, 6, 3, 2e-4)
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed, cfg.loss.ar_weight) == \
         (4, 8.0, ("attention", "experts"), 9, 0.0)
-    assert cfg.freeze_router is None and cfg.router_frozen and cfg.eval_data == ("e.jsonl",) and cfg.raw
+    assert cfg.freeze_router is None and cfg.router_frozen and cfg.eval_data == (str(here / "e.jsonl"),) and cfg.raw
     assert cfg.betas == (0.9, 0.95)
     full = config_from_args(parser.parse_args(["train", "--data", "a", "--model", "m", "--out", "o",
                                                "--no-freeze-router"]))

@@ -4,6 +4,7 @@ pure schedule functions (`learning_rate`, `fit_steps_to_budget`) that make a run
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -65,7 +66,15 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("data", "eval_data", "lora_targets", "betas"):
             value = getattr(self, name)
-            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+            object.__setattr__(self, name, (value,) if isinstance(value, (str, os.PathLike)) else tuple(value))
+        # paths as absolute strings: train_config.json (what --resume reads) and the adapter's base_model then name
+        # the same files from any working directory, and a pathlib.Path is saved as JSON like a str
+        object.__setattr__(self, "out", os.fspath(self.out))
+        for name in ("data", "eval_data"):
+            object.__setattr__(self, name, tuple(os.path.abspath(p) for p in getattr(self, name)))
+        for name in ("model", "config", "tokenizer"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, os.path.abspath(getattr(self, name)))
         if self.init not in MODES:
             raise ValueError(f"init must be one of {MODES}, got {self.init!r}")
         if self.init == "scratch" and (self.config is None or self.tokenizer is None):
