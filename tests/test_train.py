@@ -515,6 +515,22 @@ def test_cli_flags_build_the_config(work, tmp_path):
         TrainConfig(data=("a",), out="o")
 
 
+def test_config_and_model_together_are_refused(work, tmp_path):
+    """`--config C --model M` trained random weights from scratch, silently dropping --model; `--mode full|lora`
+    with --config silently dropped --config."""
+    from dgemma.train.commands import add_train_parser, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    both = ["train", "--data", "a.jsonl", "--config", "c.json", "--model", "m", "--tokenizer", "t", "--out", "o"]
+    with pytest.raises(ValueError, match=r"init='scratch' trains random weights .* model .*m would be ignored; drop "
+                                         r"config \(--config\) to fine-tune"):
+        config_from_args(parser.parse_args(both))
+    for mode in ("full", "lora"):
+        with pytest.raises(ValueError, match=rf"init='{mode}' fine-tunes model .* config .*c.json would be ignored"):
+            config_from_args(parser.parse_args(both + ["--mode", mode]))
+
+
 @pytest.mark.parametrize("knob, value", [("weight_decay", float("nan")), ("lr", float("inf")),
                                           ("grad_clip", float("inf")), ("time_budget", float("nan"))])
 def test_non_finite_numbers_are_refused(work, tmp_path, knob, value):

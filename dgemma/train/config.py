@@ -82,6 +82,13 @@ class TrainConfig:
                              "tokenizer.json)")
         if self.init != "scratch" and self.model is None:
             raise ValueError(f"init={self.init!r} fine-tunes a model: pass model (a model directory)")
+        if self.init == "scratch" and self.model is not None:  # was ignored: random weights, not the model's
+            raise ValueError(f"init='scratch' trains random weights shaped by config, so model {self.model} would be "
+                             "ignored; drop config (--config) to fine-tune the model (--mode full or lora), or drop "
+                             "model (--model) to train from scratch")
+        if self.init != "scratch" and self.config is not None:  # was ignored: the model's own config.json is used
+            raise ValueError(f"init={self.init!r} fine-tunes model {self.model} with its own config.json, so config "
+                             f"{self.config} would be ignored; drop config (--config)")
         if self.init == "lora" and self.freeze_router is False:
             raise ValueError("init='lora' trains adapters only, never the router; drop freeze_router=False "
                              "(--no-freeze-router) or fine-tune with init='full'")
