@@ -279,9 +279,27 @@ class ModelConfig:
         if path.is_dir():
             path = path / "config.json"
         if not path.exists():
-            raise ConfigError(f"{path}: no such file; pass a model directory containing config.json, "
-                              "or a config.json file")
+            raise ConfigError(adapter_not_model(path.parent) or f"{path}: no such file; pass a model directory "
+                              "containing config.json, or a config.json file")
         return cls.from_dict(read_json(path, fix="pass a model directory or its config.json"), source=str(path))
+
+
+def adapter_not_model(directory: Path) -> str | None:
+    """The message for a LoRA adapter directory (`dgemma train --mode lora` writes RUN/adapter and adapter
+    checkpoints) passed where a model directory goes; None when `directory` holds no adapter."""
+    from .train.lora import CONFIG_FILE
+
+    if not (directory / CONFIG_FILE).is_file():
+        return None
+    try:
+        base = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    return (f"{directory} holds a LoRA adapter ({CONFIG_FILE}), not a model: pass the model a LoRA run writes with "
+            "the adapter merged in (RUN/model), or merge this adapter into its base model"
+            f"{f' ({base})' if isinstance(base, str) else ''}: dgemma.model.load_module(BASE), then "
+            "dgemma.train.lora.load_adapter(module, ADAPTER_DIR), merge_lora(module) and "
+            "dgemma.model.saving.save_checkpoint(module, OUT), then copy BASE's tokenizer files into OUT")
 
 
 def check_temperatures(t_min, t_max) -> None:

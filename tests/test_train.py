@@ -455,6 +455,12 @@ def test_lora_run_merges_into_a_loadable_model(work, overfit, tmp_path):
     assert changed and all(".self_attn." in k and k.endswith("_proj.weight") for k in changed)
     assert (tmp_path / "adapter").is_dir() and (tmp_path / "checkpoints" / "step-000002" / "trainer_state.pt").exists()
     dgemma.load(tmp_path / "model", quiet=True)
+    # the adapter directories are not models: said so, with the way to a merged model (was "config.json: no such
+    # file; pass a model directory")
+    for adapter in (tmp_path / "adapter", tmp_path / "checkpoints" / "step-000002"):
+        with pytest.raises(ConfigError, match=rf"{adapter} holds a LoRA adapter .*merged in \(RUN/model\), or merge "
+                                              rf"this adapter into its base model \({result.model_dir}\)"):
+            dgemma.load(adapter, quiet=True)
     # resume from the step-2 adapter checkpoint (base weights come from `model` again): the same merged weights
     again = tmp_path.with_name(tmp_path.name + "-resumed")
     shutil.copytree(tmp_path, again)
