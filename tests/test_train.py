@@ -145,6 +145,8 @@ def test_cli_prints_a_warning_as_one_line(tmp_path, capsys):
     ({"prompt": "a", "completion": 5}, r"bad.jsonl:3: 'completion' must be a string, got int"),
     ({"prompt": "a", "completion": "b", "raw": "yes"}, r"bad.jsonl:3: 'raw' must be true or false"),
     ({"prompt": "a", "answer": "b"}, r"bad.jsonl:3: no 'completion' key \(a string\); the record has \['answer', "),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "prompt": "c",
+      "completion": "d"}, r"bad.jsonl:3: has both 'messages' and 'prompt'/'completion'"),  # was: c, d ignored
     ('{"prompt": "caf\xe9", "completion": "b"}', r"bad.jsonl:3: not UTF-8 text \(byte 0xe9 at byte 16 of the line\)"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, tok, line, message):

@@ -94,6 +94,9 @@ def record_ids(record: dict, tokenizer, where: str, raw_default: bool = False) -
     thinking = record.get("enable_thinking", False)
     if not isinstance(thinking, bool):
         raise DataError(f"{where}: 'enable_thinking' must be true or false")
+    if "messages" in record and ("prompt" in record or "completion" in record):  # was: prompt/completion ignored
+        raise DataError(f"{where}: has both 'messages' and 'prompt'/'completion'; a record is one example, in one "
+                        "of the two formats: split it into two records or drop one")
     try:
         if "messages" in record:
             messages = record["messages"]
