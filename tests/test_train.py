@@ -91,6 +91,10 @@ def test_chat_raw_and_prompt_completion_examples(tmp_path, tok):
     # the loader-wide raw default applies to records without the key
     path = write_lines(tmp_path / "r.jsonl", [{"prompt": "1 2", "completion": " 3 4"}])
     assert load_examples(path, tok, canvas_length=L, raw=True)[0] == dataclasses.replace(ex[2], where=f"{path}:1")
+    # the answer may be OpenAI-style text parts, as the prompt's messages may (it was refused: "must be a string")
+    parts = [{"type": "text", "text": "hello "}, {"type": "text", "text": "world"}]
+    path = write_lines(tmp_path / "p.jsonl", [{"messages": chat[:-1] + [{"role": "assistant", "content": parts}]}])
+    assert load_examples(path, tok, canvas_length=L)[0] == dataclasses.replace(ex[0], where=f"{path}:1")
 
 
 @pytest.mark.parametrize("answer_len, canvases", [(0, 1), (14, 1), (15, 1), (16, 2), (40, 3)])
@@ -142,6 +146,8 @@ def test_cli_prints_a_warning_as_one_line(tmp_path, capsys):
     ({"messages": [{"role": "assistant", "content": "b"}]}, r"bad.jsonl:3: 'messages' must be a list with at least"),
     ({"messages": [{"role": "wizard", "content": "a"}, {"role": "assistant", "content": "b"}]},
      r"bad.jsonl:3: .*unknown role 'wizard'"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]},
+     r"bad.jsonl:3: messages\[1\]\['content'\] is NoneType; content must be a string"),
     ({"prompt": "a", "completion": 5}, r"bad.jsonl:3: 'completion' must be a string, got int"),
     ({"prompt": "a", "completion": "b", "raw": "yes"}, r"bad.jsonl:3: 'raw' must be true or false"),
     ({"prompt": "a", "answer": "b"}, r"bad.jsonl:3: no 'completion' key \(a string\); the record has \['answer', "),

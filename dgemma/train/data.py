@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..text import ChatFormatError
+from ..text import ChatFormatError, normalize_messages
 
 TOO_LONG = ("truncate", "drop", "error")
 
@@ -111,7 +111,7 @@ def record_ids(record: dict, tokenizer, where: str, raw_default: bool = False) -
             if last.get("tool_calls"):
                 raise DataError(f"{where}: training on an answer with 'tool_calls' is not supported yet; put the "
                                 "call text in 'content'")
-            answer = _string(last, "content", where + " last message")
+            answer = normalize_messages(messages)[-1]["content"]  # a string, or text parts joined as in prompts
             prompt = tokenizer.encode_chat(messages[:-1], add_generation_prompt=True, enable_thinking=thinking)
             return prompt, tokenizer.encode(answer, add_bos=False), turn_end
         if "prompt" in record or "completion" in record:
