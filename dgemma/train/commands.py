@@ -15,8 +15,9 @@ from .config import COMPILE_MODES
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="train or fine-tune with the block-diffusion objective (spec §7)",
                               description="Train a DiffusionGemma model on JSONL data (chat 'messages' or "
-                                          "'prompt'/'completion' records). Writes checkpoints, log.jsonl, loss.png "
-                                          "and the final model (Hugging Face layout) under --out.")
+                                          "'prompt'/'completion' records, plain text with 'raw': true or --raw). "
+                                          "Writes checkpoints, log.jsonl, loss.png and the final model (Hugging "
+                                          "Face layout) to OUT/model under --out (LoRA: merged; OUT/adapter alone).")
     g = p.add_argument_group("model")
     g.add_argument("--config", help="config.json (or a directory with one): train from scratch")
     g.add_argument("--model", help="model directory to fine-tune")
