@@ -273,6 +273,43 @@ def test_training_geometry_equals_inference():
         assert (train32[row] - inference_logits(model32, batch, noise, row)).abs().max() <= 1e-3, f"fp32 row {row}"
 
 
+@torch.no_grad()
+def test_loss_equals_transformers_forward_pieces(reference_checkpoint):
+    """transformers 5.23 computes no training loss, but its forward takes the pieces (spec §7): the second pass's
+    self_conditioning_logits / self_conditioning_mask and the encoder_last_hidden_state for the AR loss. The loss
+    built from them, per row with the clean context before its canvas as input_ids, equals diffusion_loss."""
+    import torch.nn.functional as F
+
+    from dgemma.model import load_module
+
+    ref, path = reference_checkpoint()
+    model = load_module(path, dtype=torch.float32, quiet=True)
+    batch, _ = geometry_batch(model.config, seed=3)
+    batch.seeds = torch.tensor([mix(9, i) for i in range(4)])
+    L, cap = model.config.canvas_length, ref.final_logit_softcapping
+    batch.noise = sample_noise(batch.seeds.tolist(), batch.num_canvases.tolist(), L, model.config.vocab_size,
+                               LossConfig())
+    noise = batch.noise
+    assert noise.canvas.max() > 0 and noise.self_cond.any() and not noise.self_cond.all()
+    loss, metrics = diffusion_loss(model, batch)
+    diffusion, ar = 0.0, 0.0
+    for r in range(4):
+        start, n = int(batch.prompt_len[r] + noise.canvas[r] * L), int(batch.valid[r].sum())
+        clean = batch.tokens[r, start:start + L]
+        noised = torch.where(noise.corrupt[r], noise.noise_ids[r], clean)[None]
+        context = batch.tokens[r:r + 1, :start]
+        first = ref(input_ids=context, decoder_input_ids=noised).logits
+        second = ref(input_ids=context, decoder_input_ids=noised, self_conditioning_logits=first,
+                     self_conditioning_mask=noise.self_cond[r:r + 1]).logits
+        diffusion += F.cross_entropy(second[0], clean, reduction="sum").item()
+        hidden = ref(input_ids=batch.tokens[r:r + 1, :n], decoder_input_ids=noised).encoder_last_hidden_state
+        ar_logits = torch.tanh(ref.lm_head(hidden).float() / cap) * cap
+        ar += F.cross_entropy(ar_logits[0, :-1], batch.tokens[r, 1:n], reduction="sum").item()
+    assert abs(metrics["diffusion_sum"].item() - diffusion) <= 1e-4 * diffusion
+    assert abs(metrics["ar_sum"].item() - ar) <= 1e-4 * ar
+    assert abs(loss.item() - (diffusion / (4 * L) + ar / float(batch.valid[:, 1:].sum()))) <= 1e-4 * loss.item()
+
+
 def test_loss_is_independent_of_how_the_batch_is_split():
     """Per-example seeds + global denominators: two halves add up to the whole (loss and gradient), which is what
     makes DDP and gradient accumulation equal a single big batch. fp64, so only the split can make a difference."""
