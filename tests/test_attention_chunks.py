@@ -137,3 +137,40 @@ def test_flash_takes_gqa_only_where_cudas_flash_kernel_does():
     assert not attention.flash_takes_gqa(half, half, mask)  # a mask: math kernel
     assert not attention.flash_takes_gqa(wide, wide, None)  # the 512-wide full-attention heads
     assert not attention.flash_takes_gqa(half.float(), half.float(), None)  # fp32
+
+
+def test_training_on_a_chunked_sequence_keeps_the_loss_bits_and_the_gradients(monkeypatch):
+    """Training's encoder pass (dgemma/train/loss.py, grad on, right-padded rows) over a sequence long enough to be
+    chunked: the same loss bits as the one call; the gradients agree to rounding (the backward sums each chunk's
+    key/value gradients apart, so those differ from the one call's in the last bits, README 'Long prompts')."""
+    from conftest import make_config, randomise
+
+    from dgemma.config import ModelConfig
+    from dgemma.model import DiffusionGemma
+    from dgemma.train.data import Example, collate
+    from dgemma.train.loss import LossConfig, diffusion_loss
+
+    cfg = ModelConfig.from_dict(make_config({"text_config": {"max_position_embeddings": 4096}}))
+    model = DiffusionGemma(cfg)
+    randomise(model, 0)
+    g, L = torch.Generator().manual_seed(0), cfg.canvas_length
+    ids = lambda n: tuple(torch.randint(3, 500, (n,), generator=g).tolist())  # noqa: E731
+    examples = [Example((2,) + ids(1900), ids(3 * L), "a"), Example((2,) + ids(700), ids(L), "b")]
+    batch = collate(examples, 0, L, seeds=[1, 2])
+    made = []
+    monkeypatch.setattr("dgemma.model.encoder.chunk_queries", lambda m: made.append(chunk_queries(m)) or made[-1])
+
+    def run():
+        model.zero_grad()
+        loss, _ = diffusion_loss(model, batch, cfg=LossConfig(ar_weight=0.5))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = run()
+    assert all(isinstance(c, ChunkedMask) for c in made) and made, "the long sequence was not chunked"
+    monkeypatch.setattr(attention, "QUERY_CHUNK", None)
+    plain_loss, plain_grads = run()
+    assert torch.equal(loss, plain_loss)
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)

@@ -229,6 +229,9 @@ def test_a_prompt_that_leaves_no_canvas_says_how_long_a_prompt_fits(url):
         body = {"model": MODEL, "prompt": [5] * (fits + 1), **FAST}  # no max_tokens: the server picks what fits
         err = assert_error(http.post("/v1/completions", json=body), 400, "prompt")
         assert f"at most {fits} prompt tokens" in err["message"] and "max_tokens" not in err["message"], err
+        # with max_tokens given, too: lowering it cannot help, so the message must not advise it
+        err = assert_error(http.post("/v1/completions", json={**body, "max_tokens": 1}), 400, "prompt")
+        assert f"at most {fits} prompt tokens" in err["message"] and "max_tokens" not in err["message"], err
         assert http.post("/v1/completions", json={**body, "prompt": [5] * fits, "max_tokens": 2}).status_code == 200
 
 

@@ -12,7 +12,7 @@ import dgemma
 from dgemma.bundled import build_random_model
 from dgemma.cli import main
 from dgemma.engine.chat import ChatSession
-from dgemma.engine.stream import Done, Draft, Text
+from dgemma.engine.stream import Done, Draft, Text, stream_ids
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +238,18 @@ def test_a_bad_max_tokens_names_max_tokens(engine, bad):
 def test_prompt_longer_than_context_is_refused(engine):
     with pytest.raises(ValueError, match="exceeds this model's context"):
         run(engine, "word " * 9000, max_tokens=10)
+
+
+def test_a_prompt_that_leaves_no_canvas_is_refused_without_advising_a_lower_max_tokens(engine):
+    """Past context - canvas_length prompt tokens no max_tokens fits: the error says how long a prompt fits."""
+    fits = engine.config.max_position_embeddings - engine.config.canvas_length
+    for n in (fits + 1, engine.config.max_position_embeddings):
+        ids = [engine.tokenizer.bos_id] + [5] * (n - 1)
+        for call in (lambda: list(stream_ids(engine, ids, max_tokens=1)),
+                     lambda: list(stream_ids(engine, ids))):
+            with pytest.raises(ValueError, match=f"prompt of {n} tokens .*at most {fits} prompt tokens") as e:
+                call()
+            assert "max_tokens" not in str(e.value)
 
 
 def test_cli_generate_json(model_dir, capsys):

@@ -51,7 +51,11 @@ class Engine:
 
     def check_context(self, prompt_len: int, max_new_tokens: int) -> None:
         """Refuse requests the model cannot position: prompt + whole canvases must fit max_position_embeddings."""
-        L = self.config.canvas_length
+        L, context = self.config.canvas_length, self.config.max_position_embeddings
+        if prompt_len > context - L:  # not even one canvas fits
+            raise ValueError(f"prompt of {prompt_len} tokens leaves no room for a canvas: it exceeds this model's "
+                             f"context of {context} less one {L}-token canvas (at most {context - L} prompt tokens); "
+                             "shorten the prompt")
         needed = prompt_len + -(-max_new_tokens // L) * L
         if needed > self.config.max_position_embeddings:
             raise ValueError(f"prompt of {prompt_len} tokens plus {max_new_tokens} new tokens (rounded up to whole "

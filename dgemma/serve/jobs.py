@@ -140,11 +140,8 @@ def _options(engine, req, ids: list[int], max_tokens, default_max_tokens, prompt
                        code="invalid_value") from None
     if max_tokens is None:  # as many as fit, up to the server's default
         L, context = engine.config.canvas_length, engine.config.max_position_embeddings
-        if len(ids) > context - L:  # not even one canvas fits: there is no max_tokens to lower
-            raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context of {context} holds at most "
-                                f"{context - L} prompt tokens (and one {L}-token canvas): shorten the prompt",
-                           param=prompt_param, code="context_length_exceeded")
-        max_tokens = min(default_max_tokens or gen.max_new_tokens, (context - len(ids)) // L * L)
+        # as many as fit (none when not even one canvas does: check_context then says so)
+        max_tokens = min(default_max_tokens or gen.max_new_tokens, max(0, (context - len(ids)) // L * L))
     try:
         engine.check_context(len(ids), max_tokens)
     except ValueError as e:
