@@ -164,6 +164,19 @@ def test_parse_errors():
     assert "------+-------+------" in format_grid(p)
 
 
+def test_grid_drawings_read_back():
+    """`dgemma sudoku solve` printed a grid it could not read back: "invalid character '|' at position 6"."""
+    p = parse_grid(WIKIPEDIA[0])
+    assert parse_grid(format_grid(p)) == p  # the drawing solve prints, blanks as '.'
+    framed = "\n".join(["+-------+-------+-------+"] + [f"| {line} |" for line in format_grid(p).splitlines()]
+                       + ["+-------+-------+-------+"])
+    assert parse_grid(framed) == p
+    boxed = format_grid(p).replace("|", "│").replace("------+-------+------", "──────┼───────┼──────")
+    assert parse_grid("╔══╗\n" + boxed + "\n╚══╝") == p
+    with pytest.raises(SudokuError, match="invalid character '-'"):  # '-' is no blank, nor a separator in a row
+        parse_grid(WIKIPEDIA[0].replace("0", "-"))
+
+
 # --- format + tokenizer --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):

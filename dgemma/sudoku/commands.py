@@ -171,7 +171,8 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("solve", help="solve one puzzle with the model and check the answer")
-    p.add_argument("puzzle", help="81 cells (digits, 0 or . for blanks; whitespace ignored), or - for stdin")
+    p.add_argument("puzzle", help="81 cells (digits, 0 or . for blanks; whitespace and a grid drawing's | and rule "
+                                  "lines ignored, so a grid this command printed reads back), or - for stdin")
     _model_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_solve)
