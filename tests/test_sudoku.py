@@ -348,6 +348,25 @@ def test_cli_errors(tmp_path, monkeypatch):
         _cli(["sudoku", "eval", "--puzzles", str(bad)])
 
 
+def test_baseline_refuses_the_diffusion_knobs(sudoku_model, puzzle_file):
+    """`--baseline ar` silently ignored --steps and --preset (the answer and the forwards were those of a run
+    without them); they configure the denoising sampler, which the baseline does not run."""
+    import dgemma
+
+    engine = dgemma.load(sudoku_model)
+    puzzle = read_puzzles(puzzle_file)[0][0]
+    with pytest.raises(SudokuError, match="autoregressive baseline takes one forward per token"):
+        predict(engine, [puzzle], baseline="ar", steps=2)
+    for flags, message in ((["--steps", "2"], "steps bounds the denoising steps"),
+                           (["--preset", "fast"], "--preset fast sets the denoising sampler's knobs")):
+        with pytest.raises(ValueError, match=message):
+            _cli(["sudoku", "solve", grid_to_string(puzzle), "--model", str(sudoku_model), "--baseline", "ar",
+                  *flags])
+        with pytest.raises(ValueError, match=message):
+            _cli(["sudoku", "eval", "--puzzles", str(puzzle_file), "--model", str(sudoku_model), "--baseline", "ar",
+                  *flags])
+
+
 def test_clamped_givens_stay_and_blanks_are_digits(sudoku_model, puzzle_file):
     """With --clamp-givens even a random model returns a full grid that keeps every given in place."""
     import dgemma
