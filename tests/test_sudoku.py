@@ -227,17 +227,27 @@ def test_read_puzzles_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     for content, message in [
         ('{"puzzle": "' + WIKIPEDIA[0] + '"}\n{"puzzle": 12\n', "bad.jsonl:2: not valid JSON"),
+        # a puzzle per line, no JSON: said "expected a JSON object, got int" and nothing of the format
+        (WIKIPEDIA[0] + "\n", r'bad.jsonl:1: expected a JSON object, got int; a puzzle file has one JSON object per '
+                               r'line, \{"puzzle": "81 cells"'),
+        (WIKIPEDIA[0].replace("0", ".") + "\n", r"bad.jsonl:1: not valid JSON .*; a puzzle file has one JSON object"),
         ('{"puzzle": "123"}\n', "bad.jsonl:1: puzzle: expected 81 cells"),
         (json.dumps({"puzzle": "55" + WIKIPEDIA[0][2:]}) + "\n", "bad.jsonl:1: puzzle is contradictory"),
         (json.dumps({"puzzle": WIKIPEDIA[0], "solution": INKALA[1]}) + "\n", "bad.jsonl:1: the solution is not"),
         (json.dumps({"grid": WIKIPEDIA[0]}) + "\n", 'bad.jsonl:1: expected a "puzzle" field'),
+        (json.dumps({"puzzle": list(parse_grid(WIKIPEDIA[0]))}) + "\n",  # said "expected a string, got list"
+         'bad.jsonl:1: "puzzle" must be a string of 81 cells, got list'),
+        (json.dumps({"prompt": "<bos>123\n", "completion": "1"}) + "\n",  # said "puzzle: expected ...", no line
+         "bad.jsonl:1: prompt: expected 81 cells, got 3"),
         ("", "no puzzles"),
     ]:
         bad.write_text(content)
         with pytest.raises(ValueError, match=message):  # SudokuError, or the JSONL reader's DataError
             read_puzzles(bad)
-    with pytest.raises(FileNotFoundError, match="dgemma sudoku generate"):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist; .*dgemma sudoku generate"):
         read_puzzles(tmp_path / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match="is a directory; pass a JSONL file"):  # said "does not exist"
+        read_puzzles(tmp_path)
 
 
 # --- a tiny random-weight Sudoku model, end to end ------------------------------------------------------
