@@ -241,7 +241,8 @@ def _add_sampling_flags(p) -> None:
                         "stream, token for token")
     p.add_argument("--think", action="store_true", help="enable thinking mode in the chat template")
     p.add_argument("--show-thinking", action="store_true", help="print thinking text (dimmed)")
-    p.add_argument("--show-drafts", action="store_true", help="show each canvas converging live")
+    p.add_argument("--show-drafts", action="store_true",
+                   help="show each canvas converging live (on a terminal; piped or redirected, the plain text)")
     p.add_argument("--stats", action="store_true", help="print speed and step statistics to stderr")
 
 

@@ -1,5 +1,9 @@
 """Live terminal view of a canvas converging (`--show-drafts`): committed text, then the current draft with
-every token shaded by its confidence (dim red = unsure, bright green = settled) and a step counter."""
+every token shaded by its confidence (dim red = unsure, bright green = settled) and a step counter.
+
+Only a terminal gets the live view. Written to a pipe or a file, a live view would have nothing to redraw and its
+last frame would be the answer re-wrapped at the console's width (80 columns, or $COLUMNS); there the committed
+text is written as it arrives, byte for byte what the command prints without --show-drafts."""
 
 from __future__ import annotations
 
@@ -24,13 +28,19 @@ class DraftView:
         self.committed = RichText()
         self.draft = RichText()
         self.header = RichText()
+        self.live = None
+        if not self.console.is_terminal:  # no screen to redraw: the answer's text as it is (module docstring)
+            return
         self.live = Live(self._render(), console=self.console, refresh_per_second=20, transient=False)
         self.live.start()
 
     def _render(self):
-        return Group(self.committed + self.draft, self.header)
+        body = self.committed + self.draft
+        return Group(body, self.header) if self.header else body  # an empty header would add a blank line
 
     def update(self, draft) -> None:
+        if self.live is None:
+            return
         text = RichText()
         for token, conf in zip(draft.token_ids, draft.confidence):
             piece = self.tok.decode([token], skip_special=False).replace("\n", "⏎")
@@ -42,6 +52,10 @@ class DraftView:
         self.live.update(self._render())
 
     def commit(self, text_event) -> None:
+        if self.live is None:
+            self.console.file.write(text_event.text)
+            self.console.file.flush()
+            return
         style = Style(dim=True, italic=True) if text_event.kind == "thinking" else Style()
         self.committed.append(text_event.text, style=style)
         self.draft = RichText()
@@ -50,6 +64,8 @@ class DraftView:
     def close(self) -> None:
         # the last frame is the answer alone: a canvas that committed no text (it began at a stop id, or a stop
         # string cut before it) left its draft behind, raw <eos> pieces included
+        if self.live is None:
+            return
         self.header, self.draft = RichText(), RichText()
         self.live.update(self._render())
         self.live.stop()

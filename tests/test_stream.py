@@ -475,13 +475,36 @@ def test_draft_view_ends_on_the_answer_alone(engine):
     from dgemma.view import DraftView
 
     out = io.StringIO()
-    view = DraftView(engine.tokenizer, console=Console(file=out, force_terminal=False, width=80))
+    view = DraftView(engine.tokenizer, console=Console(file=out, force_terminal=True, width=80))
     view.commit(SimpleNamespace(kind="answer", text="the answer"))
     eos = engine.tokenizer.eos_id
     view.update(SimpleNamespace(token_ids=[eos] * 8, confidence=[0.9] * 8, canvas_index=1, step=3))
     view.close()
-    final = out.getvalue()
+    final = out.getvalue().split("\x1b[2K")[-1]  # the last frame, after the live view erased the ones before
+    final = final.replace("\x1b[?25l", "").replace("\x1b[?25h", "")  # the cursor hidden while live, shown again
     assert "the answer" in final and "<eos>" not in final and "step 3" not in final, final
+    assert final == "the answer\n", repr(final)  # nothing under it: no blank line for the empty header
+
+
+def test_draft_view_piped_prints_the_answer_as_is(engine, capsys, monkeypatch):
+    """--show-drafts with stdout piped or redirected: the output was the live view's last frame, the answer
+    re-wrapped at 80 columns ($COLUMNS) with spaces and newlines added; it must be the plain printer's bytes."""
+    import io
+    from types import SimpleNamespace
+
+    from dgemma.cli import _run_stream
+    from dgemma.engine.stream import Draft
+
+    monkeypatch.setenv("COLUMNS", "20")
+    answer = "déjà vu — a line well past twenty columns, 日本語テキスト ✓\n  second line, indented   \n"
+    events = [Draft(0, 1, "abc", [5, 6, 7], [0.2, 0.5, 0.9]), Text(answer[:30], "answer"),
+              Draft(1, 1, "ab", [5, 6], [0.3, 0.4]), Text(answer[30:], "answer")]
+    args = SimpleNamespace(show_drafts=True, json=False, show_thinking=False)
+    _run_stream(iter(events), args, engine.tokenizer)  # capsys: stdout is not a terminal
+    printed = io.StringIO()
+    _run_stream(iter(events), SimpleNamespace(show_drafts=False, json=False, show_thinking=False), engine.tokenizer,
+                out=printed)
+    assert capsys.readouterr().out == printed.getvalue() == answer
 
 
 def test_draft_view_shows_thinking_only_with_show_thinking(engine, capsys):

@@ -164,6 +164,19 @@ def test_parse_errors():
     assert "------+-------+------" in format_grid(p)
 
 
+def test_grid_drawings_read_back():
+    """`dgemma sudoku solve` printed a grid it could not read back: "invalid character '|' at position 6"."""
+    p = parse_grid(WIKIPEDIA[0])
+    assert parse_grid(format_grid(p)) == p  # the drawing solve prints, blanks as '.'
+    framed = "\n".join(["+-------+-------+-------+"] + [f"| {line} |" for line in format_grid(p).splitlines()]
+                       + ["+-------+-------+-------+"])
+    assert parse_grid(framed) == p
+    boxed = format_grid(p).replace("|", "│").replace("------+-------+------", "──────┼───────┼──────")
+    assert parse_grid("╔══╗\n" + boxed + "\n╚══╝") == p
+    with pytest.raises(SudokuError, match="invalid character '-'"):  # '-' is no blank, nor a separator in a row
+        parse_grid(WIKIPEDIA[0].replace("0", "-"))
+
+
 # --- format + tokenizer --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
@@ -214,17 +227,27 @@ def test_read_puzzles_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     for content, message in [
         ('{"puzzle": "' + WIKIPEDIA[0] + '"}\n{"puzzle": 12\n', "bad.jsonl:2: not valid JSON"),
+        # a puzzle per line, no JSON: said "expected a JSON object, got int" and nothing of the format
+        (WIKIPEDIA[0] + "\n", r'bad.jsonl:1: expected a JSON object, got int; a puzzle file has one JSON object per '
+                               r'line, \{"puzzle": "81 cells"'),
+        (WIKIPEDIA[0].replace("0", ".") + "\n", r"bad.jsonl:1: not valid JSON .*; a puzzle file has one JSON object"),
         ('{"puzzle": "123"}\n', "bad.jsonl:1: puzzle: expected 81 cells"),
         (json.dumps({"puzzle": "55" + WIKIPEDIA[0][2:]}) + "\n", "bad.jsonl:1: puzzle is contradictory"),
         (json.dumps({"puzzle": WIKIPEDIA[0], "solution": INKALA[1]}) + "\n", "bad.jsonl:1: the solution is not"),
         (json.dumps({"grid": WIKIPEDIA[0]}) + "\n", 'bad.jsonl:1: expected a "puzzle" field'),
+        (json.dumps({"puzzle": list(parse_grid(WIKIPEDIA[0]))}) + "\n",  # said "expected a string, got list"
+         'bad.jsonl:1: "puzzle" must be a string of 81 cells, got list'),
+        (json.dumps({"prompt": "<bos>123\n", "completion": "1"}) + "\n",  # said "puzzle: expected ...", no line
+         "bad.jsonl:1: prompt: expected 81 cells, got 3"),
         ("", "no puzzles"),
     ]:
         bad.write_text(content)
         with pytest.raises(ValueError, match=message):  # SudokuError, or the JSONL reader's DataError
             read_puzzles(bad)
-    with pytest.raises(FileNotFoundError, match="dgemma sudoku generate"):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist; .*dgemma sudoku generate"):
         read_puzzles(tmp_path / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match="is a directory; pass a JSONL file"):  # said "does not exist"
+        read_puzzles(tmp_path)
 
 
 # --- a tiny random-weight Sudoku model, end to end ------------------------------------------------------
@@ -333,6 +356,25 @@ def test_cli_errors(tmp_path, monkeypatch):
     bad.write_text("not json\n")
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         _cli(["sudoku", "eval", "--puzzles", str(bad)])
+
+
+def test_baseline_refuses_the_diffusion_knobs(sudoku_model, puzzle_file):
+    """`--baseline ar` silently ignored --steps and --preset (the answer and the forwards were those of a run
+    without them); they configure the denoising sampler, which the baseline does not run."""
+    import dgemma
+
+    engine = dgemma.load(sudoku_model)
+    puzzle = read_puzzles(puzzle_file)[0][0]
+    with pytest.raises(SudokuError, match="autoregressive baseline takes one forward per token"):
+        predict(engine, [puzzle], baseline="ar", steps=2)
+    for flags, message in ((["--steps", "2"], "steps bounds the denoising steps"),
+                           (["--preset", "fast"], "--preset fast sets the denoising sampler's knobs")):
+        with pytest.raises(ValueError, match=message):
+            _cli(["sudoku", "solve", grid_to_string(puzzle), "--model", str(sudoku_model), "--baseline", "ar",
+                  *flags])
+        with pytest.raises(ValueError, match=message):
+            _cli(["sudoku", "eval", "--puzzles", str(puzzle_file), "--model", str(sudoku_model), "--baseline", "ar",
+                  *flags])
 
 
 def test_clamped_givens_stay_and_blanks_are_digits(sudoku_model, puzzle_file):

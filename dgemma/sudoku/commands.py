@@ -23,6 +23,9 @@ TRAIN_HINT = ("train one: `dgemma sudoku tokenizer TOK` (the tokenizer), `dgemma
 def _load(args):
     from ..engine.engine import load
 
+    if args.baseline and args.preset != "exact":  # a preset's knobs are the diffusion sampler's: none would apply
+        raise ValueError(f"--preset {args.preset} sets the denoising sampler's knobs; --baseline {args.baseline} "
+                         "decodes one token per forward and uses none of them; drop one")
     path = Path(args.model) if args.model else BUNDLED
     if not (path / "config.json").is_file():
         if args.model:
@@ -140,7 +143,8 @@ def _model_flags(p) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="max denoising steps per canvas")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--baseline", choices=["ar"], default=None,
-                   help="decode autoregressively (greedy, causal encoder) instead of by diffusion")
+                   help="decode autoregressively (greedy, causal encoder) instead of by diffusion; takes neither "
+                        "--steps, --clamp-givens nor a --preset")
     p.add_argument("--clamp-givens", action="store_true",
                    help="constrain the canvas: givens clamped in place, blanks restricted to 1-9 (diffusion only)")
     p.add_argument("--views", type=positive_int, default=1,
@@ -171,7 +175,8 @@ def add_sudoku_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("solve", help="solve one puzzle with the model and check the answer")
-    p.add_argument("puzzle", help="81 cells (digits, 0 or . for blanks; whitespace ignored), or - for stdin")
+    p.add_argument("puzzle", help="81 cells (digits, 0 or . for blanks; whitespace and a grid drawing's | and rule "
+                                  "lines ignored, so a grid this command printed reads back), or - for stdin")
     _model_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_solve)

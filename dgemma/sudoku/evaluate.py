@@ -30,7 +30,7 @@ import torch
 
 from .format import ANSWER_TOKENS, answer_cells, check_tokenizer, prompt_ids, puzzle_from_prompt
 from ..sampling.constraints import CanvasConstraints
-from ..train.data import read_jsonl
+from ..train.data import DataError, read_jsonl
 from .puzzles import (
     IDENTITY,
     Grid,
@@ -77,23 +77,24 @@ def read_puzzles(path: str | Path) -> list[tuple[Grid, Grid]]:
     A missing solution is computed (the puzzle must then have exactly one). Errors name FILE:LINE."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"puzzle file {path} does not exist; make one with "
-                                "`dgemma sudoku generate --count 200 --seed 1 --out FILE.jsonl`")
+        raise FileNotFoundError(f"puzzle file {path} {'is a directory' if path.is_dir() else 'does not exist'}; pass "
+                                "a JSONL file of puzzles (`dgemma sudoku generate --count 200 --seed 1 --out "
+                                "FILE.jsonl` makes one)")
     pairs = []
-    for where, record in read_jsonl(path):  # "file:line" + a JSON object, or a DataError naming the line
+    for where, record in _records(path):
         if "puzzle" in record:
-            puzzle = parse_grid(_text(record["puzzle"], where), what=f"{where}: puzzle")
-            solution = record.get("solution")
+            puzzle = parse_grid(_text(record, "puzzle", where), what=f"{where}: puzzle")
+            solution = None if record.get("solution") is None else _text(record, "solution", where)
         elif "prompt" in record:
-            puzzle = puzzle_from_prompt(_text(record["prompt"], where))
-            solution = record.get("completion")
-            solution = None if solution is None else _text(solution, where).split("<")[0]
+            puzzle = puzzle_from_prompt(_text(record, "prompt", where), what=f"{where}: prompt")
+            solution = None if record.get("completion") is None else _text(record, "completion", where)
+            solution = None if solution is None else solution.split("<")[0]
         else:
             raise SudokuError(f"{where}: expected a \"puzzle\" field (81 chars) and optionally \"solution\"")
         if solution is None:
             solution = solve_unique(puzzle, what=f"{where}: puzzle")
         else:
-            solution = parse_grid(_text(solution, where), what=f"{where}: solution")
+            solution = parse_grid(solution, what=f"{where}: solution")
             if not is_valid_solution(solution, puzzle):
                 raise SudokuError(f"{where}: the solution is not a valid completion of the puzzle")
         pairs.append((puzzle, solution))
@@ -102,9 +103,20 @@ def read_puzzles(path: str | Path) -> list[tuple[Grid, Grid]]:
     return pairs
 
 
-def _text(value, where: str) -> str:
+def _records(path: Path):
+    """read_jsonl's ("file:line", JSON object) pairs; its errors (not JSON, not an object) say what a puzzle file is."""
+    try:
+        yield from read_jsonl(path)
+    except DataError as e:
+        raise SudokuError(f"{e}; a puzzle file has one JSON object per line, {{\"puzzle\": \"81 cells\", "
+                          "\"solution\": \"81 digits\"} (the solution optional), as `dgemma sudoku generate` "
+                          "writes it") from None
+
+
+def _text(record: dict, key: str, where: str) -> str:
+    value = record[key]
     if not isinstance(value, str):
-        raise SudokuError(f"{where}: expected a string, got {type(value).__name__}")
+        raise SudokuError(f"{where}: \"{key}\" must be a string of 81 cells, got {type(value).__name__}")
     return value
 
 
@@ -138,6 +150,9 @@ def predict(engine, puzzles: Sequence[Sequence[int]], *, steps: int | None = Non
         raise SudokuError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
     if baseline and clamp_givens:
         raise SudokuError("clamp_givens constrains the diffusion canvas; the autoregressive baseline has none")
+    if baseline and steps is not None:
+        raise SudokuError(f"steps bounds the denoising steps of a canvas; the autoregressive baseline takes one forward "
+                          f"per token ({ANSWER_TOKENS} at most) and has none; drop one")
     if clamp_givens and engine.config.canvas_length < ANSWER_TOKENS:
         raise SudokuError(f"clamp_givens needs the whole answer in one canvas (canvas_length >= {ANSWER_TOKENS}), "
                           f"this model's is {engine.config.canvas_length}")

@@ -48,10 +48,10 @@ def answer_text(solution: Sequence[int] | str) -> str:
     return grid_to_string(grid) + EOS
 
 
-def puzzle_from_prompt(text: str) -> Grid:
+def puzzle_from_prompt(text: str, *, what: str = "prompt") -> Grid:
     """Inverse of prompt_text (accepts it with or without <bos> and the separator)."""
     body = text.removeprefix(BOS).removesuffix(SEPARATOR)
-    return parse_grid(body)
+    return parse_grid(body, what=what)
 
 
 # --- tokenizer -----------------------------------------------------------------------------------------

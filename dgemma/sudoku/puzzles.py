@@ -44,21 +44,31 @@ class SudokuError(ValueError):
 
 
 # --- text <-> grid -----------------------------------------------------------------------------------
+BOX_DRAWING = frozenset(map(chr, range(0x2500, 0x2580)))  # Unicode's box-drawing block: ─ │ ┼ ═ ║ ╬ ...
+RULE_CHARS = frozenset("-+=|") | BOX_DRAWING  # what a grid drawing's horizontal rule lines are made of
+
+
 def parse_grid(text: str, *, what: str = "puzzle") -> Grid:
-    """81 cells from text: digits 1-9, and 0 or '.' for blanks; whitespace (incl. newlines) is ignored."""
+    """81 cells from text: digits 1-9, and 0 or '.' for blanks; whitespace (incl. newlines) is ignored, and so is a
+    grid drawing (format_grid's, or box-drawing characters): lines of rule characters alone, and '|' (or a Unicode
+    box-drawing character) between cells."""
     if not isinstance(text, str):
         raise SudokuError(f"{what} must be a string of 81 cells, got {type(text).__name__}")
     cells = []
-    for pos, ch in enumerate(text):
-        if ch.isspace():
-            continue
-        if ch == "." or ch == "0":
-            cells.append(0)
-        elif "1" <= ch <= "9":
-            cells.append(ord(ch) - 48)
-        else:
-            raise SudokuError(f"{what}: invalid character {ch!r} at position {pos}; use digits 1-9 and 0 or '.' "
-                              "for blanks (whitespace is ignored)")
+    pos = 0
+    for line in text.splitlines(keepends=True):
+        rule = all(ch.isspace() or ch in RULE_CHARS for ch in line)  # a horizontal rule, e.g. ------+-------+------
+        for ch in line:
+            if ch.isspace() or rule or ch == "|" or ch in BOX_DRAWING:
+                pass
+            elif ch == "." or ch == "0":
+                cells.append(0)
+            elif "1" <= ch <= "9":
+                cells.append(ord(ch) - 48)
+            else:
+                raise SudokuError(f"{what}: invalid character {ch!r} at position {pos}; use digits 1-9 and 0 or '.' "
+                                  "for blanks (whitespace and a grid drawing's | and rule lines are ignored)")
+            pos += 1
     if len(cells) != 81:
         raise SudokuError(f"{what}: expected 81 cells, got {len(cells)} (digits 1-9, 0 or '.' for blanks)")
     return tuple(cells)
