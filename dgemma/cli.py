@@ -77,6 +77,13 @@ def _engine_options(args) -> dict:
     return options
 
 
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def _run_stream(events, args, tokenizer, out=sys.stdout) -> "object":
     """Print Text events as they arrive (or hand them to the live draft view); return the Done event."""
     from .engine.stream import Done, Draft, Text
@@ -96,8 +103,9 @@ def _run_stream(events, args, tokenizer, out=sys.stdout) -> "object":
                     continue  # thinking is shown only with --show-thinking, in the live view too
                 if view is not None:
                     view.commit(event)
-                elif not args.json:
-                    out.write(event.text if event.kind == "answer" else f"\x1b[2m{event.text}\x1b[0m")
+                elif not args.json:  # thinking dimmed on a terminal; piped, the text alone
+                    dim = event.kind != "answer" and _isatty(out)
+                    out.write(f"\x1b[2m{event.text}\x1b[0m" if dim else event.text)
                     out.flush()
             elif isinstance(event, Done):
                 done = event

@@ -216,8 +216,8 @@ class ModelConfig:
             for key, current in (("head_dim", global_head_dim), ("num_key_value_heads", global_kv)):
                 values = {o.get(key) for o in full_over}
                 if len(values) > 1:
-                    raise ConfigError(f"{source}: full-attention layers disagree on `{key}` ({sorted(map(str, values))});"
-                                      " dgemma supports one shape per layer kind")
+                    raise ConfigError(f"{source}: full-attention layers disagree on `{key}` "
+                                      f"({sorted(map(str, values))}); dgemma supports one shape per layer kind")
             # a full layer without an override keeps the global value (per_layer_config only lists changes)
             first = full_over[0] if full_over else {}
             global_head_dim = global_head_dim or first.get("head_dim") or head_dim
@@ -284,19 +284,20 @@ class ModelConfig:
         return cls.from_dict(read_json(path, fix="pass a model directory or its config.json"), source=str(path))
 
 
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # what marks a LoRA adapter directory (train/lora.py writes it)
+
+
 def adapter_not_model(directory: Path) -> str | None:
     """The message for a LoRA adapter directory (`dgemma train --mode lora` writes RUN/adapter and adapter
     checkpoints) passed where a model directory goes; None when `directory` holds no adapter."""
-    from .train.lora import CONFIG_FILE
-
-    if not (directory / CONFIG_FILE).is_file():
+    if not (directory / ADAPTER_CONFIG_FILE).is_file():
         return None
     try:
-        base = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")).get("base_model")
+        base = json.loads((directory / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8")).get("base_model")
     except (OSError, ValueError, AttributeError):
         base = None
-    return (f"{directory} holds a LoRA adapter ({CONFIG_FILE}), not a model: pass the model a LoRA run writes with "
-            "the adapter merged in (RUN/model), or merge this adapter into its base model"
+    return (f"{directory} holds a LoRA adapter ({ADAPTER_CONFIG_FILE}), not a model: pass the model a LoRA run "
+            "writes with the adapter merged in (RUN/model), or merge this adapter into its base model"
             f"{f' ({base})' if isinstance(base, str) else ''}: dgemma.model.load_module(BASE), then "
             "dgemma.train.lora.load_adapter(module, ADAPTER_DIR), merge_lora(module) and "
             "dgemma.model.saving.save_checkpoint(module, OUT), then copy BASE's tokenizer files into OUT")

@@ -524,6 +524,15 @@ def test_draft_view_shows_thinking_only_with_show_thinking(engine, capsys):
         _run_stream(iter(events), args, engine.tokenizer, out=printed)
         out = printed.getvalue()
         assert "the answer" in out and ("secret thoughts" in out) == show_thinking, out
+        assert "\x1b" not in out  # piped: no terminal escapes around the thinking text
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    printed = Terminal()  # on a terminal the thinking text is dimmed
+    _run_stream(iter(events), SimpleNamespace(show_drafts=False, json=False, show_thinking=True), engine.tokenizer,
+                out=printed)
+    assert printed.getvalue() == "\x1b[2msecret thoughts\x1b[0mthe answer"
 
 
 def test_complete_with_drafts_points_to_stream(engine):

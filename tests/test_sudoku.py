@@ -175,6 +175,7 @@ def test_grid_drawings_read_back():
     assert parse_grid("╔══╗\n" + boxed + "\n╚══╝") == p
     with pytest.raises(SudokuError, match="invalid character '-'"):  # '-' is no blank, nor a separator in a row
         parse_grid(WIKIPEDIA[0].replace("0", "-"))
+    assert parse_grid("\ufeff" + WIKIPEDIA[0]) == p  # a file saved with a byte-order mark
 
 
 # --- format + tokenizer --------------------------------------------------------------------------------

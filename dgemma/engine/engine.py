@@ -211,7 +211,8 @@ class Engine:
         Returns the ids, or a GenerateOutput (.sequences, .tokens_per_forward) with return_dict or
         return_dict_in_generate True. `accept` swaps the acceptance rule (an AcceptRule of dgemma.sampling, or
         its text as the CLI's --accept, e.g. 'confidence:0.9'). With generator=None the global torch RNG is used,
-        so after torch.manual_seed(s) the tokens equal the reference's on CPU in fp32; sampling="fast" samples the same distributions more cheaply. `plan`
+        so after torch.manual_seed(s) the tokens equal the reference's on CPU in fp32; sampling="fast" samples the
+        same distributions more cheaply. `plan`
         constrains the canvases (clamped positions, allowed tokens: see dgemma.engine.generate.CanvasPlan).
         settle_after / settle_entropy (dgemma's own, approximate, off by default): positions whose argmax held that
         many steps with an entropy below settle_entropy stop being computed (dgemma/engine/settle.py)."""

@@ -59,7 +59,8 @@ def describe(cfg: ModelConfig) -> list[str]:
     n_full = sum(not cfg.is_sliding(i) for i in range(cfg.num_hidden_layers))
     full_at = [i for i in range(cfg.num_hidden_layers) if not cfg.is_sliding(i)]
     return [
-        f"layers            {cfg.num_hidden_layers} ({cfg.num_hidden_layers - n_full} sliding, {n_full} full at {full_at})",
+        f"layers            {cfg.num_hidden_layers} ({cfg.num_hidden_layers - n_full} sliding, "
+        f"{n_full} full at {full_at})",
         f"hidden            {cfg.hidden_size}; dense MLP / self-cond width {cfg.intermediate_size}",
         f"experts           {cfg.num_experts} x width {cfg.moe_intermediate_size}, top-{cfg.top_k_experts} per token",
         f"attention         {cfg.num_attention_heads} query heads; sliding {cfg.num_key_value_heads} KV x "

@@ -27,6 +27,7 @@ __all__ = [
     "AcceptRule", "CanvasConstraints", "DenoiseState", "StepConfig", "StopRule", "all_of", "any_of", "clamped_logprob",
     "confidence_threshold", "confidence_threshold_accept", "default_chunk", "entropy_bound", "entropy_bound_accept",
     "entropy_from_probs", "free_constraints", "init_canvas", "init_state", "linear_quota", "linear_temperature",
-    "mean_entropy_below", "parse_accept", "quota", "quota_accept", "sample_inverse_cdf", "sample_reference", "step", "step_lean",
+    "mean_entropy_below", "parse_accept", "quota", "quota_accept", "sample_inverse_cdf", "sample_reference", "step",
+    "step_lean",
     "token_entropy", "token_stable", "truncate_at_stop_ids",
 ]

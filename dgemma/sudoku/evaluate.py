@@ -151,8 +151,8 @@ def predict(engine, puzzles: Sequence[Sequence[int]], *, steps: int | None = Non
     if baseline and clamp_givens:
         raise SudokuError("clamp_givens constrains the diffusion canvas; the autoregressive baseline has none")
     if baseline and steps is not None:
-        raise SudokuError(f"steps bounds the denoising steps of a canvas; the autoregressive baseline takes one forward "
-                          f"per token ({ANSWER_TOKENS} at most) and has none; drop one")
+        raise SudokuError("steps bounds the denoising steps of a canvas; the autoregressive baseline takes one "
+                          f"forward per token ({ANSWER_TOKENS} at most) and has none; drop one")
     if clamp_givens and engine.config.canvas_length < ANSWER_TOKENS:
         raise SudokuError(f"clamp_givens needs the whole answer in one canvas (canvas_length >= {ANSWER_TOKENS}), "
                           f"this model's is {engine.config.canvas_length}")

@@ -51,7 +51,7 @@ RULE_CHARS = frozenset("-+=|") | BOX_DRAWING  # what a grid drawing's horizontal
 def parse_grid(text: str, *, what: str = "puzzle") -> Grid:
     """81 cells from text: digits 1-9, and 0 or '.' for blanks; whitespace (incl. newlines) is ignored, and so is a
     grid drawing (format_grid's, or box-drawing characters): lines of rule characters alone, and '|' (or a Unicode
-    box-drawing character) between cells."""
+    box-drawing character) between cells. A byte-order mark (what Windows editors put first) is ignored too."""
     if not isinstance(text, str):
         raise SudokuError(f"{what} must be a string of 81 cells, got {type(text).__name__}")
     cells = []
@@ -59,7 +59,7 @@ def parse_grid(text: str, *, what: str = "puzzle") -> Grid:
     for line in text.splitlines(keepends=True):
         rule = all(ch.isspace() or ch in RULE_CHARS for ch in line)  # a horizontal rule, e.g. ------+-------+------
         for ch in line:
-            if ch.isspace() or rule or ch == "|" or ch in BOX_DRAWING:
+            if ch.isspace() or rule or ch == "|" or ch in BOX_DRAWING or ch == "\ufeff":  # \ufeff: a BOM
                 pass
             elif ch == "." or ch == "0":
                 cells.append(0)

@@ -35,12 +35,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from ..config import ADAPTER_CONFIG_FILE
 from ..model.layers import gelu_tanh
 from ..model.moe import Experts
 from ..model.saving import save_safetensors
 
 TARGETS = ("attention", "mlp", "self_conditioning", "experts")
-ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
+ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", ADAPTER_CONFIG_FILE
 
 
 @dataclass(frozen=True)
