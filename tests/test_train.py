@@ -516,6 +516,43 @@ def test_lora_run_merges_into_a_loadable_model(work, overfit, tmp_path):
     assert all(torch.equal(resumed[k], after[k]) for k in after)
 
 
+def test_lora_on_a_bf16_base_keeps_it_bf16_and_merges_into_a_bf16_model(work, overfit, tmp_path):
+    """A LoRA run under --dtype bfloat16 on a bf16 checkpoint holds its frozen base in bf16 (it was loaded as fp32
+    masters: twice the memory, 104 GB for 26B-A4B) and writes a bf16 merged model (it was fp32, twice the size), equal
+    to folding the saved fp32 adapter onto the bf16 base with one rounding per weight; under --dtype float32 the
+    base is computed, and written, in fp32 as before."""
+    pytest.importorskip("dgemma.train.lora")
+    from safetensors.torch import load_file
+
+    from dgemma.model.loading import load_module
+    from dgemma.model.saving import save_checkpoint
+    from dgemma.train import lora
+    from dgemma.train.train import base_dtype
+
+    _, result = overfit
+    base = tmp_path / "base-bf16"
+    save_checkpoint(load_module(result.model_dir, dtype=torch.bfloat16, quiet=True), base)
+    for f in (result.model_dir).iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, base / f.name)
+    cfg = TrainConfig(data=(str(work / "data.jsonl"),), out=str(tmp_path / "run"), init="lora", model=str(base),
+                      steps=2, batch_size=2, lr=1e-2, lora_rank=2, lora_targets=("attention", "experts"),
+                      dtype="bfloat16", progress=False)
+    train(cfg)
+    merged = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+    expected = load_module(base, quiet=True)  # bf16, as stored
+    lora.load_adapter(expected, tmp_path / "run" / "adapter")
+    lora.merge_lora(expected)
+    before = load_file(base / "model.safetensors")
+    assert any(not torch.equal(before[k], merged[k]) for k in merged)
+    ours = merged
+    save_checkpoint(expected, tmp_path / "expected")
+    theirs = load_file(tmp_path / "expected" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert base_dtype(cfg) is None and base_dtype(dataclasses.replace(cfg, dtype="float32")) == torch.float32
+
+
 def test_cli_flags_build_the_config(work, tmp_path):
     from dgemma.train.commands import add_train_parser, config_from_args
 
