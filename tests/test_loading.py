@@ -500,3 +500,28 @@ def test_bundled_model_cards_state_the_parameter_count_inspect_reports(name, cap
     row = next(line for line in (directory / "README.md").read_text().splitlines() if line.startswith("| parameters |"))
     stated = int(row.split("|")[2].split()[0].replace(",", ""))
     assert stated == inspect_json(directory, capsys)["total_parameters"]
+
+
+def test_stop_ids_outside_the_vocabulary_are_a_warning_at_load(tmp_path, capsys):
+    """An eos_token_id no token can be (a generation_config.json written for another tokenizer) meant generation
+    silently never stopped on it; load now warns, naming the file, the field and the vocabulary's range, and
+    quiet=True (or a clean model) prints nothing."""
+    import json
+    import shutil
+
+    import dgemma
+    from dgemma.bundled import PACKAGED
+
+    dgemma.load(PACKAGED)
+    assert capsys.readouterr().err == ""
+    model = tmp_path / "m"
+    shutil.copytree(PACKAGED, model)
+    path = model / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token_id": [1, 5000], "pad_token_id": 4096}))
+    engine = dgemma.load(model)
+    err = capsys.readouterr().err
+    assert f"{path}: eos_token_id 5000 is outside the model's vocabulary (ids 0 to 4095)" in err
+    assert f"{path}: pad_token_id 4096 is outside" in err and f"{model / 'config.json'}:" not in err
+    assert engine.generation_config.eos_token_id == (1, 5000)  # loaded as the reference loads it
+    dgemma.load(model, quiet=True)
+    assert capsys.readouterr().err == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
@@ -266,6 +267,22 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}  # load(dtype=NAME)
 
 
+def ids_outside_vocabulary(config: ModelConfig, generation: GenerationConfig) -> list[str]:
+    """The stop and pad ids of config.json and generation_config.json that no token can be (not in [0, vocab)),
+    each as 'FILE: what is wrong and what to do'. The reference loads such files too, so they are warnings: an eos
+    id outside the vocabulary can never be generated, so generation would not stop on it."""
+    V, out = config.vocab_size, []
+    for file, source in (("config.json", config), ("generation_config.json", generation)):
+        for name in ("eos_token_id", "pad_token_id"):
+            value = getattr(source, name)
+            bad = [i for i in (() if value is None else eos_ids(value)) if not 0 <= i < V]
+            if bad:
+                out.append(f"{file}: {name} {bad[0] if len(bad) == 1 else bad} is outside the model's vocabulary "
+                           f"(ids 0 to {V - 1}), so no token can be it; fix the file (the tokenizer's ids are the ones "
+                           "to use)")
+    return out
+
+
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device=None, quiet: bool = False,
          preset: str | None = None, int8_dynamic: bool = False, compile: str | None = None) -> Engine:
     """Load a DiffusionGemma model directory (Hugging Face layout) into an Engine. preset: a speed preset as the
@@ -279,7 +296,11 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device=Non
         raise ValueError(f"dtype must be a floating-point torch.dtype or its name, got {dtype!r}")
     module = load_module(path, dtype=dtype, device=device, quiet=quiet, prepare=swap_for_checkpoint)
     tokenizer = Tokenizer.from_dir(path) if (Path(path) / "tokenizer.json").exists() else None
-    engine = Engine(module, Path(path), GenerationConfig.from_dir(path), tokenizer).use_preset(preset)
+    generation = GenerationConfig.from_dir(path)
+    if not quiet:
+        for problem in ids_outside_vocabulary(module.config, generation):
+            print(f"dgemma: warning: {Path(path) / problem}", file=sys.stderr)
+    engine = Engine(module, Path(path), generation, tokenizer).use_preset(preset)
     if int8_dynamic:
         engine.use_int8_dynamic()
     return engine.compile(compile) if compile else engine
