@@ -488,3 +488,23 @@ def test_views_recipe_scores_every_prefix(sudoku_model, puzzle_file, tmp_path, c
     assert all(r["solved_rate"] <= r["any_view_solved"] for r in rows)
     saved = json.loads(out.read_text())["answers"]
     assert len(saved) == 3 and all(len(view) == 6 and all(len(a) == 81 for a in view) for view in saved)
+
+
+def test_solve_verdict_counts_in_words_and_explains_only_what_it_shows():
+    """The invalid-answer line: "1 given not copied" (was "1 givens"), and the "'?' = not a digit" legend only
+    when the printed answer has a '?' (it was always there)."""
+    from dgemma.sudoku.commands import invalid_line
+
+    puzzle, solution = parse_grid(WIKIPEDIA[0]), parse_grid(WIKIPEDIA[1])
+    blanks = 81 - sum(1 for c in puzzle if c)
+    first_blank = puzzle.index(0)
+    first_given = next(i for i, c in enumerate(puzzle) if c)
+    wrong = list(solution)
+    wrong[first_blank] = solution[first_blank] % 9 + 1
+    assert invalid_line(puzzle, wrong, solution) == f"valid: no (1 of {blanks} blank cells wrong or missing)"
+    wrong[first_given] = puzzle[first_given] % 9 + 1
+    assert invalid_line(puzzle, wrong, solution) == \
+        f"valid: no (1 of {blanks} blank cells wrong or missing, 1 given not copied)"
+    wrong[first_blank], wrong[first_given + 1] = 0, 0
+    line = invalid_line(puzzle, wrong, solution)
+    assert line.endswith("; '?' = not a digit)") and "given" in line

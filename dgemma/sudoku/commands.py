@@ -90,11 +90,22 @@ def cmd_solve(args) -> int:
     if valid:
         print("valid: yes (the puzzle's unique solution)")
     else:
-        wrong = sum(1 for p, c, s in zip(puzzle, cells, solution) if not p and c != s)
-        changed = sum(1 for p, c in zip(puzzle, cells) if p and c != p)
-        print(f"valid: no ({wrong} of {81 - num_givens(puzzle)} blank cells wrong or missing"
-              + (f", {changed} givens not copied" if changed else "") + "; '?' = not a digit)")
+        print(invalid_line(puzzle, cells, solution))
     return 0
+
+
+def invalid_line(puzzle, cells, solution) -> str:
+    """`solve`'s verdict on an invalid answer: blanks wrong or missing, givens not copied, and what '?' means when
+    the printed answer has one (a cell that is not a digit)."""
+    from .puzzles import num_givens
+
+    wrong = sum(1 for p, c, s in zip(puzzle, cells, solution) if not p and c != s)
+    changed = sum(1 for p, c in zip(puzzle, cells) if p and c != p)
+    parts = [f"{wrong} of {81 - num_givens(puzzle)} blank cells wrong or missing"]
+    if changed:
+        parts.append(f"{changed} given{'s' if changed != 1 else ''} not copied")
+    legend = "; '?' = not a digit" if 0 in cells else ""
+    return f"valid: no ({', '.join(parts)}{legend})"
 
 
 # --- eval --------------------------------------------------------------------------------------------
