@@ -701,3 +701,15 @@ def test_time_budget_fixes_the_step_count_after_calibration(work, tmp_path):
     fixed = train(base_config(work, tmp_path / "fixed", steps=CALIBRATION_STEPS, warmup_steps=20, batch_size=2))
     wa, wb = (load_file(r.model_dir / "model.safetensors") for r in (spent, fixed))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_every_train_flag_says_what_it_does():
+    """`dgemma train --help` listed --lr, --lora-rank, --eval-every and a dozen others with no word on them or
+    their defaults."""
+    from dgemma.train.commands import add_train_parser
+
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    silent = [a.option_strings[0] for a in train_parser._actions if a.option_strings and not a.help]
+    assert not silent, f"flags without help: {silent}"

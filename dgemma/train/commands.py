@@ -26,8 +26,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", help="tokenizer directory (default: --model; required from scratch)")
     g.add_argument("--freeze-router", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze the MoE routers (default: frozen when fine-tuning, trained from scratch)")
-    g.add_argument("--lora-rank", type=positive_int, default=8)
-    g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--lora-rank", type=positive_int, default=8, help="rank r of each adapter (default 8)")
+    g.add_argument("--lora-alpha", type=float, default=16.0,
+                   help="adapter scale: the update is alpha / r times B A x (default 16)")
     g.add_argument("--lora-targets", default="attention,mlp",
                    help="comma-separated: attention, mlp, self_conditioning, experts")
     g = p.add_argument_group("data")
@@ -36,25 +37,36 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--eval-holdout", type=int, default=0, help="hold out N training examples for evaluation")
     g.add_argument("--raw", action="store_true", help="prompt/completion records are plain text (no chat template)")
     g.add_argument("--max-seq-len", type=positive_int, default=None, help="prompt + padded response limit")
-    g.add_argument("--on-too-long", choices=["truncate", "drop", "error"], default="truncate")
+    g.add_argument("--on-too-long", choices=["truncate", "drop", "error"], default="truncate",
+                   help="an example past --max-seq-len: keep the canvases that fit (truncate, the default), drop it, "
+                        "or stop with an error")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=positive_int, default=None,
                    help="optimizer steps (default 1000; with --time-budget: at most; with --resume alone: a new total)")
     g.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
                    help="fit the run into this much wall time: the step count is fixed after "
                         "the first steps are timed (needs --warmup >= 20); logged, and saved in train_config.json")
-    g.add_argument("--batch-size", type=positive_int, default=8, help="examples per step, over all ranks")
-    g.add_argument("--grad-accum", type=positive_int, default=1)
-    g.add_argument("--lr", type=float, default=1.5e-4)
-    g.add_argument("--min-lr-ratio", type=float, default=0.1)
-    g.add_argument("--warmup", type=int, default=0, help="warm-up steps")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--betas", type=float, nargs=2, default=(0.95, 0.99), metavar=("BETA1", "BETA2"))
-    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--batch-size", type=positive_int, default=8, help="examples per step, over all ranks (default 8)")
+    g.add_argument("--grad-accum", type=positive_int, default=1,
+                   help="split each step's batch into N micro-batches (same update, less memory; default 1)")
+    g.add_argument("--lr", type=float, default=1.5e-4,
+                   help="peak learning rate, AdamW (default 1.5e-4; tiny models from scratch like ~1e-3)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="the cosine decay ends at lr times this (default 0.1)")
+    g.add_argument("--warmup", type=int, default=0, help="warm-up steps of the learning rate (default 0)")
+    g.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="AdamW weight decay, on matrices only (default 1e-4)")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.95, 0.99), metavar=("BETA1", "BETA2"),
+                   help="AdamW betas (default 0.95 0.99)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (default 1.0)")
     g.add_argument("--ar-weight", type=float, default=1.0, help="weight of the encoder's next-token loss (0: off)")
-    g.add_argument("--self-cond-prob", type=float, default=0.5)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    g.add_argument("--self-cond-prob", type=float, default=0.5,
+                   help="probability that an example is trained with a self-conditioning signal (default 0.5, "
+                        "spec §7)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and initialisation (default 0)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype: bfloat16 = autocast with fp32 master weights (LoRA: the frozen base stays as "
+                        "stored); default float32")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--no-tf32", dest="tf32", action="store_false",
                    help="on CUDA, keep fp32 matmuls in full fp32 (default: TF32 tensor cores, ~10 mantissa bits)")
@@ -68,9 +80,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                         f"one of {', '.join(COMPILE_MODES)} (default: default)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output directory")
-    g.add_argument("--eval-every", type=int, default=0)
-    g.add_argument("--save-every", type=int, default=0)
-    g.add_argument("--keep-checkpoints", type=positive_int, default=2)
+    g.add_argument("--eval-every", type=int, default=0,
+                   help="steps between evaluations on the held-out data (default 0: only at the end)")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="steps between resumable checkpoints (default 0: only at the end)")
+    g.add_argument("--keep-checkpoints", type=positive_int, default=2,
+                   help="resumable checkpoints kept, the latest ones (default 2)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out; without "
                                                          "--data, reuses --out's train_config.json (only --steps "
                                                          "may change)")

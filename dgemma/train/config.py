@@ -54,7 +54,7 @@ class TrainConfig:
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
     seed: int = 0
-    dtype: str = "float32"  # bfloat16 = autocast with fp32 master weights
+    dtype: str = "float32"  # bfloat16 = autocast with fp32 masters (a LoRA base stays as stored)
     tf32: bool = True  # on CUDA, fp32 matmuls/convolutions use TF32 tensor cores (no effect on CPU)
     compile: str = ""  # "": eager; else a torch.compile mode (COMPILE_MODES) for each layer (train.compile_layers)
     device: str | None = None  # default cuda when available
