@@ -360,8 +360,8 @@ def test_cli_errors(tmp_path, monkeypatch):
 
 
 def test_baseline_refuses_the_diffusion_knobs(sudoku_model, puzzle_file):
-    """`--baseline ar` silently ignored --steps and --preset (the answer and the forwards were those of a run
-    without them); they configure the denoising sampler, which the baseline does not run."""
+    """`--baseline ar` silently ignored --steps, --preset and --compile (the answer and the forwards were those of a
+    run without them); they configure the denoising sampler or step, which the baseline does not run."""
     import dgemma
 
     engine = dgemma.load(sudoku_model)
@@ -369,7 +369,8 @@ def test_baseline_refuses_the_diffusion_knobs(sudoku_model, puzzle_file):
     with pytest.raises(SudokuError, match="autoregressive baseline takes one forward per token"):
         predict(engine, [puzzle], baseline="ar", steps=2)
     for flags, message in ((["--steps", "2"], "steps bounds the denoising steps"),
-                           (["--preset", "fast"], "--preset fast sets the denoising sampler's knobs")):
+                           (["--preset", "fast"], "--preset fast sets the denoising sampler's knobs"),
+                           (["--compile"], "--compile compiles the denoising step")):
         with pytest.raises(ValueError, match=message):
             _cli(["sudoku", "solve", grid_to_string(puzzle), "--model", str(sudoku_model), "--baseline", "ar",
                   *flags])

@@ -26,6 +26,9 @@ def _load(args):
     if args.baseline and args.preset != "exact":  # a preset's knobs are the diffusion sampler's: none would apply
         raise ValueError(f"--preset {args.preset} sets the denoising sampler's knobs; --baseline {args.baseline} "
                          "decodes one token per forward and uses none of them; drop one")
+    if args.baseline and args.compile:  # --compile compiles the denoising step, which the baseline never runs
+        raise ValueError(f"--compile compiles the denoising step; --baseline {args.baseline} runs the causal encoder "
+                         "only and would run it uncompiled; drop one")
     path = Path(args.model) if args.model else BUNDLED
     if not (path / "config.json").is_file():
         if args.model:
@@ -155,7 +158,7 @@ def _model_flags(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--baseline", choices=["ar"], default=None,
                    help="decode autoregressively (greedy, causal encoder) instead of by diffusion; takes neither "
-                        "--steps, --clamp-givens nor a --preset")
+                        "--steps, --clamp-givens, --compile nor a --preset")
     p.add_argument("--clamp-givens", action="store_true",
                    help="constrain the canvas: givens clamped in place, blanks restricted to 1-9 (diffusion only)")
     p.add_argument("--views", type=positive_int, default=1,
