@@ -362,10 +362,10 @@ def test_cli_chat_reset_starts_over_once_the_conversation_fills_the_context(mode
     reused = [int(line.split("reused ")[1].split()[0]) for line in err.splitlines() if "reused" in line]
     assert reused == [0, 0], err  # the first turn, then the turn after /reset: nothing cached to reuse
     session = ChatSession(dgemma.load(model_dir, quiet=True), system="Be brief.")
-    first = session._turn_ids("Hi")
+    first = session._opening_and_turn("Hi")
     list(session.send("Hi", seed=0, max_tokens=5))
     session.reset()
-    assert session.ids == [] and session.cache is None and session._turn_ids("Hi") == first  # system prompt kept
+    assert session.ids == [] and session.cache is None and session._opening_and_turn("Hi") == first  # system prompt kept
 
 
 def test_cli_chat_stats_line_is_the_generate_summary(model_dir, capsys, monkeypatch):

@@ -54,11 +54,6 @@ class ChatSession:
                              "append turns to its history; pass the whole conversation as messages= to stream()")
         return self.tok.encode(first[: len(first) - len(turn)], add_bos=True), self.tok.encode(turn, add_bos=False)
 
-    def _turn_ids(self, user_text: str) -> list[int]:
-        """The ids this user message adds to the conversation (with the opening on the first turn)."""
-        opening, turn = self._opening_and_turn(user_text)
-        return turn if self.ids else opening + turn
-
     def send(self, user_text: str, **options):
         """Stream the answer to one user message (events as in engine/stream.py; response_format as in
         Engine.stream)."""

@@ -18,9 +18,12 @@ from .generate import GenerateOutput, fit_max_length, generate, step_config
 _UNSET = object()
 
 
+TEMPERATURE_HINT = " (the temperature here is the t_max -> t_min schedule)"  # for a caller passing temperature=
+
+
 def unknown_options_message(names: list[str]) -> str:
     """Options `Engine.generate` does not take (the reference passes unknown options on to its model)."""
-    hint = " (the temperature here is the t_max -> t_min schedule)" if "temperature" in names else ""
+    hint = TEMPERATURE_HINT if "temperature" in names else ""
     return (f"generate() does not take {', '.join(names)}{hint}: neither a DiffusionGemma sampling knob nor an "
             "option dgemma supports. The reference's generate() silently ignores sampling options it lacks "
             "(temperature, top_k, do_sample, ...); dgemma refuses them so that no setting is lost unseen. Its knobs: "
@@ -179,7 +182,7 @@ class Engine:
                 raise TypeError("max_length is the reference generate()'s total-length cap (prompt included); "
                                 "here cap the new tokens with max_tokens (or max_new_tokens)")
             if key not in values:
-                hint = " (the temperature here is the t_max -> t_min schedule)" if key == "temperature" else ""
+                hint = TEMPERATURE_HINT if key == "temperature" else ""
                 own = f"an option of this call ({', '.join(call_options)}) nor " if call_options else ""
                 raise TypeError(f"unknown option {key!r}{hint}: neither {own}a generation knob "
                                 f"({', '.join(sorted(set(values) - {'max_length'}))})")
