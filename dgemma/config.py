@@ -257,7 +257,9 @@ class ModelConfig:
             rope_theta_full=number(full_rope.get("rope_theta", 1000000.0), f"{FULL} rope_theta"),
             partial_rotary_factor=number(full_rope.get("partial_rotary_factor", 0.25), "partial_rotary_factor"),
             rms_norm_eps=number(get("rms_norm_eps", 1e-6), "rms_norm_eps"),
-            final_logit_softcapping=get("final_logit_softcapping", 30.0),
+            # an explicit null turns soft-capping off (logits used as the head computes them), as the field's
+            # type says and as Gemma configs use it; a missing field is the class default 30.0 (spec §2.2)
+            final_logit_softcapping=text["final_logit_softcapping"] if "final_logit_softcapping" in text else 30.0,
             max_position_embeddings=get("max_position_embeddings", 131072),
             pad_token_id=get("pad_token_id", 0),
             bos_token_id=get("bos_token_id", 2),

@@ -35,6 +35,35 @@ def test_tiny_config_geometry():
     assert (cfg.rope_theta_sliding, cfg.rope_theta_full) == (10000.0, 1000000.0)
 
 
+def test_null_softcap_turns_soft_capping_off_and_survives_a_save(tmp_path):
+    """`final_logit_softcapping: null` is no soft-cap (it was read as the default 30, silently capping logits the
+    checkpoint's authors left raw); a missing field is still 30. The head then returns the raw product, which the
+    capped model's logits are 30 tanh(. / 30) of, and a saved model keeps the null."""
+    import torch
+
+    from dgemma.model import DiffusionGemma
+    from dgemma.model.saving import save_checkpoint
+
+    raw = make_config()
+    raw["text_config"]["final_logit_softcapping"] = None
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.final_logit_softcapping is None
+    assert ModelConfig.from_dict(text(final_logit_softcapping=None)).final_logit_softcapping == 30.0  # deleted
+    raw_model, capped = DiffusionGemma(cfg), DiffusionGemma(ModelConfig.from_dict(make_config()))
+    torch.manual_seed(0)
+    torch.nn.init.normal_(raw_model.embed_tokens.weight, std=8.0)
+    capped.load_state_dict(raw_model.state_dict())
+    normed = torch.randn(1, 4, cfg.hidden_size)
+    with torch.no_grad():
+        plain, cap = raw_model.head(normed), capped.head(normed)
+    assert plain.abs().max() > 60  # past the cap: the two must differ
+    torch.testing.assert_close(plain, normed @ raw_model.embed_tokens.weight.t())
+    torch.testing.assert_close(cap, 30.0 * torch.tanh(plain / 30.0))
+    save_checkpoint(raw_model, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert ModelConfig.from_dict(saved).final_logit_softcapping is None
+
+
 @pytest.mark.parametrize("overrides", [
     {},
     {"text_config": {"num_global_key_value_heads": None}},  # omitted: full layers use num_key_value_heads
