@@ -12,7 +12,9 @@ after one warm-up of each variant, the variants run in turn `--reps` times:
   gqa-math  (CUDA only) one call per layer with grouped-query heads passed to SDPA as they are
             (`attention.REPEAT_HEADS_ON_CUDA = False`, the dispatch before 2026-11-28), which sends a masked call
             to SDPA's math kernel.
-Per length: median prefill wall of each variant, each one's speed over `one-call`, and whether they left the same
+Per length: median prefill wall of each variant, each one's speed over `one-call`, its peak memory above the pass's
+start (bench/_common.py's PeakMemory: the pass's temporaries, masks included), the peak of one attention call of a
+full and of a sliding layer alone in each variant (where the [T, T] mask shows), and whether they left the same
 bits as `one-call` (final hidden state and every layer's cached K/V; on the CPU chunks must, on a GPU other kernels
 may round differently, so there the largest difference is printed too). Ends with one JSON line.
 """
@@ -30,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import DTYPES, device_arg, hardware, read_config, sync  # noqa: E402
+from _common import DTYPES, PeakMemory, device_arg, hardware, read_config, sync  # noqa: E402
 from gpu import build  # noqa: E402
 from vs_reference import random_prompt  # noqa: E402
 
@@ -63,7 +65,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def prefill(engine, ids: torch.Tensor, variant: str):
-    """(wall seconds, final hidden state, cache) of one prefill of `ids` in `variant`."""
+    """(wall seconds, peak memory bytes above its start, final hidden state, cache) of one prefill of `ids` in
+    `variant`; the cache is made before the meter starts, so the peak is the pass's own temporaries."""
     from dgemma.model import attention
 
     chunk, repeat = attention.QUERY_CHUNK, attention.REPEAT_HEADS_ON_CUDA
@@ -72,12 +75,34 @@ def prefill(engine, ids: torch.Tensor, variant: str):
     try:
         cache = engine.new_cache(1)
         sync(engine.device)
-        start = time.perf_counter()
-        hidden = engine.encode(ids, cache, return_hidden=True)
-        sync(engine.device)
-        return time.perf_counter() - start, hidden, cache
+        with PeakMemory(engine.device) as meter:
+            start = time.perf_counter()
+            hidden = engine.encode(ids, cache, return_hidden=True)
+            sync(engine.device)
+            wall = time.perf_counter() - start
+        return wall, meter.peak, hidden, cache
     finally:
         attention.QUERY_CHUNK, attention.REPEAT_HEADS_ON_CUDA = chunk, repeat
+
+
+def attention_peak(T: int, window: int | None, variant: str, dtype, device) -> float:
+    """Peak memory (MiB) above its inputs of one encoder attention call over T tokens (2 query heads of 32, one
+    K/V head): the mask and the kernel's temporaries, which grow as T^2 in one call and as T x chunk in chunks."""
+    from dgemma.model import attention
+    from dgemma.model.encoder import EncoderMask
+
+    g = torch.Generator(device).manual_seed(T)
+    q = torch.randn(1, 2, T, 32, generator=g, device=device, dtype=dtype)
+    k = torch.randn(1, 1, T, 32, generator=g, device=device, dtype=dtype)
+    chunk = attention.QUERY_CHUNK
+    attention.QUERY_CHUNK = chunk if variant == "chunked" else None
+    try:
+        with PeakMemory(device) as meter:
+            attention.attend(q, k, k, attention.chunk_queries(EncoderMask(0, T, 0, window, None, device)))
+            sync(device)
+    finally:
+        attention.QUERY_CHUNK = chunk
+    return round(meter.peak / 2**20, 1)
 
 
 def difference(a, b) -> float:
@@ -98,27 +123,35 @@ def main(argv=None) -> dict:
     variants = ("one-call", "chunked") + (("gqa-math",) if device.type == "cuda" else ())
     dtype = str(args.dtype).removeprefix("torch.")
     rows = {}
-    print(f"{label}, {dtype}, batch 1, {hardware(device)}")
+    print(f"{label}, {dtype}, batch 1, {hardware(device)}; peak memory: {PeakMemory(device).method}")
     print(f"  {'prompt':>8}" + "".join(f"{v:>12}" for v in variants) + "  speed over one-call, max |diff|")
     for T in args.lengths:
         ids = random_prompt(raw, engine.config.vocab_size, 1, T, args.seed).to(device)
-        walls = {v: [] for v in variants}
+        walls, peaks = {v: [] for v in variants}, {v: [] for v in variants}
         outputs = {}
         for rep in range(args.reps + 1):  # rep 0 warms up
             for variant in variants:
-                wall, hidden, cache = prefill(engine, ids, variant)
+                wall, peak, hidden, cache = prefill(engine, ids, variant)
                 outputs[variant] = (hidden, cache)
                 if rep:
                     walls[variant].append(wall)
+                    peaks[variant].append(peak)
         medians = {v: statistics.median(ws) for v, ws in walls.items()}
         row = {"wall_s": {v: round(m, 3) for v, m in medians.items()},
                "speed": {v: round(medians["one-call"] / m, 3) for v, m in medians.items() if v != "one-call"},
                "max_diff": {v: difference(outputs["one-call"], outputs[v]) for v in variants if v != "one-call"},
-               "walls": {v: [round(w, 3) for w in ws] for v, ws in walls.items()}}
+               "walls": {v: [round(w, 3) for w in ws] for v, ws in walls.items()},
+               "peak_mib": {v: round(max(ps) / 2**20, 1) for v, ps in peaks.items()},
+               "attention_peak_mib": {v: {kind: attention_peak(T, w, v, args.dtype, device)
+                                          for kind, w in (("full", None), ("sliding", engine.config.sliding_window))}
+                                      for v in ("one-call", "chunked")}}
         row["same_bits"] = row["max_diff"]["chunked"] == 0.0
         rows[T] = row
         print(f"  {T:>8}" + "".join(f"{m:>11.3f}s" for m in medians.values()) + "  " +
-              ", ".join(f"{v} {row['speed'][v]:.2f}x, {row['max_diff'][v]:.1e}" for v in row["speed"]))
+              ", ".join(f"{v} {row['speed'][v]:.2f}x, {row['max_diff'][v]:.1e}" for v in row["speed"]) +
+              "; peak MiB " + ", ".join(f"{v} {m:.0f}" for v, m in row["peak_mib"].items()) +
+              "; one attention call's peak MiB (full/sliding) " + ", ".join(
+                  f"{v} {p['full']:.0f}/{p['sliding']:.0f}" for v, p in row["attention_peak_mib"].items()))
         del outputs
     out = {"bench": "long_prompt", "config": label, "dtype": dtype, "reps": args.reps,
            "threads": torch.get_num_threads(), "hardware": hardware(device), "torch": torch.__version__,

@@ -13,7 +13,7 @@ import torch
 import dgemma
 from dgemma.model import attention
 from dgemma.model.attention import ChunkedMask, attend, attend_reference, chunk_queries, repeat_heads
-from dgemma.model.encoder import encoder_mask
+from dgemma.model.encoder import EncoderMask
 
 
 def layer_mask(B, S0, T, window, pad=0):
@@ -22,7 +22,7 @@ def layer_mask(B, S0, T, window, pad=0):
     if pad:
         key_valid = torch.ones(B, S0 + T, dtype=torch.bool)
         key_valid[0, :pad] = False
-    return encoder_mask(S0, T, S0, window, key_valid, "cpu")
+    return EncoderMask(S0, T, S0, window, key_valid, "cpu")
 
 
 GEOMETRIES = [  # (B, cached S0, new T, window, pad of row 0)
@@ -43,17 +43,17 @@ def test_chunked_attention_gives_the_one_calls_bits(B, S0, T, window, pad, dtype
     q = torch.randn(B, 8, T, 32, generator=g).to(dtype)
     k = torch.randn(B, 2, S0 + T, 32, generator=g).to(dtype)
     v = torch.randn(B, 2, S0 + T, 32, generator=g).to(dtype)
-    one, parts = attend(q, k, v, mask), attend(q, k, v, chunked)
+    one, parts = attend(q, k, v, mask.dense()), attend(q, k, v, chunked)
     assert torch.equal(one, parts), f"max |diff| {(one.float() - parts.float()).abs().max().item():.3e}"
     # and the one call is right (the oracle: an explicit fp32 softmax)
-    torch.testing.assert_close(one.float(), attend_reference(q, k, v, mask).float(), rtol=0,
+    torch.testing.assert_close(one.float(), attend_reference(q, k, v, mask.dense()).float(), rtol=0,
                                atol=1e-5 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.parametrize("B,S0,T,window,pad", GEOMETRIES)
 def test_chunks_skip_only_keys_no_query_of_theirs_sees(B, S0, T, window, pad):
-    mask = layer_mask(B, S0, T, window, pad)
-    chunked = chunk_queries(mask)
+    rule = layer_mask(B, S0, T, window, pad)
+    chunked, mask = chunk_queries(rule), rule.dense()
     S = S0 + T
     starts = [c[0] for c in chunked.chunks]
     assert starts[0] == 0 and chunked.chunks[-1][1] == T
@@ -68,13 +68,63 @@ def test_chunks_skip_only_keys_no_query_of_theirs_sees(B, S0, T, window, pad):
         assert skipped > 0.3 * T * S
 
 
+def dense_rule(B, S0, T, window, key_valid, start):
+    """The encoder mask written out whole, straight from spec §4.7 (the oracle for EncoderMask's blocks)."""
+    start = torch.as_tensor(start).reshape(-1, 1)
+    q_pos = start + torch.arange(T)  # [B or 1, T]
+    k_pos = start - S0 + torch.arange(S0 + T)
+    m = k_pos[:, None, :] <= q_pos[:, :, None]
+    if window is not None:
+        m &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    if key_valid is not None:
+        m = (m & key_valid[:, None, :]) | (k_pos[:, None, :] == q_pos[:, :, None])
+    return m[:, None]
+
+
+@pytest.mark.parametrize("B,S0,T,window,pad", GEOMETRIES + [(3, 900, 1900, 512, 1200)])
+def test_mask_blocks_and_key_ranges_follow_the_rule(B, S0, T, window, pad):
+    """Every block EncoderMask builds is that block of the whole mask, with per-row starts too (stacked caches),
+    and each chunk's key range is exactly the span of keys its queries attend to (the first and last True)."""
+    g = torch.Generator().manual_seed(S0 + T)
+    key_valid = torch.ones(B, S0 + T, dtype=torch.bool)
+    key_valid[0, :pad] = False
+    key_valid[-1, : pad // 2] = False
+    for start in (S0, torch.tensor([S0 + 7 * b for b in range(B)])):
+        rule = EncoderMask(S0, T, start, window, key_valid, "cpu")
+        whole = dense_rule(B, S0, T, window, key_valid, start)
+        assert torch.equal(rule.dense(), whole)
+        for _ in range(20):
+            q0, k0 = (int(torch.randint(0, n, (1,), generator=g)) for n in (T, S0 + T))
+            q1, k1 = (int(torch.randint(a + 1, n + 1, (1,), generator=g)) for a, n in ((q0, T), (k0, S0 + T)))
+            assert torch.equal(rule.block(q0, q1, k0, k1), whole[..., q0:q1, k0:k1])
+        for q0, q1 in ((0, 1024), (1024, T), (256, 1280), (T - 1, T)):
+            seen = whole[..., q0:q1, :].any(dim=(0, 1, 2)).nonzero()
+            assert rule.key_range(q0, q1) == (int(seen[0]), int(seen[-1]) + 1), (q0, q1, start)
+
+
+def test_a_long_pass_never_builds_its_whole_mask(monkeypatch):
+    """Memory: a chunked pass builds one chunk's block of the mask at a time (O(T x chunk)), never the [T, S]
+    mask (64 MB per layer kind at 8K tokens, 1 GB at 32K)."""
+    built = []
+    block = EncoderMask.block
+    monkeypatch.setattr(EncoderMask, "block", lambda self, *a: built.append(a) or block(self, *a))
+    T, S0 = 6000, 500
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, T, 16, generator=g), torch.randn(1, 2, S0 + T, 16, generator=g)
+    for window in (None, 512):
+        built.clear()
+        attend(q, k, k, chunk_queries(layer_mask(1, S0, T, window)))
+        assert built and all(q1 - q0 < 2 * attention.QUERY_CHUNK for q0, q1, _, _ in built)
+        assert sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in built) < (0.6 if window else 0.8) * T * (S0 + T)
+
+
 def test_short_passes_and_commits_are_not_chunked():
     for T, S0 in ((256, 4000), (1024, 0), (1791, 0)):  # a canvas commit after a long context; short prompts
         mask = layer_mask(1, S0, T, 512)
-        assert chunk_queries(mask) is mask
+        assert torch.equal(chunk_queries(mask), mask.dense())
     # a full (causal) layer of a pass too short for two chunks of 768: one call
     short = layer_mask(1, 0, 1500, None)
-    assert chunk_queries(short) is short
+    assert torch.equal(chunk_queries(short), short.dense())
     assert isinstance(chunk_queries(layer_mask(1, 0, 1792, None)), ChunkedMask)
 
 

@@ -421,6 +421,9 @@ def test_long_prompt_bench_times_both_variants_and_restores_chunking(tmp_path, c
     row = result["lengths"][1800]
     assert row["same_bits"] is True and row["max_diff"] == {"chunked": 0.0}
     assert row["wall_s"]["one-call"] > 0 and row["wall_s"]["chunked"] > 0
+    assert row["peak_mib"].keys() == {"one-call", "chunked"} and min(row["peak_mib"].values()) >= 0
+    assert {k: p.keys() for k, p in row["attention_peak_mib"].items()} == {
+        "one-call": {"full", "sliding"}, "chunked": {"full", "sliding"}}
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"] == "long_prompt"
     with pytest.raises(SystemExit, match="past the config's 2048 positions"):
         long_prompt.main(["--config", str(config), "--lengths", "4096", "--reps", "1"])

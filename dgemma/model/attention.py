@@ -79,18 +79,21 @@ REPEAT_HEADS_ON_CUDA = True  # False: enable_gqa everywhere, as before 2026-11-2
 
 
 class ChunkedMask(NamedTuple):
-    """An encoder mask with its query chunks: `chunks` holds (q0, q1, k0, k1) per chunk, and every key outside
-    [k0, k1) is masked for every query in [q0, q1), so attention runs chunk by chunk on those keys only."""
-    mask: torch.Tensor  # bool [B,1,T,S], True = attend
+    """An encoder pass's mask in query chunks: `chunks` holds (q0, q1, k0, k1) per chunk, and every key outside
+    [k0, k1) is masked for every query in [q0, q1), so attention runs chunk by chunk on those keys only, each
+    chunk's bool block built from `rule` (encoder.EncoderMask) when it runs."""
+    rule: object  # .block(q0, q1, k0, k1) -> bool [B or 1, 1, q1-q0, k1-k0]
     chunks: tuple[tuple[int, int, int, int], ...]
 
 
-def chunk_queries(mask: torch.Tensor) -> torch.Tensor | ChunkedMask:
+def chunk_queries(rule) -> torch.Tensor | ChunkedMask:
     """The long encoder pass (a prompt of thousands of tokens) in query chunks that skip the keys they cannot see.
 
-    With one [T, S] mask SDPA computes every query against every key: at a 4,096-token prompt a sliding layer
-    (window 512) does 8x the work its window needs, and a causal full layer twice. Chunks of QUERY_CHUNK queries
-    see only the keys some query of theirs attends to, widened to KEY_BLOCK boundaries.
+    `rule` is an encoder.EncoderMask (.shape (T, S), .key_range, .block, .dense). With one [T, S] mask SDPA
+    computes every query against every key: at a 4,096-token prompt a sliding layer (window 512) does 8x the work
+    its window needs, and a causal full layer twice; and the mask alone is T x S bytes (1 GB at 32K tokens). Chunks
+    of QUERY_CHUNK queries see only the keys some query of theirs attends to, widened to KEY_BLOCK boundaries, and
+    build only their own block of the mask.
 
     Same bits as the one call on the CPU (tests/test_attention_chunks.py checks fp32 and bf16): torch's CPU
     flash-attention kernel goes through the keys in blocks of 512 from the first with an online softmax, so a
@@ -99,23 +102,21 @@ def chunk_queries(mask: torch.Tensor) -> torch.Tensor | ChunkedMask:
     start on multiples of 256 and have at least MIN_QUERY_CHUNK queries. Measured with bench/long_prompt.py
     (`small`, fp32, 2-core EPYC): a 4,096-token prefill 6.44 -> 3.97 s, 8,192 tokens 21.4 -> 10.1 s.
 
-    Returns the mask itself when chunks would save nothing (fewer than two chunks' worth of queries, or every
+    Returns the dense mask when chunks would save nothing (fewer than two chunks' worth of queries, or every
     chunk sees every key)."""
-    T, S = mask.shape[-2:]
+    T, S = rule.shape
     if QUERY_CHUNK is None or T < QUERY_CHUNK + MIN_QUERY_CHUNK:
-        return mask
+        return rule.dense()
     bounds = list(range(0, T, QUERY_CHUNK)) + [T]
     if bounds[-1] - bounds[-2] < MIN_QUERY_CHUNK:
         del bounds[-2]
-    seen = mask.any(dim=1).any(dim=0)  # [T, S]: keys some row attends to
     chunks = []
     for q0, q1 in itertools.pairwise(bounds):
-        keys = seen[q0:q1].any(dim=0).nonzero()  # every query sees at least itself (encoder_mask)
-        first, last = (int(keys[0]), int(keys[-1])) if keys.numel() else (0, S - 1)
-        chunks.append((q0, q1, first // KEY_BLOCK * KEY_BLOCK, min(S, -(-(last + 1) // KEY_BLOCK) * KEY_BLOCK)))
+        first, end = rule.key_range(q0, q1)
+        chunks.append((q0, q1, first // KEY_BLOCK * KEY_BLOCK, min(S, -(-end // KEY_BLOCK) * KEY_BLOCK)))
     if all(k0 == 0 and k1 == S for _, _, k0, k1 in chunks):
-        return mask
-    return ChunkedMask(mask, tuple(chunks))
+        return rule.dense()
+    return ChunkedMask(rule, tuple(chunks))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -129,7 +130,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     512-wide full-attention heads). There the K/V heads are repeated instead, as the reference does
     (transformers' `use_gqa_in_sdpa`), so the memory-efficient kernel runs. A ChunkedMask runs chunk by chunk."""
     if isinstance(mask, ChunkedMask):
-        return torch.cat([attend(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], mask.mask[..., q0:q1, k0:k1])
+        return torch.cat([attend(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], mask.rule.block(q0, q1, k0, k1))
                           for q0, q1, k0, k1 in mask.chunks], dim=2)
     grouped = k.shape[1] != q.shape[1]
     if grouped and REPEAT_HEADS_ON_CUDA and q.device.type == "cuda" and not flash_takes_gqa(q, v, mask):

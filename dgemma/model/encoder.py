@@ -16,21 +16,51 @@ from .attention import chunk_queries
 from .decoder import context_positions
 
 
-def encoder_mask(num_context: int, num_new: int, start, window: int | None,
-                 key_valid: torch.Tensor | None, device) -> torch.Tensor:
-    """bool [B or 1, 1, T, S+T], True = attend. Keys are the S cached entries (positions start-S..start-1)
-    followed by the T new tokens. `start` is an int, or a [B] tensor when rows continue from different
-    context lengths (a stacked batch of caches, engine/cache.py). A query always sees itself, so a fully padded
-    row cannot produce NaNs (its output is never read: pad slots are masked as keys for every later query)."""
-    q_pos = context_positions(start, num_new, device)  # [B or 1, T]
-    k_pos = context_positions(start - num_context, num_context + num_new, device)  # [B or 1, S+T]
-    allowed = k_pos[:, None, :] <= q_pos[:, :, None]
-    if window is not None:
-        allowed = allowed & (k_pos[:, None, :] > q_pos[:, :, None] - window)
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, :]
-        allowed = allowed | (k_pos[:, None, :] == q_pos[:, :, None])
-    return allowed[:, None]
+class EncoderMask:
+    """Which keys each query of an encoder pass attends to (True = attend), kept as its rule and built into bool
+    blocks on demand, so a long pass never holds a [T, S] mask: `dense()` is the whole [B or 1, 1, T, S], and
+    `block(q0, q1, k0, k1)` the part for queries [q0, q1) and keys [k0, k1) (attention.chunk_queries builds one
+    chunk's at a time: O(T x chunk) memory instead of O(T^2), 1 GB per layer kind at a 32K-token prompt).
+
+    Keys are the S cached entries (positions start-S..start-1) followed by the T new tokens. `start` is an int, or
+    a [B] tensor when rows continue from different context lengths (a stacked batch of caches, engine/cache.py).
+    A query always sees itself, so a fully padded row cannot produce NaNs (its output is never read: pad slots are
+    masked as keys for every later query)."""
+
+    def __init__(self, num_context: int, num_new: int, start, window: int | None,
+                 key_valid: torch.Tensor | None, device):
+        self.num_context, self.start, self.window, self.key_valid, self.device = (
+            num_context, start, window, key_valid, device)
+        self.shape = (num_new, num_context + num_new)  # (T, S+T): queries, keys
+        self._any_valid = None if key_valid is None else key_valid.any(dim=0)  # [S+T]: a key some row has
+
+    def block(self, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
+        """bool [B or 1, 1, q1-q0, k1-k0]: queries q0..q1-1 (of the T new ones) against keys k0..k1-1."""
+        q_pos = context_positions(self.start + q0, q1 - q0, self.device)  # [B or 1, q]
+        k_pos = context_positions(self.start - self.num_context + k0, k1 - k0, self.device)  # [B or 1, k]
+        allowed = k_pos[:, None, :] <= q_pos[:, :, None]
+        if self.window is not None:
+            allowed = allowed & (k_pos[:, None, :] > q_pos[:, :, None] - self.window)
+        if self.key_valid is not None:
+            allowed = allowed & self.key_valid[:, None, k0:k1]
+            allowed = allowed | (k_pos[:, None, :] == q_pos[:, :, None])
+        return allowed[:, None]
+
+    def dense(self) -> torch.Tensor:
+        T, S = self.shape
+        return self.block(0, T, 0, S)
+
+    def key_range(self, q0: int, q1: int) -> tuple[int, int]:
+        """[first, last + 1) of the keys that some query in q0..q1-1 attends to in some row, from the rule alone:
+        query i is at key index num_context + i whatever the row's start, sees itself and no later key, and on a
+        sliding layer nothing before index num_context + i - window + 1; padding only takes keys away."""
+        own = self.num_context + q0  # the chunk's first query, as a key
+        first = 0 if self.window is None else own - self.window + 1
+        first = max(first, 0)
+        if self._any_valid is not None:  # skip keys that are padding in every row (it sees itself at `own`)
+            valid = self._any_valid[first:own].nonzero()
+            first = first + int(valid[0]) if valid.numel() else own
+        return first, self.num_context + q1
 
 
 def encode(model, tokens: torch.Tensor, cache, valid: torch.Tensor | None = None, return_hidden: bool = False):
@@ -59,7 +89,7 @@ def encode(model, tokens: torch.Tensor, cache, valid: torch.Tensor | None = None
                 key_valid = torch.cat([ones(num_context) if ctx_valid is None else ctx_valid,
                                        ones(T) if valid is None else valid], dim=1)
             window = cfg.sliding_window if layer.is_sliding else None
-            masks[key] = chunk_queries(encoder_mask(num_context, T, cache.length, window, key_valid, tokens.device))
+            masks[key] = chunk_queries(EncoderMask(num_context, T, cache.length, window, key_valid, tokens.device))
         cos, sin = rope[layer.is_sliding]
         if i == len(model.layers) - 1 and not return_hidden:
             cache.write(i, *layer.self_attn.project_kv(layer.input_layernorm(x), cos, sin))
