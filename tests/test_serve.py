@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 from conftest import running
 
 httpx = pytest.importorskip("httpx")  # the test extra
@@ -441,6 +442,34 @@ def test_reasoning_and_tool_calls_are_separated(model_dir):
         text = client.completions.create(model=MODEL, prompt="x").choices[0].text
         assert text == "Let me check the weather.<|tool_call>" + CALL + "<tool_call|>"  # markers kept
         assert worker.jobs[0].options["max_tokens"] >= 1
+
+
+def test_markers_spelled_in_ordinary_pieces_stay_in_their_channel(model_dir, monkeypatch):
+    """The model's output, fixed, through the real request path (the serial worker's RowText): the thought channel,
+    the answer and a call's arguments each hold the characters of a marker written as ordinary pieces, which used
+    to close the channel, end the answer and cut the call. Only the special ids are markers."""
+    from dgemma.engine.scheduler import Commit
+    engine = new_engine(model_dir)
+    tok = engine.tokenizer
+    spell = lambda text: [i for c in text for i in tok.encode(c, add_bos=False)]  # noqa: E731  one id per character
+    words = lambda text: tok.encode(text, add_bos=False)  # noqa: E731  markers written in `text` are special ids
+    ids = (words("<|channel>thought\nabout ") + spell("<channel|>") + words("<channel|>Answer: ") + spell("<eos>")
+           + words("<|tool_call>call:f{s:") + spell("<tool_call|>") + words("}<tool_call|><|tool_response>"))
+    monkeypatch.setattr("dgemma.serve.worker.run_alone", lambda module, rows: iter(
+        [Commit(0, torch.tensor([ids]), torch.tensor([True]), torch.tensor([3]))]))
+    with running(create_app(engine, model_name=MODEL, scheduling="serial")) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(model=MODEL, messages=HI)
+        message = r.choices[0].message
+        assert message.content == "Answer: <eos>" and r.choices[0].finish_reason == "tool_calls"
+        assert message.model_extra["reasoning_content"] == "about <channel|>"
+        assert json.loads(message.tool_calls[0].function.arguments) == {"s": "<tool_call|>"}
+        assert r.usage.completion_tokens == len(ids)
+        chunks = list(client.chat.completions.create(model=MODEL, messages=HI, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "about <channel|>"
+        assert "".join(d.content or "" for d in deltas) == "Answer: <eos>"
+        assert [d.tool_calls[0].function.arguments for d in deltas if d.tool_calls] == ['{"s": "<tool_call|>"}']
 
 
 def test_a_failing_generation_is_reported_not_fatal(model_dir):

@@ -61,7 +61,7 @@ def test_text_events_concatenate_to_the_answer(engine):
     assert answer == done.output.answer
     from dgemma.text import parse_output
     # no stop ids: an end marker the model writes does not end the text (it is dropped, the text goes on)
-    assert parse_output(engine.tokenizer.decode(done.completion_ids, skip_special=False), ends=()).answer == answer
+    assert parse_output(engine.tokenizer, done.completion_ids, ends=()).answer == answer
 
 
 def test_stop_id_ends_the_stream_and_is_kept(engine):
@@ -560,3 +560,37 @@ def test_chat_turn_takes_response_format_as_stream_does(engine):
     assert plain.completion_tokens <= 8
     with pytest.raises(ValueError, match="response_format"):
         list(session.send("Bad", response_format={"type": "yaml"}))
+
+
+def scripted_commits(tok, canvases):
+    """Commits that hand out `canvases` (lists of ids), the last one finished: the canvas loop's output, fixed."""
+    from dgemma.engine.scheduler import Commit
+    return [Commit(k, torch.tensor([ids]), torch.tensor([k == len(canvases) - 1]), torch.tensor([2]))
+            for k, ids in enumerate(canvases)]
+
+
+def spell(tok, text):
+    """Ids of ordinary pieces, one character each, that spell `text`: never a special id, markers' characters too."""
+    return [i for c in text for i in tok.encode(c, add_bos=False)]
+
+
+def test_a_marker_the_model_spells_in_ordinary_pieces_is_answer_text(engine, monkeypatch):
+    """Asked about the string "<turn|>", the model may write its characters as ordinary pieces ('<', 'turn', '|>'):
+    the answer used to end there (the decoded text was searched for markers), a spelled <|channel> opened a thought
+    channel. Only the special ids are markers: here a spelled marker split over two canvases is text, and the
+    <turn|> id after it still ends the answer. Stop strings stay text (OpenAI's contract) and match the spelling."""
+    tok = engine.tokenizer
+    first = tok.encode("Write ", add_bos=False) + spell(tok, "<tu")
+    second = spell(tok, "rn|> or <|channel>x") + [tok.special.turn_end] + tok.encode(" junk", add_bos=False)
+    monkeypatch.setattr("dgemma.engine.stream.run_alone", lambda module, rows: iter(scripted_commits(tok, [
+        first, second])))
+    events = run(engine, max_tokens=64, drafts=False)
+    done = events[-1]
+    answer = "".join(e.text for e in events if isinstance(e, Text) and e.kind == "answer")
+    assert answer == done.output.answer == "Write <turn|> or <|channel>x" and done.output.thinking is None
+    assert done.finish_reason == "stop"
+    assert done.completion_ids == first + second[: second.index(tok.special.turn_end) + 1]  # the stop id kept
+    done = engine.complete("Hello there", max_tokens=64, stop=["<turn|>"])
+    assert done.output.answer == "Write " and done.finish_reason == "stop"
+    chat = ChatSession(engine)
+    assert [e for e in chat.send("Hi", max_tokens=64)][-1].output.answer == "Write <turn|> or <|channel>x"

@@ -1,12 +1,15 @@
-"""Output parsing (thinking / answer / tool calls), its streaming form, and stop strings."""
+"""Output parsing (thinking / answer / tool calls) by marker ids, its streaming form, and stop strings."""
 
 import random
 
 import pytest
 
-from dgemma.text import OutputSplitter, ParsedOutput, StopStream, find_stop, parse_output
+from dgemma.bundled import PACKAGED
+from dgemma.text import OutputSplitter, ParsedOutput, StopStream, Tokenizer, find_stop, parse_output
+from dgemma.text.parse import output_markers
 
 CALL = 'call:get_weather{city:<|"|>Paris<|"|>}'
+# Written as text, the markers here become their special ids (Tokenizer.encode reads special strings as specials).
 CASES = [
     ("Hello there.<turn|>", ParsedOutput(None, "Hello there.", [])),
     ("no end marker", ParsedOutput(None, "no end marker", [])),
@@ -30,58 +33,114 @@ CASES = [
     ("x<|tool_call>call:f{a:<eos>more", ParsedOutput(None, "x<|tool_call>call:f{a:", [])),
     # pads vanish anywhere; other specials are kept, not blindly stripped
     ('a<pad>b <|"|>q<|"|> <|turn>c<eos>after', ParsedOutput(None, 'ab <|"|>q<|"|> <|turn>c', [])),
+    # a marker out of place is kept as written
     ("answer<channel|>tail", ParsedOutput(None, "answer<channel|>tail", [])),
     ("<tool_call|>", ParsedOutput(None, "<tool_call|>", [])),
+    ("<|channel>thought\na<|channel>b<|tool_call>c<channel|>d", ParsedOutput("a<|channel>b<|tool_call>c", "d", [])),
+    ("<|tool_call>f{<|channel>x}<tool_call|>", ParsedOutput(None, "", ["f{<|channel>x}"])),
 ]
+MARKERS = ["<turn|>", "<eos>", "<|tool_response>", "<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<pad>"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_dir(PACKAGED)
+
+
+def ids_of(tok, text):
+    return tok.encode(text, add_bos=False)
+
+
+def spelled(tok, text):
+    """Ids of ordinary pieces that spell `text`, a marker's characters included: never a special id."""
+    ids = [i for c in text for i in tok.encode(c, add_bos=False)]
+    assert not set(ids) & tok.special_id_set and tok.decode(ids, skip_special=False) == text
+    return ids
 
 
 @pytest.mark.parametrize("text, expected", CASES)
-def test_parse_output(text, expected):
-    assert parse_output(text) == expected
+def test_parse_output(tok, text, expected):
+    assert parse_output(tok, ids_of(tok, text)) == expected
 
 
-def run_stream(text, sizes):
-    splitter, deltas, i = OutputSplitter(), [], 0
+def run_stream(tok, ids, sizes):
+    splitter, deltas, i = OutputSplitter(tok), [], 0
     for n in sizes:
-        deltas += splitter.feed(text[i : i + n])
+        deltas += splitter.feed(ids[i : i + n])
         i += n
-    deltas += splitter.feed(text[i:]) + splitter.finish()
+    deltas += splitter.feed(ids[i:]) + splitter.finish()
     return splitter, deltas
 
 
-def check_stream_matches(text, sizes):
-    splitter, deltas = run_stream(text, sizes)
-    expected = parse_output(text)
+def check_stream_matches(tok, ids, sizes):
+    splitter, deltas = run_stream(tok, ids, sizes)
+    expected = parse_output(tok, ids)
     assert splitter.result() == expected
     assert "".join(d.text for d in deltas if d.kind == "answer") == expected.answer
     assert "".join(d.text for d in deltas if d.kind == "thinking") == (expected.thinking or "")
     assert [d.text for d in deltas if d.kind == "tool_call"] == expected.tool_calls
     assert all(d.text for d in deltas if d.kind != "tool_call")  # no empty text deltas
+    return expected
 
 
 @pytest.mark.parametrize("text, expected", CASES)
-def test_stream_char_by_char_equals_one_shot(text, expected):
-    check_stream_matches(text, [1] * len(text))
+def test_stream_id_by_id_equals_one_shot(tok, text, expected):
+    ids = ids_of(tok, text)
+    assert check_stream_matches(tok, ids, [1] * len(ids)) == expected
 
 
-def test_stream_random_fragments_and_chunks():
+def test_stream_random_fragments_and_chunks(tok):
+    """Marker ids and the same markers spelled as ordinary pieces, partial spellings, multi-byte characters split
+    over byte tokens, in random chunks: streaming always equals one-shot, and a spelled marker is never a marker."""
     rng = random.Random(11)
-    parts = ["<|channel>", "thought\n", "<channel|>", "<|tool_call>", "<tool_call|>", "<pad>",
-             "<|tool", "<|chan", "<", "|", ">", "\n", "text ", "é😀", "<turn|>", "<eos>", '<|"|>']
+    parts = [ids_of(tok, t) for t in ["<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<pad>",
+                                      "<turn|>", "<eos>", '<|"|>', "thought\n", "\n", "text ", "é😀"]]
+    parts += [spelled(tok, t) for t in [*MARKERS, "<|tool", "<|chan", "<", "|", ">"]]
+    parts += [ids_of(tok, "é😀")[:k] for k in (1, 2, 5)]  # a character cut off inside its bytes
     for _ in range(500):
-        text = "".join(rng.choice(parts) for _ in range(rng.randint(0, 14)))
-        check_stream_matches(text, [rng.randint(0, 6) for _ in range(len(text))])
+        ids = [i for _ in range(rng.randint(0, 14)) for i in rng.choice(parts)]
+        parsed = check_stream_matches(tok, ids, [rng.randint(0, 6) for _ in range(len(ids))])
+        if not set(ids) & set(output_markers(tok)):  # no marker id: the answer is the decoded text, all of it
+            assert parsed == ParsedOutput(None, tok.decode(ids, skip_special=False), [])
 
 
-def test_stream_emits_early_and_holds_only_partial_markers():
-    s = OutputSplitter()
-    assert s.feed("<|channel>thought\nI reason") == [("thinking", "I reason")]
-    assert s.feed(" more<chan") == [("thinking", " more")]  # "<chan" may start <channel|>
-    assert s.feed("nel|>Ans") == [("answer", "Ans")]
-    assert s.feed("wer <|tool_c") == [("answer", "wer ")]
-    assert s.feed("all>f{}") == []  # a call is reported whole, at its end marker
-    assert s.feed("<tool_call|><turn|>junk") == [("tool_call", "f{}")]
-    assert s.done and s.feed("more") == [] and s.finish() == []
+def test_stream_emits_early(tok):
+    s = OutputSplitter(tok)
+    assert s.feed(ids_of(tok, "<|channel>thought\nI reason")) == [("thinking", "I reason")]
+    assert s.feed(ids_of(tok, " more") + spelled(tok, "<chan")) == [("thinking", " more<chan")]  # text, never held
+    assert s.feed(ids_of(tok, "<channel|>Ans")) == [("answer", "Ans")]
+    assert s.feed(ids_of(tok, "wer <|tool_call>f{}")) == [("answer", "wer ")]  # a call is reported whole, at its end
+    assert s.feed(ids_of(tok, "<tool_call|><turn|>junk")) == [("tool_call", "f{}")]
+    assert s.done and s.feed(ids_of(tok, "more")) == [] and s.finish() == []
+
+
+@pytest.mark.parametrize("marker", MARKERS)
+def test_a_marker_spelled_as_ordinary_pieces_is_text(tok, marker):
+    """The model writing a marker's characters (asked about the string "<turn|>", say) used to cut the answer there
+    or switch its channel: only the special id is a marker. The special id still ends the output after it."""
+    ids = ids_of(tok, "say ") + spelled(tok, marker) + ids_of(tok, " ok<turn|>junk")
+    assert parse_output(tok, ids) == ParsedOutput(None, f"say {marker} ok", [])
+    thought = ids_of(tok, "<|channel>thought\nabout ") + spelled(tok, marker) + ids_of(tok, "<channel|>done<eos>")
+    assert parse_output(tok, thought) == ParsedOutput(f"about {marker}", "done", [])
+    call = ids_of(tok, "<|tool_call>f{s:") + spelled(tok, marker) + ids_of(tok, "}<tool_call|><|tool_response>")
+    assert parse_output(tok, call) == ParsedOutput(None, "", [f"f{{s:{marker}}}"])
+
+
+def test_the_answer_is_what_the_reference_decodes_up_to_its_stop_id(tok):
+    """The oracle: transformers' tokenizer for the same files decodes ordinary pieces spelling a marker as text and
+    drops the special ids (skip_special_tokens), and its generation stops at the first of the generation config's
+    eos ids; the answer of an output without channels or calls is that text."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(PACKAGED))
+    stops = transformers.GenerationConfig.from_pretrained(str(PACKAGED)).eos_token_id
+    rng = random.Random(5)
+    parts = [hf.encode(t, add_special_tokens=False) for t in ["a", " word", "\n", "<turn|>", "<eos>", "<pad>",
+                                                               "<|tool_response>"]]
+    parts += [[i for c in m for i in hf.encode(c, add_special_tokens=False)] for m in MARKERS]
+    for _ in range(300):
+        ids = [i for _ in range(rng.randint(0, 10)) for i in rng.choice(parts)]
+        end = next((k for k, i in enumerate(ids) if i in stops), len(ids))
+        assert parse_output(tok, ids).answer == hf.decode(ids[:end], skip_special_tokens=True), ids
 
 
 # -- stop strings ------------------------------------------------------------------------------
@@ -122,9 +181,14 @@ def test_stop_stream_random_equals_one_shot():
         assert out == (text if cut is None else text[:cut]), (text, stops)
 
 
-def test_an_end_marker_left_out_of_ends_is_dropped_and_the_text_goes_on():
-    s = OutputSplitter(ends=["<turn|>"])
-    deltas = s.feed("a<eos>b<|tool_response>c") + s.feed("<turn|>d") + s.finish()
+def test_an_end_marker_left_out_of_ends_is_dropped_and_the_text_goes_on(tok):
+    s = OutputSplitter(tok, ends=[tok.special.turn_end])
+    deltas = s.feed(ids_of(tok, "a<eos>b<|tool_response>c")) + s.feed(ids_of(tok, "<turn|>d")) + s.finish()
     assert "".join(d.text for d in deltas) == s.result().answer == "abc"
-    with pytest.raises(ValueError, match="ends must be among"):
-        OutputSplitter(ends=["<pad>"])
+    with pytest.raises(ValueError, match=r"ends must be among this tokenizer's end-marker ids \(1 <eos>, 106 <turn"):
+        OutputSplitter(tok, ends=[tok.special.pad])
+
+
+def test_bad_ids_are_a_value_error(tok):
+    with pytest.raises(ValueError, match="token ids must be integers, got 1.0"):
+        OutputSplitter(tok).feed([5, 1.0])  # 1.0 is not <eos>: not quietly taken for one

@@ -7,8 +7,10 @@ Events, in order, for one request (batch row 0):
 
 Committed tokens are cut at exactly `max_tokens`, and at the first stop id (kept, as the reference keeps
 EOS). Stop strings apply to the answer text; the text before the stop string is emitted, nothing after.
-An end marker (<eos>, <turn|>, <|tool_response>) whose token is not a stop id (eos_token_id=[]: the server's
-ignore_eos) is dropped like <pad> and the text after it is kept, so the text covers every counted token.
+Thinking, answer and tool calls are split at the marker tokens' ids (text/parse.py), never at their characters
+written as ordinary pieces. An end marker (<eos>, <turn|>, <|tool_response>) whose token is not a stop id
+(eos_token_id=[]: the server's ignore_eos) is dropped like <pad> and the text after it is kept, so the text covers
+every counted token.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..text.parse import END_MARKERS, OutputSplitter, ParsedOutput, StopStream
+from ..text.parse import OutputSplitter, ParsedOutput, StopStream
 from .cache import KVCache
 from .generate import seeded_generator, step_config
 from .scheduler import Commit, Rows, run_alone
@@ -94,8 +96,7 @@ class RowText:
         self.tok, self.prompt_len, self.limit, self.stop_ids, self.drafts = tok, prompt_len, limit, stop_ids, drafts
         self.started = time.perf_counter()
         # an end marker whose token is no stop id (ignore_eos: none is) does not end the text: generation goes on
-        ends = [m for m in END_MARKERS if (i := tok.token_to_id(m)) is None or i in stop_ids]
-        self.decoder, self.splitter = tok.stream(skip_special=False), OutputSplitter(ends)
+        self.splitter = OutputSplitter(tok, ends=[i for i in tok.stop_ids if i in stop_ids])
         self.stopper = StopStream(stop)
         self.completion: list[int] = []
         self.steps: list[int] = []
@@ -136,14 +137,13 @@ class RowText:
             if len(self.completion) >= self.limit:
                 break
             self.completion.append(token)
-            self._route(self.splitter.feed(self.decoder.push([token])))
+            self._route(self.splitter.feed([token]))
             if self.stopper.stopped or token in self.stop_ids:
                 self.reason = "stop"
                 break
         if self.reason is None and len(self.completion) >= self.limit:
             self.reason = "length"
         if self.reason is not None and not self.stopper.stopped:  # release what the decoders held back
-            self._route(self.splitter.feed(self.decoder.flush()))
             self._route(self.splitter.finish())
             held = self.stopper.flush()  # a partial stop string that never completed is ordinary text
             if held:

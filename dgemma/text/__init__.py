@@ -2,7 +2,7 @@
 
     messages --render_chat--> prompt text --Tokenizer.encode--> ids
     ids --Tokenizer.decode / StreamDecoder--> text
-        --parse_output / OutputSplitter--> thinking, answer, tool calls
+    ids --parse_output / OutputSplitter--> thinking, answer, tool calls (split at marker ids, never at text)
     tool-call text --parse_tool_call--> {"name", "arguments" (JSON)}
 """
 

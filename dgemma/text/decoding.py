@@ -25,20 +25,28 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 Piece = str | int  # a token's text, or the byte value of a byte-fallback token
 
 
-def to_pieces(tok: Tokenizer, ids: Iterable[int], *, skip_special: bool) -> list[Piece]:
-    """Ids -> pieces. A negative or non-integer id is a ValueError naming it; an id at or past the tokenizer's
-    vocabulary becomes U+FFFD (a model head padded beyond it can sample one: a stream must not crash mid-answer)."""
+def as_ids(tok: Tokenizer, ids: Iterable[int]) -> list[int]:
+    """Ids as a list of ints; a negative or non-integer id is a ValueError naming it."""
     if hasattr(ids, "tolist"):  # a torch tensor / numpy array: one conversion, not one per id
         ids = ids.tolist()
-    size = tok.vocab_size
-    out: list[Piece] = []
+    out: list[int] = []
     for i in ids:
         try:
             i = operator.index(i)  # ints, numpy and torch integers; not 1.5 (int() would quietly make it 1)
         except TypeError:
             raise ValueError(f"token ids must be integers, got {i!r}") from None
         if i < 0:
-            raise ValueError(f"token id {i} is negative; token ids are in [0, {size})")
+            raise ValueError(f"token id {i} is negative; token ids are in [0, {tok.vocab_size})")
+        out.append(i)
+    return out
+
+
+def to_pieces(tok: Tokenizer, ids: Iterable[int], *, skip_special: bool) -> list[Piece]:
+    """Ids -> pieces. A negative or non-integer id is a ValueError naming it; an id at or past the tokenizer's
+    vocabulary becomes U+FFFD (a model head padded beyond it can sample one: a stream must not crash mid-answer)."""
+    size = tok.vocab_size
+    out: list[Piece] = []
+    for i in as_ids(tok, ids):
         if skip_special and i in tok.special_id_set:
             continue
         piece = tok.backend.id_to_token(i) if i < size else None

@@ -1,14 +1,18 @@
-"""Generated text -> thinking / answer / tool calls, one-shot or streaming; stop strings.
+"""Generated ids -> thinking / answer / tool calls, one-shot or streaming; stop strings.
 
-Input is text decoded with `skip_special=False`: the special-token strings are the structure.
+Markers are special token IDS, never text: the output is decoded with the specials kept, but a marker is only ever
+recognised by its id, so the model writing the characters of one as ordinary pieces ("<", "turn", "|>"), e.g. when
+asked about the string "<turn|>", is answer text like any other (as the reference's tokenizer decodes it, and as
+its generation stops only on the ids). The markers, by `SpecialIds` name:
 
-    <|channel>thought\\n ... <channel|>     thinking (the header line up to "\\n" is dropped)
-    <|tool_call> ... <tool_call|>          one tool call, its text kept verbatim (including the
-                                           <|"|> string quotes), for the caller to interpret
-    <turn|> | <eos> | <|tool_response>     end of the output: the rest is ignored (spec §2.3); one that is
-                                           not a stop id is dropped instead (OutputSplitter's `ends`)
-    <pad>                                  dropped
-    anything else                          answer text, other specials kept as written
+    channel_start thought\\n ... channel_end    thinking (the header line up to "\\n" is dropped)
+    tool_call_start ... tool_call_end         one tool call, its text kept verbatim (including the
+                                              <|"|> string quotes), for the caller to interpret
+    the tokenizer's stop ids                  end of the output: the rest is ignored (spec §2.3: <eos>, <turn|>,
+                                              <|tool_response>, and a configured eos); one not in `ends` is
+                                              dropped instead (generation that does not stop at it)
+    pad                                       dropped
+    any other id                              answer text, other specials kept as written
 
 An unterminated thought channel is thinking up to the end (the model was cut off while thinking);
 an unterminated tool call is left in the answer verbatim, so nothing is lost and a half-written
@@ -20,29 +24,26 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from .specials import (
-    CHANNEL_END,
-    CHANNEL_START,
-    EOS,
-    PAD,
-    TOOL_CALL_END,
-    TOOL_CALL_START,
-    TOOL_RESPONSE_START,
-    TURN_END,
-)
+from .decoding import as_ids
+from .specials import TOOL_CALL_START
 
-END_MARKERS = (TURN_END, EOS, TOOL_RESPONSE_START)
-_ENDS = (*END_MARKERS, PAD)  # PAD is in every state's list too
-# Markers each state reacts to. No marker occurs inside another, so the earliest complete match in
-# the buffer is always the right one, even when another marker's start is still arriving.
-_MARKERS = {
-    "answer": (CHANNEL_START, TOOL_CALL_START, *_ENDS),
-    "header": ("\n", CHANNEL_END, *_ENDS),
-    "thinking": (CHANNEL_END, *_ENDS),
-    "tool": (TOOL_CALL_END, *_ENDS),
-}
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+# The special tokens that switch the output's channel (SpecialIds names); with the tokenizer's stop ids (the end
+# markers) and pad, the whole marker set: `output_markers` is its one definition.
+SWITCHES = ("channel_start", "channel_end", "tool_call_start", "tool_call_end")
+
+
+def output_markers(tok: Tokenizer) -> dict[int, str]:
+    """Marker id -> what it does: a SWITCHES name, "end" (the tokenizer's stop ids) or "pad". Ids only: the same
+    characters written as ordinary pieces are text."""
+    markers = {i: name for name in SWITCHES if (i := getattr(tok.special, name)) is not None}
+    markers.update({i: "pad" for i in (tok.special.pad, tok.pad_id) if i is not None})
+    markers.update({i: "end" for i in tok.stop_ids})
+    return markers
 
 
 @dataclass
@@ -69,18 +70,22 @@ def _partial_len(text: str, markers: Iterable[str]) -> int:
 
 
 class OutputSplitter:
-    """Classify text as it arrives: `feed(text)` -> list[Delta], then `finish()`; `result()`.
+    """Classify generated ids as they arrive: `feed(ids)` -> list[Delta], then `finish()`; `result()`.
 
-    `ends`: the end markers that end the output (default all three); one left out is dropped like <pad> and the
-    text after it is kept (generation that does not stop at that token, e.g. the server's ignore_eos)."""
+    `ends`: the end-marker ids that end the output (default: all, the tokenizer's stop ids); one left out is
+    dropped like <pad> and the text after it is kept (generation that does not stop at that token, e.g. the
+    server's ignore_eos). Text is decoded as `tok.decode(ids, skip_special=False)` decodes it, streamed (an
+    unfinished UTF-8 character is held until its last byte arrives)."""
 
-    def __init__(self, ends: Iterable[str] = END_MARKERS) -> None:
-        ends = tuple(ends)
-        if not set(ends) <= set(END_MARKERS):
-            raise ValueError(f"ends must be among {END_MARKERS}, got {ends}")
-        self.ends = ends
+    def __init__(self, tok: Tokenizer, ends: Iterable[int] | None = None) -> None:
+        self.markers = output_markers(tok)
+        ends = tok.stop_ids if ends is None else tuple(ends)
+        if not set(ends) <= set(tok.stop_ids):
+            names = ", ".join(f"{i} {tok.id_to_token(i)}" for i in tok.stop_ids)
+            raise ValueError(f"ends must be among this tokenizer's end-marker ids ({names}), got {list(ends)}")
+        self.ends = frozenset(ends)
+        self._decoder = tok.stream(skip_special=False)
         self.state = "answer"  # answer | header | thinking | tool | done
-        self._buf = ""  # text not yet classified (at most a partial marker between feeds)
         self._tool = ""  # body of the tool call being read
         self.thinking: str | None = None
         self.answer = ""
@@ -88,69 +93,72 @@ class OutputSplitter:
 
     @property
     def done(self) -> bool:
-        """True once an end marker was seen: later text is ignored."""
+        """True once an end marker was seen: later ids are ignored."""
         return self.state == "done"
 
-    def feed(self, text: str) -> list[Delta]:
-        if self.state == "done":
-            return []
-        self._buf += text
+    def feed(self, ids: Iterable[int]) -> list[Delta]:
+        ids = as_ids(self._decoder.tokenizer, ids)
         out: list[Delta] = []
-        while self.state != "done":
-            markers = _MARKERS[self.state]  # an end marker not in `ends` is still matched (and dropped)
-            hits = [(i, m) for m in markers if (i := self._buf.find(m)) >= 0]
-            if not hits:
-                keep = _partial_len(self._buf, markers)
-                self._emit(self._buf[: len(self._buf) - keep], out)
-                self._buf = self._buf[len(self._buf) - keep :]
-                break
-            i, marker = min(hits)
-            self._emit(self._buf[:i], out)
-            self._buf = self._buf[i + len(marker) :]
-            self._transition(marker, out)
+        start = 0  # ids[start:i] are ordinary: decoded as one run
+        for i, token in enumerate(ids):
+            if self.state == "done":
+                return out
+            role = self.markers.get(token)
+            if role is None:
+                continue
+            # the text before the marker is final (a marker ends any byte run); the marker's own text is decoded
+            # too (the decoder's context for the text after it) but is output only where the marker is out of place
+            self._text(self._decoder.push(ids[start:i]) + self._decoder.flush(), out)
+            start = i + 1
+            self._mark(role, token, self._decoder.push([token]), out)
+        if self.state != "done":
+            self._text(self._decoder.push(ids[start:]), out)
         return out
 
     def finish(self) -> list[Delta]:
         """End of input: release held text; an unterminated tool call becomes answer text."""
         out: list[Delta] = []
         if self.state != "done":
-            self._emit(self._buf, out)
+            self._text(self._decoder.flush(), out)
             if self.state == "tool":
                 self._emit_as("answer", TOOL_CALL_START + self._tool, out)
             self.state = "done"
-        self._buf = ""
         return out
 
     def result(self) -> ParsedOutput:
         return ParsedOutput(self.thinking, self.answer, list(self.tool_calls))
 
-    def _transition(self, marker: str, out: list[Delta]) -> None:
-        if marker == PAD or (marker in END_MARKERS and marker not in self.ends):
+    def _mark(self, role: str, token: int, written: str, out: list[Delta]) -> None:
+        if role == "pad" or (role == "end" and token not in self.ends):
             return
-        if marker in END_MARKERS:
+        if role == "end":
             if self.state == "tool":  # cut off inside a call: keep it as text, never run it
                 self._emit_as("answer", TOOL_CALL_START + self._tool, out)
             self.state = "done"
-        elif marker == CHANNEL_START:
+        elif role == "channel_start" and self.state == "answer":
             self.state = "header"
             self.thinking = self.thinking or ""
-        elif marker == "\n":
-            self.state = "thinking"  # the header line ("thought") is not part of the thinking
-        elif marker == CHANNEL_END:
+        elif role == "channel_end" and self.state in ("header", "thinking"):
             self.state = "answer"
-        elif marker == TOOL_CALL_START:
+        elif role == "tool_call_start" and self.state == "answer":
             self.state, self._tool = "tool", ""
-        elif marker == TOOL_CALL_END:
+        elif role == "tool_call_end" and self.state == "tool":
             self.tool_calls.append(self._tool)
             out.append(Delta("tool_call", self._tool))
             self.state = "answer"
+        else:  # a marker out of place (a channel end in the answer, ...) is kept as written, as other specials are
+            self._text(written, out)
 
-    def _emit(self, text: str, out: list[Delta]) -> None:
+    def _text(self, text: str, out: list[Delta]) -> None:
+        if self.state == "header":  # the header line (the channel name, "thought") is dropped
+            _, newline, text = text.partition("\n")
+            if not newline:
+                return
+            self.state = "thinking"
         if self.state == "tool":
             self._tool += text
         elif self.state in ("answer", "thinking"):
             self._emit_as(self.state, text, out)
-        # header text (the channel name) is dropped
 
     def _emit_as(self, kind: str, text: str, out: list[Delta]) -> None:
         if not text:
@@ -162,11 +170,10 @@ class OutputSplitter:
         out.append(Delta(kind, text))
 
 
-def parse_output(text: str, ends: Iterable[str] = END_MARKERS) -> ParsedOutput:
-    """Split one generated output (decoded with specials kept) into thinking, answer, tool calls; `ends` as for
-    OutputSplitter."""
-    splitter = OutputSplitter(ends)
-    splitter.feed(text)
+def parse_output(tok: Tokenizer, ids: Iterable[int], ends: Iterable[int] | None = None) -> ParsedOutput:
+    """Split one generated output (its token ids) into thinking, answer, tool calls; `ends` as for OutputSplitter."""
+    splitter = OutputSplitter(tok, ends)
+    splitter.feed(ids)
     splitter.finish()
     return splitter.result()
 

@@ -2,8 +2,9 @@
 
 One table, used three ways: `build.py` places our own small vocabularies' specials at the same ids
 (so prompts, stop ids and pad behave identically on bundled and real models), `tokenizer.py` looks
-the strings up in whatever vocabulary it loads (never trusting the ids blindly), and `parse.py` /
-`chat.py` use the strings as markers.
+the strings up in whatever vocabulary it loads (never trusting the ids blindly), and the prompt side
+(`chat.py`, the chat template) writes the strings. Generated output is parsed by these tokens' IDS
+(`parse.py`): the model can write a marker's characters as ordinary pieces, which are text.
 """
 
 # name -> (token string, id in the Gemma-4 vocabulary). Names are what `Tokenizer.special` exposes.
@@ -29,15 +30,10 @@ GEMMA4_SPECIALS: dict[str, tuple[str, int]] = {
 
 NEWLINE_ID = 107  # "\n" is an ordinary token at 107 in Gemma-4; our vocabularies copy that.
 
-# Marker strings, named for readability at their use sites.
-PAD, EOS, BOS = "<pad>", "<eos>", "<bos>"
-TURN_START, TURN_END = "<|turn>", "<turn|>"
-CHANNEL_START, CHANNEL_END = "<|channel>", "<channel|>"
-THINK = "<|think|>"
-TOOL_START, TOOL_END = "<|tool>", "<tool|>"
-TOOL_CALL_START, TOOL_CALL_END = "<|tool_call>", "<tool_call|>"
-TOOL_RESPONSE_START, TOOL_RESPONSE_END = "<|tool_response>", "<tool_response|>"
-QUOTE = '<|"|>'
+# Token strings, named for readability at their use sites (text written around a tool call, the tool-call quote).
+PAD, EOS, BOS = (GEMMA4_SPECIALS[name][0] for name in ("pad", "eos", "bos"))
+TOOL_CALL_START, TOOL_CALL_END = GEMMA4_SPECIALS["tool_call_start"][0], GEMMA4_SPECIALS["tool_call_end"][0]
+QUOTE = GEMMA4_SPECIALS["quote"][0]
 
 # Generation ends on any of these (spec §2.3 eos_token_id [1, 106, 50]): <|tool_response> ends the
 # model's turn after a tool call, so the caller can run the tool and append its result.

@@ -172,7 +172,8 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
-        """Text of `ids`; `skip_special` drops special tokens (keep them for parse_output)."""
+        """Text of `ids`; `skip_special` drops special tokens. To split an output into thinking, answer and tool
+        calls, parse its ids (`parse_output`): in text, a marker cannot be told from its characters."""
         return render(self, to_pieces(self, ids, skip_special=skip_special))
 
     def stream(self, *, skip_special: bool = True) -> StreamDecoder:
