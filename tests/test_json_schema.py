@@ -204,3 +204,8 @@ def test_a_separator_decided_in_an_earlier_canvas_is_clamped_to_what_it_will_be(
     plan.commit(0, torch.tensor([canvas0]), None)
     c = plan.for_canvas(s // 16, None)
     assert int(c.clamp[0, s % 16]) == (v.ids[","] if keep else v.ws)
+
+
+def test_a_required_name_listed_twice_is_laid_out_once():
+    node = normalise({"type": "object", "required": ["x", "x"]})  # undeclared: laid out from additionalProperties
+    assert [k for k, _ in node["props"]] == ["x"] and node["required"] == {"x"}
