@@ -27,6 +27,23 @@ def test_random_schemas_always_validate(random_engine):
     assert max(canvases) >= 3  # documents spanning several 64-token canvases are among them
 
 
+def test_optional_properties_are_the_models_choice_and_always_valid(random_engine):
+    """A random model's decisions are noise: over a few seeds each optional property is sometimes left out, the
+    required ones never, and every document validates (commas right whichever subset is kept)."""
+    schema = {"type": "object", "required": ["name"], "properties": {
+        "nickname": {"type": "string", "maxLength": 8}, "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0}, "tags": {"type": "array", "items": {"type": "string"}},
+        "pet": {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}, "legs": {"type": "integer"}}}}}
+    seen = {}
+    for seed in range(10):
+        r = random_engine.generate_json("Describe someone", schema=schema, seed=seed, **FAST)
+        jsonschema.validate(r.value, schema)
+        for key in schema["properties"]:
+            seen.setdefault(key, set()).add(key in r.value)
+    assert seen["name"] == {True}
+    assert all(seen[k] == {True, False} for k in ("nickname", "age", "tags", "pet")), seen
+
+
 def test_stream_text_is_the_document_and_ends_with_eos(random_engine):
     schema = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}, "minItems": 5},
                                                "b": {"type": "string"}}, "required": ["a", "b"]}
@@ -49,8 +66,10 @@ def test_json_object_mode_and_max_tokens_fitting(random_engine):
     small = random_engine.generate_json("x", schema=schema, max_tokens=70, seed=0, **FAST)
     assert small.done.completion_tokens <= 70
     jsonschema.validate(small.value, schema)
+    tiny = random_engine.generate_json("x", schema=schema, max_tokens=10, seed=0, **FAST)
+    assert tiny.value == {} and tiny.done.completion_tokens <= 10  # optional properties are left out to fit
     with pytest.raises(ValueError, match="raise max_tokens"):
-        random_engine.generate_json("x", schema=schema, max_tokens=10)
+        random_engine.generate_json("x", schema={**schema, "required": list("abcdef")}, max_tokens=10)
 
 
 def test_max_items_is_an_upper_bound_that_shrinks_to_fit_max_tokens(random_engine):
@@ -85,9 +104,13 @@ def test_max_tokens_error_names_only_the_minimums_that_do_not_fit(random_engine)
     schema = {"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 300}
     with pytest.raises(ValueError, match="raise max_tokens .* lower its minItems$"):
         json_plan(random_engine, schema, max_tokens=10)
-    words = {"type": "object", "properties": {"w": {"type": "string", "minLength": 40}}}
+    words = {"type": "object", "properties": {"w": {"type": "string", "minLength": 40}}, "required": ["w"]}
     with pytest.raises(ValueError, match="lower its minLength$"):
         json_plan(random_engine, words, max_tokens=20)
+    assert len(json_plan(random_engine, {**words, "required": []}, max_tokens=20).layout) < 20  # "w" left out
+    mixed = {"type": "object", "required": ["n"], "properties": {"w": words["properties"]["w"], "n": schema}}
+    with pytest.raises(ValueError, match="lower its minItems$"):  # the optional "w" is no floor: it can go
+        json_plan(random_engine, mixed, max_tokens=10)
     with pytest.raises(ValueError, match="context of .* lower its minItems$"):
         json_plan(random_engine, {**schema, "minItems": 10**9, "maxItems": 10**9})
     fits_today = {"type": "array", "items": {"type": "boolean"}, "maxItems": 5}

@@ -2,7 +2,8 @@
 
     schema --normalise--> value tree --build_layout--> scaffold (clamped) + slots/decisions (classes)
     canvas k: clamps and classes of positions [kL, (k+1)L) (filler where a container closed earlier)
-    commit k: repair_canvas (strings end, numbers parse, choices scored, closed containers emptied) -> valid JSON
+    commit k: repair_canvas (strings end, numbers parse, choices scored, closed containers and skipped optional
+              properties emptied, commas only between present properties) -> valid JSON
 
 The document is laid out from the first generated position, followed by one <eos>; it may span any number of
 canvases (each canvas is committed, repaired and cached before the next is denoised). What the stream emits, and
@@ -99,7 +100,8 @@ def json_plan(engine, schema: dict, *, max_tokens: int | None = None, batch: int
               budget: Budget | None = None) -> JsonPlan:
     """A plan for `schema` on this engine's tokenizer. With max_tokens, budgets shrink until the document (and its
     <eos>) fits: first the lengths the schema leaves open, then the item slots of every array and map (maxItems
-    included, an upper bound), halved down to minItems. An error says how many tokens the smallest layout needs."""
+    included, an upper bound) and the optional properties laid out per object, halved down to minItems and the
+    required properties. An error says how many tokens the smallest layout needs."""
     tok = engine.require_tokenizer()
     vocab = JsonVocab.of(tok, engine.config.vocab_size)
     node = normalise(schema)
@@ -147,7 +149,7 @@ def _floors(node: dict) -> set[str]:
     if kind == "string":
         return {"minLength"} if node["min"] else set()
     if kind == "object":
-        children = [value for _, value in node["props"]]
+        children = [value for key, value in node["props"] if key in node["required"]]  # optional ones can go
     elif kind in ("array", "map"):
         children = [node["item" if kind == "array" else "value"]]
     else:

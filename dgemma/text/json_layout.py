@@ -8,17 +8,34 @@ The layout is one flat row of positions, cut into canvases of L by the engine:
     position the options' tokens + space) or a union of scalar kinds. A slot never straddles a canvas: clamped
     spaces push it into the next one, so each value is denoised, and repaired, inside one canvas;
   * decisions: one free position per optional array item / map entry, class {',' , ']'} (or '}'; {' ', ']'} for
-    "empty"). The first closing token the model puts there ends the container.
-Lengths the layout cannot know (a string's, a number's, how many items) are chosen by the model inside a budget of
-positions, and what it leaves unused is the filler: one-space tokens, valid JSON whitespace.
+    "empty"). The first closing token the model puts there ends the container. And one per optional object
+    property (not in `required`; required ones are always laid out), at its separator, class {',', ' '}: ','
+    keeps the property, ' ' skips it (its key and value become filler).
+Lengths the layout cannot know (a string's, a number's, how many items, which optional properties) are chosen by
+the model inside a budget of positions, and what it leaves unused is the filler: one-space tokens, valid JSON
+whitespace.
+
+Why an optional property's decision is the separator position right before its key: (1) its keep token is the
+comma the kept document has there, so the canvas the denoiser reads is the JSON it becomes (`"Ada", "nickname": `);
+(2) its key follows it clamped, in the same canvas (clamped spaces push both, and the value too when it is a scalar
+that fits, into one canvas), so the denoiser decides seeing which property it is deciding about and what it is
+writing as its value; a decision in the canvas before its key would be taken blind; (3) a LEADING comma depends only
+on the properties before it, which are decided already (left to right; earlier canvases are in the cache), where a
+trailing one would depend on decisions still to come. So the comma is right for any subset kept: a kept optional
+property gets ',' only if a property before it is present, ' ' otherwise (the first property's ',' too); a
+required property that only optional ones precede has a clamped ',' (`Layout.separators`) that the repair turns
+into ' ' when none of them was kept, and that the plan clamps to ' ' when they were decided in an earlier canvas.
+When max_tokens is short, `Budget.cap` bounds the optional properties laid out per object too.
 
 The repair (`repair_canvas`) runs at every commit over the committed canvas, left to right: a string ends at the
 model's first '"' (or gets one at its last position), everything after it in the slot becomes filler; a number is
 the first valid number in the slot's characters, clamped into its bounds; a choice is the option with the highest
 total log-probability under the last step's ℓ̃ over the slot (the whole option scored jointly, padding included);
-a decision that closes turns the rest of its container (here and in every later canvas) into filler. The result is
-valid JSON for ANY token the model may have put at a free position, so validity comes from the construction, not
-from the model, and no retry is ever needed. Earlier canvases are never touched: they are already in the cache.
+a decision that closes turns the rest of its container (here and in every later canvas) into filler, one that skips
+an optional property turns its key and value into filler, and a comma before a property stays only if a property
+before it is present. The result is valid JSON for ANY token the model may have put at a free position, so validity
+comes from the construction, not from the model, and no retry is ever needed. Earlier canvases are never touched:
+they are already in the cache.
 """
 
 from __future__ import annotations
@@ -42,7 +59,8 @@ class Budget:
     items: int = 3  # array items beyond minItems when maxItems is absent
     entries: int = 2  # free-form object entries
     key: int = 6
-    cap: int | None = None  # at most this many items/entries in any array or map (never below minItems)
+    cap: int | None = None  # at most this many items/entries in any array or map (never below minItems), and
+    # optional properties laid out in any object (the first ones in schema order)
 
     def smaller(self) -> "Budget | None":
         if self.string > 2 or self.items > 1 or self.entries > 1:
@@ -64,9 +82,11 @@ class Slot:
 
 @dataclass
 class Decision:
-    close: int  # the token id that ends the container
-    keep: int  # the token that goes on (',' before another item; ' ' for "not empty")
+    close: int  # the token id that ends the container (' ' skips an optional property)
+    keep: int  # the token that goes on (',' before another item or a kept property; ' ' for "not empty")
     end: int = -1  # positions (pos, end) become filler when it closes
+    after: tuple[int, ...] | None = None  # an optional property's: keep writes ',' only if one of these earlier
+    # decisions of its object kept its property (None: always; () for the first property: never, a space)
 
 
 @dataclass
@@ -77,6 +97,8 @@ class Layout:
     classes: list[torch.Tensor] = field(default_factory=list)  # bool [V]
     slots: dict[int, Slot] = field(default_factory=dict)  # by first free position
     decisions: dict[int, Decision] = field(default_factory=dict)  # by position
+    # clamped ',' before a required property that only optional ones precede -> their decisions: ' ' if none kept
+    separators: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.clamp)
@@ -93,12 +115,15 @@ class _Builder:
         self.pending = ""
         self._class_index: dict = {}
 
+    def encode(self, text: str) -> list[int]:
+        ids = self.tok.encode(text, add_bos=False)
+        if self.v.text(ids) != text:
+            raise ValueError(f"the tokenizer does not round-trip {text!r}; cannot lay it out")
+        return ids
+
     def flush(self) -> None:
         if self.pending:
-            ids = self.tok.encode(self.pending, add_bos=False)
-            if self.v.text(ids) != self.pending:
-                raise ValueError(f"the tokenizer does not round-trip {self.pending!r}; cannot lay it out")
-            for i in ids:
+            for i in self.encode(self.pending):
                 self.fixed(i)
             self.pending = ""
 
@@ -150,9 +175,9 @@ class _Builder:
         for j in range(size):
             self.free(*per_position(j))
 
-    def decision(self, choices: tuple[int, int], close: int) -> Decision:
+    def decision(self, choices: tuple[int, int], close: int, after: tuple[int, ...] | None = None) -> Decision:
         self.flush()
-        d = Decision(close, keep=choices[0])
+        d = Decision(close, keep=choices[0], after=after)
         self.out.decisions[len(self.out.clamp)] = d
         self.free(("one_of", choices), lambda: self.v.one_of(choices))
         return d
@@ -162,16 +187,11 @@ class _Builder:
         if kind == "fixed":
             self.pending += literal(node["value"])
         elif kind == "object":
-            self.pending += "{"
-            for i, (key, value) in enumerate(node["props"]):
-                self.pending += (", " if i else "") + literal(key) + ": "
-                self.emit(value)
-            self.pending += "}"
+            self.object(node)
         elif kind in ("array", "map"):
             self.container(node)
         elif kind == "string":
-            size = string_size(node, b.key if node.get("key") else b.string)
-            self.slot(node, size, [v.quote], lambda j: ("string", lambda: v.string))
+            self.slot(node, self.positions(node) - 1, [v.quote], lambda j: ("string", lambda: v.string))
         elif kind == "number":
             self.slot(node, number_size(node, b), [], lambda j: ("number", lambda: v.number | v.one_of([v.ws])))
         elif kind == "options":
@@ -184,6 +204,62 @@ class _Builder:
             self.slot(node, size, [], lambda j: (key, lambda: self.union_mask(node)))
         else:
             raise AssertionError(kind)
+
+    def positions(self, node: dict) -> int | None:
+        """Positions a scalar value's slot takes (its clamped opening quote included); None for other kinds."""
+        kind = node["kind"]
+        if kind == "string":
+            return 1 + string_size(node, self.b.key if node.get("key") else self.b.string)
+        if kind == "number":
+            return number_size(node, self.b)
+        if kind == "options":
+            return max(map(len, self.options(node["values"])))
+        if kind == "union":
+            return self.union(node)[1]
+        return None
+
+    def object(self, node: dict) -> None:
+        """Properties in schema order: a required one always, an optional one (the first `cap` of them) behind a
+        decision at its separator (see the module docstring). A separator that only optional properties precede
+        depends on their decisions (`Decision.after`, `Layout.separators`); after a required one it is a comma."""
+        v = self.v
+        required = node["required"]
+        optional = [k for k, _ in node["props"] if k not in required]
+        laid_out = set(optional if self.b.cap is None else optional[: self.b.cap])
+        self.pending += "{"
+        first, after = True, ()  # after: the decisions before this property; None once a required one is laid out
+        for key, value in node["props"]:
+            head = literal(key) + ": "
+            if key in required:
+                if first:
+                    self.pending += head
+                elif after is None:
+                    self.pending += ", " + head
+                else:  # only optional properties before it: a comma only if one of them is kept
+                    self.flush()
+                    self.out.separators[len(self.out.clamp)] = after
+                    self.fixed(v.ids[","])
+                    self.pending += " " + head
+                self.emit(value)
+                first, after = False, None
+            elif key in laid_out:
+                self.flush()
+                key_ids = self.encode(" " + head)
+                n = 1 + len(key_ids)  # the decision sees its key (and a scalar value) in its own canvas
+                value_n = self.positions(value)
+                if value_n is not None and n + value_n <= self.L:
+                    n += value_n
+                if n <= self.L:
+                    self.in_one_canvas(n)
+                at = len(self.out.clamp)
+                d = self.decision((v.ids[","], v.ws), v.ws, after)
+                for t in key_ids:
+                    self.fixed(t)
+                self.emit(value)
+                self.flush()
+                d.end = len(self.out.clamp)
+                first, after = False, None if after is None else after + (at,)
+        self.pending += "}"
 
     def union(self, node: dict):
         branches, size = [], 1

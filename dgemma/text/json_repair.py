@@ -34,15 +34,28 @@ def repair_canvas(layout: Layout, tokens: list[int], start: int,
         if decision is not None:
             if out[i] == decision.close:
                 closed.append((p + 1, decision.end))
-            else:  # its class only allows the two, but the repair holds for any token
-                out[i] = decision.keep
+            elif decision.after is None or any_kept(decision.after, closed):
+                out[i] = decision.keep  # its class only allows the two, but the repair holds for any token
+            else:  # a kept optional property with none present before it: no comma
+                out[i] = v.ws
+        if p in layout.separators:
+            out[i] = v.ids[","] if any_kept(layout.separators[p], closed) else v.ws
         slot = layout.slots.get(p)
         if slot is not None:
             out[i: i + slot.size] = fill(slot.node, out[i: i + slot.size], v, lambda: logp(i, i + slot.size))
             p += slot.size
             continue
         p += 1
+    for s, after in layout.separators.items():  # decided here, in a later canvas: clamp it to what it will be
+        if s >= end and start <= max(after) < end and not any_kept(after, closed):
+            closed.append((s, s + 1))
     return out
+
+
+def any_kept(decisions: tuple[int, ...], closed: list[tuple[int, int]]) -> bool:
+    """Whether one of these optional-property decisions (already repaired) kept its property: a skip turned the
+    positions after it into filler, and so does a container closed around it (then nothing of it is present)."""
+    return any(not any(a <= q + 1 < b for a, b in closed) for q in decisions)
 
 
 def fill(node: dict, seg: list[int], v: JsonVocab, logp: Callable[[], torch.Tensor | None]) -> list[int]:

@@ -7,7 +7,9 @@ format, $schema, $id, $comment, ...), which are ignored. Anything else (pattern,
 uniqueItems, ...) is refused by name, never silently dropped: a document could not be valid by construction then.
 
 Node kinds (plain dicts, consumed by json_layout.py):
-    {"kind": "object", "props": [(key, node), ...]}             declared properties, ALL present (required or not)
+    {"kind": "object", "props": [(key, node), ...], "required": {key, ...}}
+                                                                  declared properties in schema order (required ones
+                                                                  not declared are appended); the others are optional
     {"kind": "map", "value": node, "min": a, "max": b}            free-form object: up to b entries of string keys
     {"kind": "array", "item": node, "min": a, "max": b}
     {"kind": "string", "min": a, "max": b|None}                  lengths in characters
@@ -184,16 +186,18 @@ class Normaliser:
         required = schema.get("required", [])
         if not isinstance(props, dict) or not isinstance(required, list):
             raise SchemaError(f"{where}: properties must be an object and required a list")
+        if not all(isinstance(k, str) for k in required):
+            raise SchemaError(f"{where}: required must list property names (strings), got {required!r}")
         extra = schema.get("additionalProperties", True)
         out = [(k, self.node(v, f"{where}.{k}", depth + 1, seen)) for k, v in props.items()]
-        for k in required:  # required but not declared: present, with the additionalProperties schema
+        for k in dict.fromkeys(required):  # required but not declared: present, with the additionalProperties schema
             if k not in props:
                 if extra is False:
                     raise SchemaError(f"{where}: {k!r} is required but not a property and additionalProperties is "
                                       "false")
                 out.append((k, self.node(extra, f"{where}.{k}", depth + 1, seen)))
         if out or extra is False:
-            return {"kind": "object", "props": out}
+            return {"kind": "object", "props": out, "required": frozenset(required)}
         return {"kind": "map", "value": self.node(extra, f"{where}.*", depth + 1, seen), "min": 0, "max": None}
 
 
