@@ -273,6 +273,35 @@ def sudoku_model(tmp_path_factory):
     return path
 
 
+def test_solve_takes_a_lora_adapter_directory(sudoku_model, tmp_path, capsys):
+    """--model RUN/adapter (a LoRA adapter on the Sudoku model) answers as the merged model does (it said "model
+    directory ... has no config.json"). The random model's answers are mostly non-digits either way."""
+    import shutil
+
+    from dgemma.model import load_module
+    from dgemma.model.lora import apply_lora, lora_state_dict, merge_lora, save_adapter
+    from dgemma.model.saving import save_checkpoint
+
+    module = load_module(sudoku_model, quiet=True)
+    apply_lora(module, rank=2, targets=("attention", "experts"), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, p in lora_state_dict(module).items():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    save_adapter(module, tmp_path / "adapter", base_model=str(sudoku_model))
+    merged = tmp_path / "merged"
+    save_checkpoint(merge_lora(module), merged)
+    for f in sudoku_model.iterdir():
+        if f.name != "model.safetensors" and f.name != "config.json":
+            shutil.copy(f, merged / f.name)
+    capsys.readouterr()
+    outputs = []
+    for model in (tmp_path / "adapter", merged):
+        assert _cli(["sudoku", "solve", WIKIPEDIA[0], "--model", str(model), "--steps", "3", "--json"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1]
+
+
 @pytest.fixture(scope="module")
 def puzzle_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("sudoku_data") / "eval.jsonl"

@@ -21,6 +21,7 @@ TRAIN_HINT = ("train one: `dgemma sudoku tokenizer TOK` (the tokenizer), `dgemma
 
 
 def _load(args):
+    from ..config import is_adapter
     from ..engine.engine import load
 
     if args.baseline and args.preset != "exact":  # a preset's knobs are the diffusion sampler's: none would apply
@@ -30,10 +31,11 @@ def _load(args):
         raise ValueError(f"--compile compiles the denoising step; --baseline {args.baseline} runs the causal encoder "
                          "only and would run it uncompiled; drop one")
     path = Path(args.model) if args.model else BUNDLED
-    if not (path / "config.json").is_file():
+    if not ((path / "config.json").is_file() or is_adapter(path)):
         if args.model:
             raise FileNotFoundError(f"model directory {path} has no config.json; pass a DiffusionGemma model "
-                                    "directory (Hugging Face layout) trained on the Sudoku format")
+                                    "directory (Hugging Face layout) trained on the Sudoku format, or a LoRA "
+                                    "adapter directory (adapter_config.json) of one")
         raise FileNotFoundError(f"no bundled Sudoku model at {path}: it has not been trained yet; {TRAIN_HINT}")
     engine = load(path, dtype=args.dtype, device=args.device, quiet=True, preset=args.preset,
                   int8_dynamic=args.int8_dynamic, compile=args.compile)
