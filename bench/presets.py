@@ -174,7 +174,8 @@ def sudoku(args, names) -> dict:
         engine.use_int8_dynamic(int8)
         r = evaluate(engine.use_preset(preset), pairs, seed=0, batch_size=args.puzzles)
         engine.use_int8_dynamic(False)
-        rows[label] = {"solved_rate": r["solved_rate"], "cell_accuracy": round(r["cell_accuracy"], 4),
+        accuracy = r["cell_accuracy"]  # None: no blank cell to fill
+        rows[label] = {"solved_rate": r["solved_rate"], "cell_accuracy": accuracy and round(accuracy, 4),
                        "mean_steps_per_canvas": round(r["mean_steps_per_canvas"], 3)}
     return rows
 

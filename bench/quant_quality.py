@@ -113,7 +113,8 @@ def mean_steps(engine, chats, max_new_tokens: int) -> float:
 def sudoku_scores(engine, puzzles) -> dict:
     from dgemma.sudoku.evaluate import evaluate
     result = evaluate(engine, puzzles, seed=0)
-    return {"solved_rate": result["solved_rate"], "cell_accuracy": round(result["cell_accuracy"], 4),
+    accuracy = result["cell_accuracy"]  # None: no blank cell to fill
+    return {"solved_rate": result["solved_rate"], "cell_accuracy": accuracy and round(accuracy, 4),
             "mean_steps_per_canvas": round(result["mean_steps_per_canvas"], 3)}
 
 

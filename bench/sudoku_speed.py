@@ -34,7 +34,7 @@ import dgemma  # noqa: E402
 from dgemma.argtypes import positive_int  # noqa: E402
 from dgemma.engine.presets import PRESETS  # noqa: E402
 from dgemma.sudoku.commands import BUNDLED  # noqa: E402
-from dgemma.sudoku.evaluate import read_puzzles  # noqa: E402
+from dgemma.sudoku.evaluate import cell_accuracy, read_puzzles  # noqa: E402
 from dgemma.sudoku.format import ANSWER_TOKENS, answer_cells, check_tokenizer, prompt_ids  # noqa: E402
 from dgemma.sudoku.puzzles import generate_puzzles  # noqa: E402
 
@@ -105,8 +105,9 @@ def main(argv=None) -> dict:
     ref_wall = sum(walls["reference"])
     for side in sides:
         wall, sc = sum(walls[side]), scores[side]
+        accuracy = cell_accuracy(sc["correct"], sc["blanks"])  # None: no blank cell to fill
         rows[side] = {"solved_rate": round(sc["solved"] / len(pairs), 3),
-                      "cell_accuracy": round(sc["correct"] / sc["blanks"], 4),
+                      "cell_accuracy": accuracy and round(accuracy, 4),
                       "mean_steps_per_canvas": round(statistics.mean(sc["steps"]), 2) if sc["steps"] else None,
                       "wall_s": round(wall, 2), "tok_s": round(len(pairs) * L / wall, 1),
                       "ratio": round(ref_wall / wall, 2)}
@@ -114,7 +115,8 @@ def main(argv=None) -> dict:
           f"with the checkpoint's settings")
     print(f"  {'side':<18}{'solved':>8}{'cell acc':>10}{'steps':>8}{'wall s':>9}{'tok/s':>9}{'ratio':>8}")
     for side, r in rows.items():
-        print(f"  {side:<18}{r['solved_rate']:>8}{r['cell_accuracy']:>10}{str(r['mean_steps_per_canvas']):>8}"
+        cells = "n/a" if r["cell_accuracy"] is None else r["cell_accuracy"]  # n/a: no blank cell to fill
+        print(f"  {side:<18}{r['solved_rate']:>8}{cells:>10}{str(r['mean_steps_per_canvas']):>8}"
               f"{r['wall_s']:>9}{r['tok_s']:>9}{r['ratio']:>8}")
     result = {"bench": "sudoku_speed", "model": args.model, "num_puzzles": len(pairs), "threads": args.threads,
               "canvas_length": L, "rows": rows}

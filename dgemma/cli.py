@@ -17,20 +17,34 @@ def _fmt_count(n: int) -> str:
 
 
 def cmd_inspect(args) -> int:
-    from .config import ModelConfig
-    from .model.summary import census, describe, stored_bytes
+    from .config import ModelConfig, is_adapter
+    from .model.summary import census, describe, describe_adapter, stored_bytes
 
     path = Path(args.path)
-    cfg = ModelConfig.from_file(path)
+    cfg = ModelConfig.from_file(path)  # a LoRA adapter: its base model's (checked to exist and fit)
+    adapter = describe_adapter(path) if is_adapter(path) else None
+    weights = Path(adapter["model"]) if adapter else path  # the merged model's weights are its base model's
     counts = census(cfg)
-    stored = stored_bytes(path) if path.is_dir() else None
+    stored = stored_bytes(weights) if weights.is_dir() else None
     if args.json:
         print(json.dumps({"config": str(path), "total_parameters": counts["total"],
                           "active_parameters_per_token": counts["active_per_token"],
                           "by_component": counts["by_component"],
-                          "layer_scalar_buffers": counts["layer_scalar_buffers"], "stored_bytes_by_dtype": stored}))
+                          "layer_scalar_buffers": counts["layer_scalar_buffers"], "stored_bytes_by_dtype": stored,
+                          **({"adapter": adapter} if adapter else {})}))
         return 0
-    print(f"DiffusionGemma text model: {path}")
+    if adapter:
+        print(f"LoRA adapter: {path} (loads as its base model with the adapter merged in)")
+        chain = "" if adapter["model"] == adapter["base_model"] else f" (itself an adapter, on {adapter['model']})"
+        print(f"  base model        {adapter['base_model']}{chain}")
+        print(f"  rank              {adapter['rank']} (alpha {adapter['alpha']:g}, update scale alpha/rank "
+              f"{adapter['alpha'] / adapter['rank']:g}), dropout {adapter['dropout']:g}")
+        print(f"  targets           {', '.join(adapter['targets'])}")
+        sizes = ", ".join(f"{dtype} {n / 2**20:.2f} MiB" for dtype, n in adapter["stored_bytes_by_dtype"].items())
+        print(f"  adapter tensors   {_fmt_count(adapter['parameters'])} parameters, stored {sizes}")
+        print(f"Merged model (the base model's shape and weights): {weights}")
+    else:
+        print(f"DiffusionGemma text model: {path}")
     for line in describe(cfg):
         print("  " + line)
     print(f"  parameters        {_fmt_count(counts['total'])} total, "

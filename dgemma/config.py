@@ -278,31 +278,104 @@ class ModelConfig:
         if not Path(path).exists():
             raise ConfigError(missing_path(path))
         path = Path(path)
+        if is_adapter(path):  # a LoRA adapter directory: the merged model has its base model's config
+            chain = model_chain(path)
+            config = cls.from_file(chain[-1])
+            for adapter in chain[:-1]:
+                check_adapter_shape(adapter, config)
+            return config
         if path.is_dir():
             path = path / "config.json"
         if not path.exists():
-            raise ConfigError(adapter_not_model(path.parent) or f"{path}: no such file; pass a model directory "
-                              "containing config.json, or a config.json file")
+            raise ConfigError(f"{path}: no such file; pass a model directory containing config.json, a LoRA adapter "
+                              f"directory ({ADAPTER_CONFIG_FILE}), or a config.json file")
         return cls.from_dict(read_json(path, fix="pass a model directory or its config.json"), source=str(path))
 
 
-ADAPTER_CONFIG_FILE = "adapter_config.json"  # what marks a LoRA adapter directory (train/lora.py writes it)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # what marks a LoRA adapter directory (model/lora.py writes it)
+ADAPTER_FORMAT = "dgemma-lora"
+UNRECORDED_BASE = "a DiffusionGemma checkpoint with the shape below (not recorded by name)"  # older save_adapter
+ADAPTER_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_experts")  # its "base_shape"
 
 
-def adapter_not_model(directory: Path) -> str | None:
-    """The message for a LoRA adapter directory (`dgemma train --mode lora` writes RUN/adapter and adapter
-    checkpoints) passed where a model directory goes; None when `directory` holds no adapter."""
-    if not (directory / ADAPTER_CONFIG_FILE).is_file():
-        return None
-    try:
-        base = json.loads((directory / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8")).get("base_model")
-    except (OSError, ValueError, AttributeError):
-        base = None
-    return (f"{directory} holds a LoRA adapter ({ADAPTER_CONFIG_FILE}), not a model: pass the model a LoRA run "
-            "writes with the adapter merged in (RUN/model), or merge this adapter into its base model"
-            f"{f' ({base})' if isinstance(base, str) else ''}: dgemma.model.load_module(BASE), then "
-            "dgemma.train.lora.load_adapter(module, ADAPTER_DIR), merge_lora(module) and "
-            "dgemma.model.saving.save_checkpoint(module, OUT), then copy BASE's tokenizer files into OUT")
+def is_adapter(directory: str | Path) -> bool:
+    """A LoRA adapter directory (`dgemma train --mode lora` writes RUN/adapter and RUN/checkpoints/step-N):
+    adapter_config.json and no config.json. It loads as its base model with the adapter merged in."""
+    directory = Path(directory)
+    return (directory / ADAPTER_CONFIG_FILE).is_file() and not (directory / "config.json").exists()
+
+
+def read_adapter_config(directory: str | Path) -> dict:
+    """adapter_config.json of a LoRA adapter directory, checked to be dgemma's (PEFT writes a file of that name too)."""
+    path = Path(directory) / ADAPTER_CONFIG_FILE
+    meta = read_json(path, fix="it should be the adapter_config.json that `dgemma train --mode lora` writes")
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ConfigError(f"{path}: not a dgemma LoRA adapter (format {found!r}, expected {ADAPTER_FORMAT!r}; PEFT "
+                          "writes a file of this name too); dgemma loads the adapters `dgemma train --mode lora` "
+                          "writes, or model directories (config.json and model.safetensors)")
+    missing = [k for k in ("rank", "alpha", "targets", "dropout") if k not in meta]
+    if missing:
+        raise ConfigError(f"{path}: missing {', '.join(missing)}; the file is damaged: write it again with "
+                          "dgemma.model.lora.save_adapter, or use the run's merged model (RUN/model)")
+    return meta
+
+
+def adapter_base(directory: str | Path) -> Path:
+    """The base model directory a LoRA adapter records ("base_model" in its adapter_config.json; `dgemma train`
+    records an absolute path, a relative one is taken from the adapter directory), checked to exist."""
+    directory = Path(directory)
+    recorded = read_adapter_config(directory).get("base_model")
+    fix = (f'set "base_model" in {directory / ADAPTER_CONFIG_FILE} to the directory of the model the adapter was '
+           "trained on")
+    if not isinstance(recorded, str) or not recorded.strip() or recorded == UNRECORDED_BASE:
+        raise ConfigError(f"{directory} is a LoRA adapter that does not record its base model (base_model: "
+                          f"{recorded!r}); {fix}")
+    base = Path(recorded).expanduser()
+    shown = str(base) if base.is_absolute() else f"{recorded} (relative to the adapter directory: {directory / base})"
+    base = base if base.is_absolute() else directory / base
+    if not base.exists():
+        raise ConfigError(f"{directory} is a LoRA adapter on the base model {shown}, which does not exist (moved or "
+                          f"deleted?); put the base model back there, or {fix}")
+    if not base.is_dir() or not ((base / "config.json").is_file() or is_adapter(base)):
+        raise ConfigError(f"{directory} is a LoRA adapter on the base model {shown}, which is not a model directory "
+                          f"(no config.json); {fix}")
+    return base
+
+
+def model_chain(path: str | Path) -> list[Path]:
+    """[path] for a model directory; for a LoRA adapter [adapter, its base, ...] down to the model directory its
+    weights start from (an adapter trained on an adapter's merged model records that adapter as its base)."""
+    chain = [Path(path)]
+    while is_adapter(chain[-1]):
+        base = adapter_base(chain[-1])
+        if any(base.resolve() == seen.resolve() for seen in chain):
+            raise ConfigError(f"LoRA adapters name each other as base models in a loop ({' -> '.join(map(str, chain))} "
+                              f"-> {base}); set \"base_model\" in {chain[-1] / ADAPTER_CONFIG_FILE} to the directory "
+                              "of the model the adapter was trained on")
+        chain.append(base)
+    return chain
+
+
+def model_file(path: str | Path, name: str) -> Path | None:
+    """The file `name` (tokenizer.json, generation_config.json, ...) that goes with a model directory: its own, or for
+    a LoRA adapter its own if it has one, else its base model's; None when none has it."""
+    return next((d / name for d in model_chain(path) if (d / name).is_file()), None)
+
+
+def check_adapter_shape(directory: Path, config: "ModelConfig") -> None:
+    """An adapter's recorded base shape against the base model it names (another model's weights would not fit)."""
+    recorded = read_adapter_config(directory).get("base_shape")
+    if not isinstance(recorded, dict):
+        return
+    actual = {k: getattr(config, k) for k in ADAPTER_SHAPE_KEYS}
+    wrong = {k: v for k, v in recorded.items() if k in actual and v != actual[k]}
+    if wrong:
+        raise ConfigError(f"{directory} is a LoRA adapter trained on a model with {wrong}, but its base model "
+                          f"{adapter_base(directory)} has {({k: actual[k] for k in wrong})}: that is another model; "
+                          f'set "base_model" in {directory / ADAPTER_CONFIG_FILE} to the directory of the model the '
+                          "adapter was trained on")
 
 
 def check_temperatures(t_min, t_max) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, model_chain
 from .model.blocks import DiffusionGemma
 from .quant.modules import swap_modules
 from .quant.schemes import DEFAULT_GROUP_SIZE, SCHEMES, scale_dtype_for
@@ -275,7 +275,7 @@ def cmd_plan(args) -> int:
     quant, group_size, scale_dtype = args.quant, args.group_size, None
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     if args.model and path.is_dir():
-        infos, metadata = list_tensors(path)
+        infos, metadata = list_tensors(model_chain(path)[-1])  # a LoRA adapter: its base model's weights
         record = read_metadata(metadata)
         if record is not None and quant is None:
             quant, group_size = record["scheme"], group_size or record["group_size"]

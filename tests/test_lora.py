@@ -1,10 +1,13 @@
-"""LoRA adapters (train/lora.py): unchanged output at init, only adapters train, exact merge back to a plain module,
+"""LoRA adapters (model/lora.py): unchanged output at init, only adapters train, exact merge back to a plain module,
 experts adapters through the grouped dispatch and the reference loop, adapter-only save/load, clear errors."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +16,9 @@ import torch.nn.functional as Fn
 from dgemma.config import ModelConfig
 from dgemma.engine.cache import KVCache
 from dgemma.model import DiffusionGemma, load_module
-from dgemma.model.saving import save_checkpoint
-from dgemma.train.lora import (apply_lora, load_adapter, load_lora_state_dict, lora_config, lora_state_dict,
+from dgemma.model.lora import (apply_lora, load_adapter, load_lora_state_dict, lora_config, lora_state_dict,
                                merge_lora, save_adapter)
+from dgemma.model.saving import save_checkpoint
 
 from conftest import randomise
 
@@ -240,3 +243,190 @@ def test_saved_weights_get_the_umask_permissions(tmp_path):
         os.umask(old)
     for path in (tmp_path / "adapter" / "adapter.safetensors", tmp_path / "model" / "model.safetensors"):
         assert path.stat().st_mode & 0o777 == 0o640, path
+
+
+# --- an adapter directory loads as the merged model ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lora_run(random_model_dir, tmp_path_factory):
+    """A 2-step `dgemma train --mode lora` run on the random model, every target adapted: (run dir, base dir)."""
+    from dgemma.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("lora_run")
+    with (root / "data.jsonl").open("w") as f:
+        for i in range(4):
+            f.write(json.dumps({"prompt": f"{i}:", "completion": "def f(x): return x + 1", "raw": True}) + "\n")
+    train(TrainConfig(data=(str(root / "data.jsonl"),), out=str(root / "run"), init="lora", model=str(random_model_dir),
+                      steps=2, batch_size=2, lr=3e-3, lora_rank=2, lora_targets=ALL, progress=False))
+    return root / "run", random_model_dir
+
+
+def decoder_logits(engine, seed=0):
+    """Decoder logits of one canvas after a prompt, self-conditioned: every adapted module takes part."""
+    module, g = engine.module, torch.Generator().manual_seed(seed)
+    V, L = module.config.vocab_size, module.config.canvas_length
+    ids, canvas = torch.randint(0, V, (1, 12), generator=g), torch.randint(0, V, (1, L), generator=g)
+    cache = KVCache(module.config, 1)
+    with torch.no_grad():
+        module.encode(ids, cache)
+        soft = module.soft_embedding(torch.randn(1, L, V, generator=g).to(module.embed_tokens.weight.dtype))
+        return module.denoise(canvas, cache, soft=soft).float()
+
+
+def test_an_adapter_directory_loads_as_the_model_the_run_merged(lora_run):
+    """dgemma.load(RUN/adapter) (and a LoRA checkpoint) = dgemma.load(RUN/model): the same weights bit for bit in the
+    dtype the run merged in, the same tokens for the same seed, the same tokenizer and generation settings; in bf16
+    the same logits within bf16 rounding. (It was an error telling the user to merge the adapter by hand.)"""
+    import dgemma
+
+    run, base = lora_run
+    merged = dgemma.load(run / "model", quiet=True)
+    plain = dgemma.load(base, quiet=True).module.state_dict()
+    want = merged.module.state_dict()
+    assert any(not torch.equal(want[k], plain[k]) for k in want), "the run changed nothing: the test could not fail"
+    for adapter in (run / "adapter", run / "checkpoints" / "step-000002"):
+        engine = dgemma.load(adapter, quiet=True)
+        got = engine.module.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), adapter
+        assert engine.generation_config == merged.generation_config and engine.tokenizer is not None
+        ours = engine.complete("def f(x):", max_tokens=40, seed=3, max_denoising_steps=8)
+        theirs = merged.complete("def f(x):", max_tokens=40, seed=3, max_denoising_steps=8)
+        assert ours.completion_ids == theirs.completion_ids and ours.steps_per_canvas == theirs.steps_per_canvas
+    assert json.loads((run / "adapter" / "generation_config.json").read_text()) == \
+        json.loads((run / "model" / "generation_config.json").read_text())
+    bf16 = dgemma.load(run / "adapter", dtype="bfloat16", quiet=True)
+    assert {p.dtype for p in bf16.module.parameters()} == {torch.bfloat16}
+    want_logits = decoder_logits(dgemma.load(run / "model", dtype=torch.bfloat16, quiet=True))
+    assert torch.equal(decoder_logits(bf16), want_logits)
+    assert (decoder_logits(merged) - want_logits).abs().max() > 0, "bf16 and fp32 logits should differ"
+
+
+def adapter_copy(lora_run, tmp_path, base_model, name="adapter") -> Path:
+    """The run's adapter copied to tmp_path/name with "base_model" set to `base_model` (None: removed)."""
+    copy_dir = tmp_path / name
+    shutil.copytree(lora_run[0] / "adapter", copy_dir)
+    meta = json.loads((copy_dir / "adapter_config.json").read_text())
+    meta["base_model"] = base_model
+    (copy_dir / "adapter_config.json").write_text(json.dumps(meta))
+    return copy_dir
+
+
+def load_message(path) -> str:
+    import dgemma
+    from dgemma import ConfigError
+    from dgemma.model import CheckpointError
+
+    with pytest.raises((ConfigError, CheckpointError)) as info:
+        dgemma.load(path, quiet=True)
+    return str(info.value)
+
+
+def test_an_adapters_base_model_moved_missing_relative_or_wrong_is_a_clear_error(lora_run, tmp_path):
+    import dgemma
+    from dgemma.quant.convert import quantize_checkpoint
+
+    run, base = lora_run
+    want = dgemma.load(run / "model", quiet=True).module.state_dict()
+    fix = r'set "base_model" in .*adapter_config.json to the directory of the model the adapter was trained on'
+    # moved: the recorded absolute path is gone
+    gone = adapter_copy(lora_run, tmp_path, str(tmp_path / "moved-away"), "gone")
+    assert load_message(gone) == load_message(gone)  # the same error every time
+    message = load_message(gone)
+    assert f"{gone} is a LoRA adapter on the base model {tmp_path / 'moved-away'}, which does not exist" in message
+    import re
+    assert re.search(fix, message), message
+    # a relative base is taken from the adapter directory (not from wherever the command runs)
+    shutil.copytree(base, tmp_path / "base")
+    relative = adapter_copy(lora_run, tmp_path, "../base", "relative")
+    got = dgemma.load(relative, quiet=True).module.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    lost = adapter_copy(lora_run, tmp_path, "base", "lost")
+    assert f"base (relative to the adapter directory: {lost / 'base'}), which does not exist" in load_message(lost)
+    # not recorded (save_adapter without base_model)
+    assert "does not record its base model (base_model: None)" in load_message(adapter_copy(lora_run, tmp_path, None,
+                                                                                              "unrecorded"))
+    # another model: the recorded shape does not fit
+    save_checkpoint(tiny_model(), tmp_path / "other")
+    message = load_message(adapter_copy(lora_run, tmp_path, str(tmp_path / "other"), "other-base"))
+    assert "trained on a model with {'vocab_size': 640, 'hidden_size': 64" in message and "that is another model" in \
+        message
+    # a directory that is not a model
+    (tmp_path / "empty").mkdir()
+    message = load_message(adapter_copy(lora_run, tmp_path, str(tmp_path / "empty"), "no-model"))
+    assert "which is not a model directory (no config.json)" in message and re.search(fix, message)
+    # a quantized base: the adapter merges into full-precision weights
+    quantize_checkpoint(base, tmp_path / "int8", "int8", log=None)
+    message = load_message(adapter_copy(lora_run, tmp_path, str(tmp_path / "int8"), "on-int8"))
+    assert f"on {tmp_path / 'int8'}, a quantized checkpoint" in message and "full-precision model" in message
+    # two adapters naming each other
+    first = adapter_copy(lora_run, tmp_path, str(tmp_path / "second"), "first")
+    adapter_copy(lora_run, tmp_path, str(first), "second")
+    assert "name each other as base models in a loop" in load_message(first)
+    # PEFT writes adapter_config.json too
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    assert "not a dgemma LoRA adapter (format None" in load_message(peft)
+
+
+def test_cli_commands_take_an_adapter_directory(lora_run, tmp_path, capsys):
+    """generate/plan/quantize/inspect --model RUN/adapter: what they do with RUN/model (inspect: says it is one)."""
+    from safetensors.torch import load_file
+
+    from dgemma.cli import main
+
+    run, base = lora_run
+    texts = []
+    for model in (run / "adapter", run / "model"):
+        assert main(["generate", "--model", str(model), "def f(x):", "--max-tokens", "30", "--seed", "1",
+                     "--steps", "6", "--json"]) == 0
+        done = json.loads(capsys.readouterr().out)
+        texts.append((done["text"], done["usage"], done["stats"]["steps_per_canvas"]))
+        assert main(["quantize", str(model), str(tmp_path / model.name), "--scheme", "int8"]) == 0
+        assert main(["plan", "--model", str(model), "--json"]) == 0
+        texts.append({k: v for k, v in json.loads(capsys.readouterr().out.splitlines()[-1]).items() if k != "source"})
+    assert texts[0] == texts[2] and texts[1] == texts[3] and texts[0][0].strip()
+    ours, theirs = load_file(tmp_path / "adapter" / "model.safetensors"), load_file(tmp_path / "model" /
+                                                                                   "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert (tmp_path / "adapter" / "tokenizer.json").is_file() and not (tmp_path / "adapter.merged").exists()
+
+    assert main(["inspect", str(run / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert f"LoRA adapter: {run / 'adapter'}" in out and f"base model        {base}" in out
+    assert "rank              2 (alpha 16" in out and "targets           attention, mlp, self_conditioning, experts" \
+        in out
+    assert main(["inspect", str(run / "adapter"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert main(["inspect", str(base), "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    adapter = report.pop("adapter")
+    assert adapter["base_model"] == str(base) and adapter["rank"] == 2 and adapter["targets"] == list(ALL)
+    assert adapter["parameters"] == sum(t.numel() for t in load_file(run / "adapter" / "adapter.safetensors").values())
+    assert {**report, "config": None} == {**plain, "config": None}
+
+    gone = adapter_copy(lora_run, tmp_path, str(tmp_path / "moved-away"), "gone")
+    for argv in (["generate", "--model", str(gone), "Hi"], ["inspect", str(gone)]):
+        assert main(argv) == 2
+        assert f"{gone} is a LoRA adapter on the base model {tmp_path / 'moved-away'}" in capsys.readouterr().err
+
+
+def test_a_lora_run_on_an_adapter_trains_on_its_merged_model(lora_run, tmp_path):
+    """dgemma train --model RUN/adapter: the base is the merged model, the tokenizer the base's; the new adapter
+    records the first as its base and loads through both."""
+    import dgemma
+    from dgemma.train import TrainConfig, train
+
+    run, _ = lora_run
+    train(TrainConfig(data=(str(run.parent / "data.jsonl"),), out=str(tmp_path / "again"), init="lora",
+                      model=str(run / "adapter"), steps=1, batch_size=2, lr=3e-2, lora_rank=2, progress=False))
+    want = dgemma.load(tmp_path / "again" / "model", quiet=True).module.state_dict()
+    got = dgemma.load(tmp_path / "again" / "adapter", quiet=True).module.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert (tmp_path / "again" / "model" / "tokenizer.json").is_file()
+
+
+def test_the_old_import_path_is_the_same_code():
+    from dgemma.model import lora
+    from dgemma.train import lora as old
+
+    assert old.load_adapter is lora.load_adapter and old.merge_lora is lora.merge_lora

@@ -273,6 +273,63 @@ def sudoku_model(tmp_path_factory):
     return path
 
 
+def test_cell_accuracy_with_no_blank_cell_is_not_applicable(sudoku_model, tmp_path, capsys):
+    """Puzzles with 81 givens (`generate --givens 80-81` makes some) have no blank cell to fill: their cell accuracy
+    is None / n/a, not 0% (it was correct / max(blanks, 1) = 0), and it does not pull a mixed set's accuracy down."""
+    from dgemma.sudoku.evaluate import Prediction, cell_accuracy, score
+
+    full, full_solution = generate_puzzles(1, (81, 81), seed=3)[0]
+    puzzle, solution = generate_puzzles(1, (79, 79), seed=4)[0]  # 2 blanks
+    assert full == full_solution and sum(not c for c in puzzle) == 2
+    half = list(solution)
+    half[puzzle.index(0)] = 0  # one of the two blanks left unfilled
+    only_full = score([(full, full_solution)], [Prediction(full, 1.0)])
+    assert only_full["cell_accuracy"] is None and only_full["bands"]["easy"]["cell_accuracy"] is None
+    assert only_full["solved_rate"] == 1.0
+    mixed = score([(full, full_solution), (puzzle, solution)], [Prediction(full, 1.0), Prediction(tuple(half), 1.0)])
+    assert mixed["cell_accuracy"] == 0.5  # over the 2 blank cells there are: 1 right (not averaged with a 0)
+    assert cell_accuracy(0, 0) is None and cell_accuracy(0, 3) == 0.0
+
+    out = tmp_path / "full.jsonl"
+    assert _cli(["sudoku", "generate", "--count", "2", "--givens", "81", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert _cli(["sudoku", "eval", "--puzzles", str(out), "--model", str(sudoku_model), "--steps", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1])["cell_accuracy"] is None
+    rows = [line.split() for line in lines if line.startswith(("easy", "all"))]
+    assert len(rows) == 2 and all(row[5] == "n/a" for row in rows), lines
+    assert commands.invalid_line(full, (0,) + full[1:], full) == "valid: no (1 given not copied; '?' = not a digit)"
+
+
+def test_solve_takes_a_lora_adapter_directory(sudoku_model, tmp_path, capsys):
+    """--model RUN/adapter (a LoRA adapter on the Sudoku model) answers as the merged model does (it said "model
+    directory ... has no config.json"). The random model's answers are mostly non-digits either way."""
+    import shutil
+
+    from dgemma.model import load_module
+    from dgemma.model.lora import apply_lora, lora_state_dict, merge_lora, save_adapter
+    from dgemma.model.saving import save_checkpoint
+
+    module = load_module(sudoku_model, quiet=True)
+    apply_lora(module, rank=2, targets=("attention", "experts"), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, p in lora_state_dict(module).items():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    save_adapter(module, tmp_path / "adapter", base_model=str(sudoku_model))
+    merged = tmp_path / "merged"
+    save_checkpoint(merge_lora(module), merged)
+    for f in sudoku_model.iterdir():
+        if f.name != "model.safetensors" and f.name != "config.json":
+            shutil.copy(f, merged / f.name)
+    capsys.readouterr()
+    outputs = []
+    for model in (tmp_path / "adapter", merged):
+        assert _cli(["sudoku", "solve", WIKIPEDIA[0], "--model", str(model), "--steps", "3", "--json"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1]
+
+
 @pytest.fixture(scope="module")
 def puzzle_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("sudoku_data") / "eval.jsonl"

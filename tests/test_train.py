@@ -483,7 +483,6 @@ def test_full_fine_tune_freezes_the_router(work, overfit, tmp_path):
 
 
 def test_lora_run_merges_into_a_loadable_model(work, overfit, tmp_path):
-    pytest.importorskip("dgemma.train.lora")
     from safetensors.torch import load_file
 
     import dgemma
@@ -499,13 +498,12 @@ def test_lora_run_merges_into_a_loadable_model(work, overfit, tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".self_attn." in k and k.endswith("_proj.weight") for k in changed)
     assert (tmp_path / "adapter").is_dir() and (tmp_path / "checkpoints" / "step-000002" / "trainer_state.pt").exists()
-    dgemma.load(tmp_path / "model", quiet=True)
-    # the adapter directories are not models: said so, with the way to a merged model (was "config.json: no such
-    # file; pass a model directory")
-    for adapter in (tmp_path / "adapter", tmp_path / "checkpoints" / "step-000002"):
-        with pytest.raises(ConfigError, match=rf"{adapter} holds a LoRA adapter .*merged in \(RUN/model\), or merge "
-                                              rf"this adapter into its base model \({result.model_dir}\)"):
-            dgemma.load(adapter, quiet=True)
+    merged = dgemma.load(tmp_path / "model", quiet=True).module.state_dict()
+    # the adapter directory loads as the merged model (it was an error saying to merge it by hand)
+    adapter = dgemma.load(tmp_path / "adapter", quiet=True).module.state_dict()
+    assert all(torch.equal(adapter[k], merged[k]) for k in merged)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model"] == \
+        str(result.model_dir)
     # resume from the step-2 adapter checkpoint (base weights come from `model` again): the same merged weights
     again = tmp_path.with_name(tmp_path.name + "-resumed")
     shutil.copytree(tmp_path, again)
@@ -521,12 +519,11 @@ def test_lora_on_a_bf16_base_keeps_it_bf16_and_merges_into_a_bf16_model(work, ov
     masters: twice the memory, 104 GB for 26B-A4B) and writes a bf16 merged model (it was fp32, twice the size), equal
     to folding the saved fp32 adapter onto the bf16 base with one rounding per weight; under --dtype float32 the
     base is computed, and written, in fp32 as before."""
-    pytest.importorskip("dgemma.train.lora")
     from safetensors.torch import load_file
 
+    from dgemma.model import lora
     from dgemma.model.loading import load_module
     from dgemma.model.saving import save_checkpoint
-    from dgemma.train import lora
     from dgemma.train.train import base_dtype
 
     _, result = overfit

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import REFERENCE_INERT, GenerationConfig, ModelConfig, entropy_bound_of, eos_ids, passed_settings
+from ..config import (REFERENCE_INERT, GenerationConfig, ModelConfig, entropy_bound_of, eos_ids, model_file,
+                      passed_settings)
 from ..model import DiffusionGemma, load_module
 from ..quant.modules import swap_for_checkpoint
 from ..text import Tokenizer
@@ -288,7 +289,9 @@ def ids_outside_vocabulary(config: ModelConfig, generation: GenerationConfig) ->
 
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device=None, quiet: bool = False,
          preset: str | None = None, int8_dynamic: bool = False, compile: str | None = None) -> Engine:
-    """Load a DiffusionGemma model directory (Hugging Face layout) into an Engine. preset: a speed preset as the
+    """Load a DiffusionGemma model directory (Hugging Face layout) into an Engine; a LoRA adapter directory that
+    `dgemma train --mode lora` wrote loads as its base model with the adapter merged in (in `dtype`; its own
+    generation_config.json and tokenizer files if it has them, else the base's). preset: a speed preset as the
     generation defaults (`Engine.use_preset`); int8_dynamic: `Engine.use_int8_dynamic` (CPU, float32); compile:
     a torch.compile mode for the decoder step (`Engine.compile`; None: eager)."""
     if isinstance(dtype, str):
@@ -298,8 +301,9 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device=Non
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype or its name, got {dtype!r}")
     module = load_module(path, dtype=dtype, device=device, quiet=quiet, prepare=swap_for_checkpoint)
-    tokenizer = Tokenizer.from_dir(path) if (Path(path) / "tokenizer.json").exists() else None
-    generation = GenerationConfig.from_dir(path)
+    tokenizer_file, generation_file = (model_file(path, name) for name in ("tokenizer.json", "generation_config.json"))
+    tokenizer = Tokenizer.from_dir(tokenizer_file.parent) if tokenizer_file is not None else None
+    generation = GenerationConfig.from_dir(generation_file.parent if generation_file is not None else path)
     if not quiet:
         for problem in ids_outside_vocabulary(module.config, generation):
             print(f"dgemma: warning: {Path(path) / problem}", file=sys.stderr)

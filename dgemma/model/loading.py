@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, missing_path
+from ..config import ModelConfig, is_adapter, missing_path
 from .blocks import DiffusionGemma
 from .checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, CheckpointError, MappedFiles, list_tensors
 
@@ -97,10 +97,14 @@ def load_module(directory: str | Path, *, dtype: torch.dtype | None = None, devi
     Tensors are converted and moved one at a time, so peak host memory stays about one tensor above what the target
     device holds.
     prepare(module, metadata) -> names: runs on the meta module before loading (quant/ swaps in its quantized
-    modules for a quantized checkpoint); the named tensors keep their stored dtype, which must be theirs."""
+    modules for a quantized checkpoint); the named tensors keep their stored dtype, which must be theirs.
+    A LoRA adapter directory loads as its base model with the adapter merged in (lora.load_merged; no `prepare`)."""
     if not Path(directory).exists():
         raise CheckpointError(missing_path(directory))
     directory = Path(directory)
+    if is_adapter(directory):
+        from .lora import load_merged  # here, not above: lora imports saving, which imports this module
+        return load_merged(directory, dtype=dtype, device=device, quiet=quiet)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is a file, not a model directory; pass the directory that holds "
                               f"config.json and model.safetensors (or its shards), e.g. {directory.parent}")

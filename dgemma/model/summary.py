@@ -11,14 +11,15 @@ experts per layer, everything else in full.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, adapter_base, model_chain, read_adapter_config
 from .blocks import DiffusionGemma
-from .checkpoint import DTYPE_NAMES, list_tensors
+from .checkpoint import DTYPE_NAMES, list_tensors, read_header
 
 
 def census(cfg: ModelConfig) -> dict:
@@ -68,3 +69,19 @@ def describe(cfg: ModelConfig) -> list[str]:
         f"{cfg.global_head_dim} (K=V, {cfg.partial_rotary_factor:g} RoPE)",
         f"vocabulary        {cfg.vocab_size}; canvas {cfg.canvas_length}; soft-cap {cfg.final_logit_softcapping}",
     ]
+
+
+def describe_adapter(directory: Path) -> dict:
+    """What a LoRA adapter directory holds, from adapter_config.json and its tensor header: the base model it
+    records, the model directory its weights start from (the base, or the end of a chain of adapters), rank,
+    alpha, targets, parameter count and stored bytes."""
+    from .lora import ADAPTER_FILE
+
+    meta = read_adapter_config(directory)
+    infos, _ = read_header(directory / ADAPTER_FILE)
+    stored = Counter()
+    for info in infos.values():
+        stored[DTYPE_NAMES[info.dtype]] += info.end - info.begin
+    return {"base_model": str(adapter_base(directory)), "model": str(model_chain(directory)[-1]),
+            "rank": meta["rank"], "alpha": meta["alpha"], "targets": list(meta["targets"]), "dropout": meta["dropout"],
+            "parameters": sum(math.prod(info.shape) for info in infos.values()), "stored_bytes_by_dtype": dict(stored)}

@@ -14,7 +14,8 @@ def add_quantize_parser(subparsers) -> None:
                                           "checkpoint (embedding, routers and norms stay in the stored dtype). The "
                                           "scheme is recorded in the safetensors metadata; `dgemma.load` and every "
                                           "--model flag read the result.")
-    p.add_argument("src", help="full-precision model directory")
+    p.add_argument("src", help="full-precision model directory, or a LoRA adapter directory (its base model with the "
+                                "adapter merged in is quantized)")
     p.add_argument("dst", help="output directory (must not exist)")
     p.add_argument("--scheme", choices=SCHEMES, required=True,
                    help="int8: per output channel; int4: group-wise, packed two per byte; fp8: float8_e4m3fn per "

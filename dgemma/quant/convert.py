@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import TOKENIZER_FILES, ModelConfig, is_adapter, model_file
 from ..model.checkpoint import DTYPE_NAMES, INDEX_FILE, TensorInfo, list_tensors
 from ..model.loading import QUANTIZATION_KEY, map_key
 from .modules import is_quantized, metadata_entry
@@ -102,24 +102,47 @@ def _write_shard(src: Path, infos: list[TensorInfo], dst: Path, scheme, group_si
     return dst.stat().st_size, count
 
 
+def _merged_model(adapter: Path, dst: Path) -> Path:
+    """A LoRA adapter directory as a model directory (DST.merged): its base model with the adapter merged in, in the
+    base's stored dtype (lora.load_merged; it takes the whole model in memory), and the files that go with it."""
+    from ..model.loading import load_module
+    from ..model.saving import save_checkpoint
+
+    merged = dst.with_name(dst.name + ".merged")
+    shutil.rmtree(merged, ignore_errors=True)
+    save_checkpoint(load_module(adapter, quiet=True), merged)
+    generation, tokenizer = model_file(adapter, "generation_config.json"), model_file(adapter, "tokenizer.json")
+    for src in [generation] + ([tokenizer.parent / name for name in TOKENIZER_FILES] if tokenizer else []):
+        if src is not None and src.is_file():
+            shutil.copy2(src, merged / src.name)
+    return merged
+
+
 STDERR = object()  # quantize_checkpoint's default `log`: sys.stderr as it is at the call, not at import
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, group_size: int | None = None,
                         log=STDERR) -> dict:
-    """Write a quantized copy of the model directory `src` to `dst` (which must not exist). Returns a summary.
+    """Write a quantized copy of the model directory `src` to `dst` (which must not exist; `src` may be a LoRA adapter
+    directory: its merged model is quantized). Returns a summary.
     `log`: a text stream for one progress line per shard (default: sys.stderr), or None for none."""
     src, dst = Path(src), Path(dst)
     log = sys.stderr if log is STDERR else log
     group_size = (group_size or DEFAULT_GROUP_SIZE) if scheme == "int4" else None
     check_scheme(scheme, group_size)
     ModelConfig.from_file(src)  # a DiffusionGemma directory, or a clear error
+    if dst.exists():
+        raise QuantError(f"{dst} already exists; give a new directory for the quantized model")
+    if is_adapter(src):  # the merged model, written beside dst for the streaming conversion, then removed
+        merged = _merged_model(src, dst)
+        try:
+            return {**quantize_checkpoint(merged, dst, scheme, group_size, log), "source": str(src)}
+        finally:
+            shutil.rmtree(merged, ignore_errors=True)
     infos, metadata = list_tensors(src)
     if QUANTIZATION_KEY in metadata:
         raise QuantError(f"{src} is already quantized ({metadata[QUANTIZATION_KEY]}); quantize the full-precision "
                          "checkpoint instead")
-    if dst.exists():
-        raise QuantError(f"{dst} already exists; give a new directory for the quantized model")
     targets = [i for i in infos.values() if _is_target(i)]
     dtypes = {i.dtype for i in targets}
     scale_dtype = scale_dtype_for(dtypes.pop(), scheme) if len(dtypes) == 1 else torch.float32

@@ -21,6 +21,7 @@ TRAIN_HINT = ("train one: `dgemma sudoku tokenizer TOK` (the tokenizer), `dgemma
 
 
 def _load(args):
+    from ..config import is_adapter
     from ..engine.engine import load
 
     if args.baseline and args.preset != "exact":  # a preset's knobs are the diffusion sampler's: none would apply
@@ -30,10 +31,11 @@ def _load(args):
         raise ValueError(f"--compile compiles the denoising step; --baseline {args.baseline} runs the causal encoder "
                          "only and would run it uncompiled; drop one")
     path = Path(args.model) if args.model else BUNDLED
-    if not (path / "config.json").is_file():
+    if not ((path / "config.json").is_file() or is_adapter(path)):
         if args.model:
             raise FileNotFoundError(f"model directory {path} has no config.json; pass a DiffusionGemma model "
-                                    "directory (Hugging Face layout) trained on the Sudoku format")
+                                    "directory (Hugging Face layout) trained on the Sudoku format, or a LoRA "
+                                    "adapter directory (adapter_config.json) of one")
         raise FileNotFoundError(f"no bundled Sudoku model at {path}: it has not been trained yet; {TRAIN_HINT}")
     engine = load(path, dtype=args.dtype, device=args.device, quiet=True, preset=args.preset,
                   int8_dynamic=args.int8_dynamic, compile=args.compile)
@@ -104,7 +106,8 @@ def invalid_line(puzzle, cells, solution) -> str:
 
     wrong = sum(1 for p, c, s in zip(puzzle, cells, solution) if not p and c != s)
     changed = sum(1 for p, c in zip(puzzle, cells) if p and c != p)
-    parts = [f"{wrong} of {81 - num_givens(puzzle)} blank cells wrong or missing"]
+    blanks = 81 - num_givens(puzzle)
+    parts = [f"{wrong} of {blanks} blank cells wrong or missing"] if blanks else []  # 81 givens: nothing to fill
     if changed:
         parts.append(f"{changed} given{'s' if changed != 1 else ''} not copied")
     legend = "; '?' = not a digit" if 0 in cells else ""
@@ -117,8 +120,9 @@ def _table(result: dict) -> str:
     rows = [head, "-" * len(head)]
     for name, m in [*result["bands"].items(), ("all", result)]:
         lo, hi = m["givens"]
+        cells = "n/a" if m["cell_accuracy"] is None else f"{m['cell_accuracy']:.1%}"  # no blank cell to fill
         rows.append(f"{name:<8}{f'{lo}-{hi}':>8}{m['num_puzzles']:>9}{m['solved_rate']:>9.1%}{m['valid_rate']:>8.1%}"
-                    f"{m['cell_accuracy']:>8.1%}{m['mean_steps_per_canvas']:>8.1f}")
+                    f"{cells:>8}{m['mean_steps_per_canvas']:>8.1f}")
     return "\n".join(rows)
 
 

@@ -222,6 +222,12 @@ def solve(engine, puzzles: Sequence[Sequence[int]], *, steps: int | None = None,
 
 
 # --- scoring -----------------------------------------------------------------------------------------
+def cell_accuracy(correct: int, blanks: int) -> float | None:
+    """The share of the blank cells filled with the solution's digit; None (not applicable) when there was no blank
+    cell to fill (puzzles with 81 givens), which is neither 0% nor 100% and must not be averaged in as either."""
+    return correct / blanks if blanks else None
+
+
 def score(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], predictions: Sequence[Prediction]) -> dict:
     """Metrics over (puzzle, solution) pairs and predict()'s output; also per difficulty band (by givens)."""
     def metrics(indices: list[int]) -> dict:
@@ -240,7 +246,7 @@ def score(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], predictions: Seq
         n = len(indices)
         givens = [num_givens(pairs[k][0]) for k in indices]
         return {"num_puzzles": n, "solved_rate": solved / n, "valid_rate": valid / n, "parse_rate": parsed / n,
-                "cell_accuracy": correct / max(blanks, 1), "mean_steps_per_canvas": total_steps / n,
+                "cell_accuracy": cell_accuracy(correct, blanks), "mean_steps_per_canvas": total_steps / n,
                 "givens": [min(givens), max(givens)]}
 
     result = metrics(list(range(len(pairs))))
@@ -258,10 +264,10 @@ def evaluate(engine, puzzle_file: str | Path | Sequence[tuple[Sequence[int], Seq
     """Score the model on a puzzle file (or a list of (puzzle, solution) pairs).
 
     Keys: num_puzzles, solved_rate (exact grid = the solution), valid_rate (a valid completion of the puzzle;
-    equals solved_rate for unique puzzles), parse_rate (81 digits produced), cell_accuracy (over blank cells),
-    mean_steps_per_canvas, bands (the same per difficulty level), mode, max_denoising_steps, views,
-    steps_per_puzzle (steps per canvas x views), view_agreement (mean share of the views that gave the chosen
-    answer), seconds."""
+    equals solved_rate for unique puzzles), parse_rate (81 digits produced), cell_accuracy (over blank cells; None
+    when no puzzle has one), mean_steps_per_canvas, bands (the same per difficulty level), mode,
+    max_denoising_steps, views, steps_per_puzzle (steps per canvas x views), view_agreement (mean share of the views
+    that gave the chosen answer), seconds."""
     pairs = read_puzzles(puzzle_file) if isinstance(puzzle_file, (str, Path)) else list(puzzle_file)
     if limit is not None:
         pairs = pairs[:limit]

@@ -10,7 +10,8 @@ Output directory (`out`):
     checkpoints/step-N/     resumable: HF model files (lora: adapter files) + trainer_state.pt
     model/                  final model (LoRA merged) + tokenizer files + generation_config.json; `dgemma.load` and
                             transformers 5.23 both read it
-    adapter/                lora only: the final adapters unmerged (lora.load_adapter puts them on the base model)
+    adapter/                lora only: the final adapters unmerged + generation_config.json (+ the tokenizer files
+                            when --tokenizer is given); `dgemma.load` loads it as the base model with them merged in
 
 Reproducibility. The data order (data.Order), the noise of every example (seeded by its slot in the stream of
 examples, data.mix) and the learning rate (`learning_rate`) are pure functions of (seed, step). A checkpoint
@@ -40,8 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ModelConfig
-from ..model import DiffusionGemma, load_module, moe
+from ..config import TOKENIZER_FILES, ModelConfig, model_file
+from ..model import DiffusionGemma, load_module, lora, moe
 from ..model.compiling import raise_recompile_limits
 from ..model.saving import init_weights, save_checkpoint
 from ..text import Tokenizer
@@ -52,7 +53,6 @@ from .config import CALIBRATION_STEPS, DTYPES, SAME_ON_RESUME, TrainConfig, Trai
 from .loss import METRICS, LossConfig, diffusion_loss, summarize
 from .plot import Log, progress_bar
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 EVAL_SALT = 0x5EED_E7A1  # eval noise seeds differ from every training seed, and stay fixed across evaluations
 
 # Every rank holds the same buffers (the layer scalars), so DDP need not broadcast them before each forward.
@@ -108,15 +108,6 @@ def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _lora():
-    try:
-        from . import lora
-    except ImportError as e:
-        raise RuntimeError(f"init='lora' needs dgemma/train/lora.py (apply_lora, merge_lora), which failed to import "
-                           f"({e}); use init='full' meanwhile") from e
-    return lora
-
-
 def base_dtype(cfg: TrainConfig) -> torch.dtype | None:
     """The dtype the loaded model's weights are held in: fp32 master weights for everything that trains, except a
     LoRA run under --dtype bfloat16, whose frozen base stays as stored (None: a bf16 checkpoint stays bf16, half
@@ -137,7 +128,6 @@ def _build_model(cfg: TrainConfig, device, checkpoint: Path | None):
         model = load_module(source, dtype=base_dtype(cfg), device=device, quiet=True)
     model.train().requires_grad_(True)
     if cfg.init == "lora":
-        lora = _lora()
         lora.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
                         generator=torch.Generator().manual_seed(cfg.seed))
         if checkpoint is not None:
@@ -180,8 +170,8 @@ def compile_layers(model: DiffusionGemma, mode: str = "default") -> None:
 
 
 def _generation_config(cfg: TrainConfig, model_config: ModelConfig, tokenizer: Tokenizer) -> dict:
-    source = Path(cfg.model) / "generation_config.json" if cfg.model else None
-    if source is not None and source.is_file():
+    source = model_file(cfg.model, "generation_config.json") if cfg.model else None
+    if source is not None:
         return json.loads(source.read_text())
     stops = list(dict.fromkeys(tokenizer.stop_ids)) or list(model_config.eos_token_id)
     return {"max_new_tokens": model_config.canvas_length, "max_denoising_steps": 48, "eos_token_id": stops,
@@ -197,12 +187,32 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def _export(model, directory: Path, cfg: TrainConfig, generation: dict, metadata: dict) -> None:
-    save_checkpoint(model, directory, generation_config=generation, metadata={k: str(v) for k, v in metadata.items()})
+def _tokenizer_dir(cfg: TrainConfig) -> Path:
+    """Where the run's tokenizer files are: --tokenizer, else the model's (a LoRA adapter's: its own or its base's)."""
+    if cfg.tokenizer:
+        return Path(cfg.tokenizer)
+    found = model_file(cfg.model, "tokenizer.json")
+    return found.parent if found is not None else Path(cfg.model)
+
+
+def _copy_tokenizer(cfg: TrainConfig, directory: Path) -> None:
     for name in TOKENIZER_FILES:
-        src = Path(cfg.tokenizer or cfg.model) / name
+        src = _tokenizer_dir(cfg) / name
         if src.is_file():
             shutil.copyfile(src, directory / name)
+
+
+def _export(model, directory: Path, cfg: TrainConfig, generation: dict, metadata: dict) -> None:
+    save_checkpoint(model, directory, generation_config=generation, metadata={k: str(v) for k, v in metadata.items()})
+    _copy_tokenizer(cfg, directory)
+
+
+def _save_adapter(model, directory: Path, cfg: TrainConfig, generation: dict) -> None:
+    """An adapter directory that loads as the merged model would: the base it records, the run's generation config,
+    and the run's tokenizer when --tokenizer named one (else the base model's is the run's)."""
+    lora.save_adapter(model, directory, base_model=cfg.model, generation_config=generation)
+    if cfg.tokenizer:
+        _copy_tokenizer(cfg, directory)
 
 
 def _save(model, optimizer, step: int, cfg: TrainConfig, generation: dict, out: Path) -> Path:
@@ -211,7 +221,7 @@ def _save(model, optimizer, step: int, cfg: TrainConfig, generation: dict, out: 
     tmp = final.with_name(final.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.init == "lora":
-        _lora().save_adapter(model, tmp, base_model=cfg.model)
+        _save_adapter(model, tmp, cfg, generation)
     else:
         _export(model, tmp, cfg, generation, {"dgemma_step": step})
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -280,7 +290,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             raise ValueError(f"{checkpoint} is at step {state['step']}, past steps={cfg.steps}; resume with more "
                              "steps, or start the shorter run in another out")
 
-    tokenizer = Tokenizer.from_dir(cfg.tokenizer or cfg.model)
+    tokenizer = Tokenizer.from_dir(_tokenizer_dir(cfg))
     model = _build_model(cfg, device, checkpoint)
     mc: ModelConfig = model.config
     if tokenizer.vocab_size > mc.vocab_size:
@@ -386,8 +396,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     final = out / "model"
     if lead:
         if cfg.init == "lora":
-            lora = _lora()
-            lora.save_adapter(model, out / "adapter", base_model=cfg.model)
+            _save_adapter(model, out / "adapter", cfg, generation)
             lora.merge_lora(model)
         shutil.rmtree(final, ignore_errors=True)
         _export(model, final, cfg, generation, {"dgemma_step": cfg.steps, "dgemma_init": cfg.init})
