@@ -9,6 +9,8 @@ after one warm-up of each variant, the variants run in turn `--reps` times:
   one-call  every layer's attention as one SDPA call over the [T, T] mask (`attention.QUERY_CHUNK = None`; the
             reference's way);
   chunked   queries in chunks of `attention.QUERY_CHUNK` that skip the keys they cannot see (the default);
+  pieces    chunked, and the prompt prefilled in pieces of `--pieces` tokens (`Engine.prefill_chunk`): the
+            working set of one piece (not the same bits: other matrix shapes)
   gqa-math  (CUDA only) one call per layer with grouped-query heads passed to SDPA as they are
             (`attention.REPEAT_HEADS_ON_CUDA = False`, the dispatch before 2026-11-28), which sends a masked call
             to SDPA's math kernel.
@@ -16,7 +18,9 @@ Per length: median prefill wall of each variant, each one's speed over `one-call
 start (bench/_common.py's PeakMemory: the pass's temporaries, masks included), the peak of one attention call of a
 full and of a sliding layer alone in each variant (where the [T, T] mask shows), and whether they left the same
 bits as `one-call` (final hidden state and every layer's cached K/V; on the CPU chunks must, on a GPU other kernels
-may round differently, so there the largest difference is printed too). Ends with one JSON line.
+may round differently, so there the largest difference is printed too, and the median token's: a rounding that
+flips a token's expert routing moves that token's state by O(1), so `pieces` has a large maximum and a tiny median).
+Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--lengths", default=None, help="comma-separated prompt lengths in tokens (default "
                                                    "1024,2048,4096,8192 on the CPU, 1024,4096 on a GPU)")
     p.add_argument("--reps", type=positive_int, default=3, help="measured reps per variant (default 3)")
+    p.add_argument("--pieces", type=positive_int, default=2048,
+                   help="tokens per piece of the `pieces` variant (default 2048)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default torch's)")
     args = p.parse_args(argv)
@@ -64,14 +70,15 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def prefill(engine, ids: torch.Tensor, variant: str):
+def prefill(engine, ids: torch.Tensor, variant: str, piece: int | None = None):
     """(wall seconds, peak memory bytes above its start, final hidden state, cache) of one prefill of `ids` in
     `variant`; the cache is made before the meter starts, so the peak is the pass's own temporaries."""
     from dgemma.model import attention
 
     chunk, repeat = attention.QUERY_CHUNK, attention.REPEAT_HEADS_ON_CUDA
-    attention.QUERY_CHUNK = chunk if variant == "chunked" else None
     attention.REPEAT_HEADS_ON_CUDA = variant != "gqa-math"
+    attention.QUERY_CHUNK = chunk if variant in ("chunked", "pieces") else None
+    engine.prefill_chunk = piece if variant == "pieces" else None
     try:
         cache = engine.new_cache(1)
         sync(engine.device)
@@ -83,6 +90,7 @@ def prefill(engine, ids: torch.Tensor, variant: str):
         return wall, meter.peak, hidden, cache
     finally:
         attention.QUERY_CHUNK, attention.REPEAT_HEADS_ON_CUDA = chunk, repeat
+        engine.prefill_chunk = None
 
 
 def attention_peak(T: int, window: int | None, variant: str, dtype, device) -> float:
@@ -105,6 +113,12 @@ def attention_peak(T: int, window: int | None, variant: str, dtype, device) -> f
     return round(meter.peak / 2**20, 1)
 
 
+def token_difference(a, b) -> float:
+    """Median over the prompt's tokens of the largest |a - b| in each one's final hidden state: the typical token,
+    where `difference` (the largest anywhere) is set by the few whose expert routing a rounding flipped."""
+    return (a[0].float() - b[0].float()).abs().amax(dim=-1).median().item()
+
+
 def difference(a, b) -> float:
     """Largest |a - b| over the final hidden state and every layer's cached K/V (0.0: the same bits)."""
     (h1, c1), (h2, c2) = a, b
@@ -120,7 +134,7 @@ def main(argv=None) -> dict:
     if positions and max(args.lengths) > positions:
         sys.exit(f"error: --lengths goes up to {max(args.lengths)} tokens, past the config's {positions} positions")
     engine = build(raw, args.dtype, device, args.seed)
-    variants = ("one-call", "chunked") + (("gqa-math",) if device.type == "cuda" else ())
+    variants = ("one-call", "chunked", "pieces") + (("gqa-math",) if device.type == "cuda" else ())
     dtype = str(args.dtype).removeprefix("torch.")
     rows = {}
     print(f"{label}, {dtype}, batch 1, {hardware(device)}; peak memory: {PeakMemory(device).method}")
@@ -131,7 +145,7 @@ def main(argv=None) -> dict:
         outputs = {}
         for rep in range(args.reps + 1):  # rep 0 warms up
             for variant in variants:
-                wall, peak, hidden, cache = prefill(engine, ids, variant)
+                wall, peak, hidden, cache = prefill(engine, ids, variant, args.pieces)
                 outputs[variant] = (hidden, cache)
                 if rep:
                     walls[variant].append(wall)
@@ -140,6 +154,8 @@ def main(argv=None) -> dict:
         row = {"wall_s": {v: round(m, 3) for v, m in medians.items()},
                "speed": {v: round(medians["one-call"] / m, 3) for v, m in medians.items() if v != "one-call"},
                "max_diff": {v: difference(outputs["one-call"], outputs[v]) for v in variants if v != "one-call"},
+               "median_token_diff": {v: token_difference(outputs["one-call"], outputs[v])
+                                     for v in variants if v != "one-call"},
                "walls": {v: [round(w, 3) for w in ws] for v, ws in walls.items()},
                "peak_mib": {v: round(max(ps) / 2**20, 1) for v, ps in peaks.items()},
                "attention_peak_mib": {v: {kind: attention_peak(T, w, v, args.dtype, device)
@@ -148,12 +164,13 @@ def main(argv=None) -> dict:
         row["same_bits"] = row["max_diff"]["chunked"] == 0.0
         rows[T] = row
         print(f"  {T:>8}" + "".join(f"{m:>11.3f}s" for m in medians.values()) + "  " +
-              ", ".join(f"{v} {row['speed'][v]:.2f}x, {row['max_diff'][v]:.1e}" for v in row["speed"]) +
+              ", ".join(f"{v} {row['speed'][v]:.2f}x, {row['max_diff'][v]:.1e} (median token "
+                        f"{row['median_token_diff'][v]:.1e})" for v in row["speed"]) +
               "; peak MiB " + ", ".join(f"{v} {m:.0f}" for v, m in row["peak_mib"].items()) +
               "; one attention call's peak MiB (full/sliding) " + ", ".join(
                   f"{v} {p['full']:.0f}/{p['sliding']:.0f}" for v, p in row["attention_peak_mib"].items()))
         del outputs
-    out = {"bench": "long_prompt", "config": label, "dtype": dtype, "reps": args.reps,
+    out = {"bench": "long_prompt", "config": label, "dtype": dtype, "reps": args.reps, "pieces": args.pieces,
            "threads": torch.get_num_threads(), "hardware": hardware(device), "torch": torch.__version__,
            "lengths": rows}
     print(json.dumps(out))

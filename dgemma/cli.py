@@ -75,7 +75,7 @@ def _load_engine(args):
 
     path = Path(args.model) if args.model else default_model_path()
     return load(path, dtype=args.dtype, device=args.device, quiet=True, preset=args.preset,
-                int8_dynamic=args.int8_dynamic, compile=args.compile)
+                int8_dynamic=args.int8_dynamic, compile=args.compile, prefill_chunk=args.prefill_chunk)
 
 
 def _engine_options(args) -> dict:
@@ -242,6 +242,10 @@ def _add_model_flags(p) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: as stored; if mixed, the one holding most bytes)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=None, metavar="N",
+                   help="prefill a long prompt in pieces of N tokens: the memory of one piece instead of the whole "
+                        "prompt (`dgemma plan --prefill-chunk N` shows it), not the same bits as one pass "
+                        "(default: one pass, as the reference)")
     from .engine.presets import add_speed_flags
     add_speed_flags(p)
 

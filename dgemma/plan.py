@@ -247,7 +247,8 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--prompt", type=non_negative_int, default=None,
                    help="prompt tokens prefilled in one pass (default: context minus one canvas)")
     p.add_argument("--prefill-chunk", type=positive_int, default=None,
-                   help="plan a prompt prefilled in pieces of N tokens (dgemma's engine prefills in one pass today)")
+                   help="plan a prompt prefilled in pieces of N tokens (generate, chat and serve take "
+                        "the same --prefill-chunk N; default: one pass)")
     p.add_argument("--concurrency", type=positive_int, default=1, help="canvases denoised at once (default 1)")
     p.add_argument("--budget", type=float, action="append", default=None, metavar="GB",
                    help="memory budgets to check, in GiB (repeatable; default 18, 24, 80)")

@@ -224,3 +224,82 @@ def test_training_on_a_chunked_sequence_keeps_the_loss_bits_and_the_gradients(mo
     assert grads.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
+
+
+# --- a prompt prefilled in pieces (Engine.prefill_chunk, encoder.encode's `piece`) ------------------------------
+
+def test_a_prompt_prefilled_in_pieces_equals_one_pass_and_the_reference(reference_checkpoint, monkeypatch):
+    """Pieces of 96 tokens over a 700-token prompt (a sliding window of 8, so pieces cross it everywhere): each
+    pass holds at most one piece, and the cache, the hidden states and the decoder's logits after it equal one
+    pass's to rounding (not bits: other matrix shapes) and transformers' one-pass forward (the oracle)."""
+    from dgemma.model import encoder
+
+    ref, path = reference_checkpoint({"text_config": {"max_position_embeddings": 4096}})
+    engine = dgemma.load(path, dtype=torch.float32, quiet=True)
+    T, L = 700, engine.config.canvas_length
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(3, engine.config.vocab_size - 8, (1, T), generator=g)
+    canvas = torch.randint(3, engine.config.vocab_size - 8, (1, L), generator=g)
+
+    def run():
+        cache = engine.new_cache(1)
+        return engine.encode(tokens, cache, return_hidden=True), cache
+
+    plain_hidden, plain_cache = run()
+    passes = []
+    one_pass = encoder.encode_pass
+    monkeypatch.setattr(encoder, "encode_pass", lambda m, t, *a: passes.append(t.shape[1]) or one_pass(m, t, *a))
+    engine.prefill_chunk = 96
+    hidden, cache = run()
+    assert passes == [96] * 7 + [28]
+    assert cache.length == plain_cache.length == T
+    torch.testing.assert_close(hidden, plain_hidden, rtol=0, atol=1e-4)
+    for i in range(engine.config.num_hidden_layers):
+        torch.testing.assert_close(cache.keys[i], plain_cache.keys[i], rtol=0, atol=1e-4)
+        torch.testing.assert_close(cache.values[i], plain_cache.values[i], rtol=0, atol=1e-4)
+    logits = engine.denoise(canvas, cache)
+    torch.testing.assert_close(logits, engine.denoise(canvas, plain_cache), rtol=0, atol=1e-4)
+    engine.prefill_chunk = None
+
+    from transformers.cache_utils import DynamicCache
+
+    with torch.no_grad():
+        out = ref(input_ids=tokens, past_key_values=DynamicCache(config=ref.config.get_text_config()),
+                  decoder_input_ids=canvas, position_ids=torch.arange(T)[None],
+                  decoder_position_ids=torch.arange(T, T + L)[None])
+    assert (hidden - out.encoder_last_hidden_state).abs().max().item() <= 1e-4
+    assert (logits - out.logits).abs().max().item() <= 1e-4
+
+
+def test_pieces_keep_a_padded_batch_and_its_generation(random_engine):
+    """A left-padded batch prefilled in pieces (rows of 150 and 37 tokens, pieces of 64): the padding mask crosses
+    the pieces, and generate() gives one pass's tokens for the same seed (rounding could only flip a near tie)."""
+    engine = random_engine
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 300, (2, 150), generator=g)
+    mask = torch.ones(2, 150, dtype=torch.long)
+    mask[1, :113] = 0
+    options = dict(max_new_tokens=engine.config.canvas_length, max_denoising_steps=4)
+    try:
+        torch.manual_seed(1)
+        plain = engine.generate(ids, attention_mask=mask, **options)
+        engine.prefill_chunk = 64
+        torch.manual_seed(1)
+        pieces = engine.generate(ids, attention_mask=mask, **options)
+    finally:
+        engine.prefill_chunk = None
+    assert torch.equal(plain, pieces)
+
+
+def test_prefill_chunk_takes_positive_token_counts_only(random_model_dir, capsys):
+    from dgemma.cli import main
+
+    for bad in (0, -5, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="prefill_chunk must be a positive number of tokens"):
+            dgemma.load(random_model_dir, quiet=True, prefill_chunk=bad)
+    assert dgemma.load(random_model_dir, quiet=True, prefill_chunk=64).prefill_chunk == 64
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(random_model_dir), "--prefill-chunk", "0", "Hi"])
+    assert "--prefill-chunk" in capsys.readouterr().err
+    assert main(["generate", "--model", str(random_model_dir), "--prefill-chunk", "4", "--steps", "2",
+                 "--max-tokens", "8", "--seed", "0", "A prompt of more than four tokens"]) == 0

@@ -130,6 +130,20 @@ class Engine:
             (dynamic.apply if on else dynamic.restore_float)(self.module)
         return self
 
+    @property
+    def prefill_chunk(self) -> int | None:
+        """Tokens per piece of a prompt's prefill (None, the default: one pass, as the reference). A long prompt
+        prefilled in pieces holds one piece's activations instead of the whole prompt's (`dgemma plan
+        --prefill-chunk N` shows the difference; most of it is the experts' K routed copies of every token); the
+        same math, not the same bits as one pass (model/encoder.py `encode`)."""
+        return self.module.prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, tokens: int | None) -> None:
+        if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
+            raise ValueError(f"prefill_chunk must be a positive number of tokens or None (one pass), got {tokens!r}")
+        self.module.prefill_chunk = tokens
+
     def compile(self, mode: str | None = "default", *, backend: str = "inductor") -> "Engine":
         """torch.compile the decoder step (dgemma/engine/compiled.py): mode "default", "reduce-overhead" (adds CUDA
         graphs) or "max-autotune-no-cudagraphs"; None makes the module eager again, exactly. The first steps of
@@ -288,12 +302,14 @@ def ids_outside_vocabulary(config: ModelConfig, generation: GenerationConfig) ->
 
 
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device=None, quiet: bool = False,
-         preset: str | None = None, int8_dynamic: bool = False, compile: str | None = None) -> Engine:
+         preset: str | None = None, int8_dynamic: bool = False, compile: str | None = None,
+         prefill_chunk: int | None = None) -> Engine:
     """Load a DiffusionGemma model directory (Hugging Face layout) into an Engine; a LoRA adapter directory that
     `dgemma train --mode lora` wrote loads as its base model with the adapter merged in (in `dtype`; its own
     generation_config.json and tokenizer files if it has them, else the base's). preset: a speed preset as the
     generation defaults (`Engine.use_preset`); int8_dynamic: `Engine.use_int8_dynamic` (CPU, float32); compile:
-    a torch.compile mode for the decoder step (`Engine.compile`; None: eager)."""
+    a torch.compile mode for the decoder step (`Engine.compile`; None: eager); prefill_chunk: tokens per piece of a
+    long prompt's prefill (`Engine.prefill_chunk`; None: one pass)."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} (or a torch.dtype)")
@@ -308,6 +324,7 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device=Non
         for problem in ids_outside_vocabulary(module.config, generation):
             print(f"dgemma: warning: {Path(path) / problem}", file=sys.stderr)
     engine = Engine(module, Path(path), generation, tokenizer).use_preset(preset)
+    engine.prefill_chunk = prefill_chunk
     if int8_dynamic:
         engine.use_int8_dynamic()
     return engine.compile(compile) if compile else engine

@@ -93,6 +93,9 @@ class DiffusionGemma(nn.Module):
         # Optional callable ℓ̃ rows [n, V] -> softmax(ℓ̃) @ E [n, D] (the int8 self-conditioning product, same
         # module); None: the float product in decoder.soft_embedding. A runtime choice, never saved.
         self.soft_product = None
+        # Tokens per piece of a long prompt's prefill (encoder.encode's `piece`, `Engine.prefill_chunk`); None: one
+        # pass, as the reference. A runtime choice, never saved; training's encoder pass does not read it.
+        self.prefill_chunk = None
         self._rope_freqs: dict = {}  # (is_sliding, device) -> inverse frequencies (derived, never saved)
         self._embed_scales: dict = {}  # dtype -> sqrt(D) rounded to it (derived, never saved)
 
@@ -144,7 +147,7 @@ class DiffusionGemma(nn.Module):
 
     # --- the two passes (implemented in encoder.py / decoder.py) -----------------------------------
     def encode(self, tokens, cache, valid=None, return_hidden=False):
-        return encode(self, tokens, cache, valid=valid, return_hidden=return_hidden)
+        return encode(self, tokens, cache, valid=valid, return_hidden=return_hidden, piece=self.prefill_chunk)
 
     def denoise(self, tokens, cache, soft=None, positions=None, canvas_kv=None, return_hidden=False):
         return denoise(self, tokens, cache, soft=soft, positions=positions, canvas_kv=canvas_kv,

@@ -63,12 +63,30 @@ class EncoderMask:
         return first, self.num_context + q1
 
 
-def encode(model, tokens: torch.Tensor, cache, valid: torch.Tensor | None = None, return_hidden: bool = False):
+def encode(model, tokens: torch.Tensor, cache, valid: torch.Tensor | None = None, return_hidden: bool = False,
+           piece: int | None = None):
     """tokens [B,T] int64 (valid [B,T] bool, False = padding) -> writes K/V of every layer into `cache`.
 
     Returns the final-norm hidden states [B,T,D] when `return_hidden` (an autoregressive head for training
     or AR decoding), else None; then the last layer only projects its K/V, since nothing reads the rest of
-    its output."""
+    its output.
+
+    piece: run a pass longer than this as consecutive passes of at most `piece` tokens, each attending to the cache
+    the ones before it wrote (a prompt prefilled in pieces, `Engine.prefill_chunk`). The same math, with the
+    working set of one piece instead of the whole prompt (the experts' routed copies of every token, K per token,
+    are most of a long prefill's activations); not the same bits as one pass (other matrix shapes and key blocks),
+    so it is an option, never the default."""
+    T = tokens.shape[1]
+    # a right-padded batch of caches (engine/cache.py StackedCaches with `counts`) counts its rows' tokens whole
+    if piece is None or T <= piece or getattr(cache, "counts", None) is not None:
+        return encode_pass(model, tokens, cache, valid, return_hidden)
+    hidden = [encode_pass(model, tokens[:, t0:t0 + piece], cache, None if valid is None else valid[:, t0:t0 + piece],
+                          return_hidden) for t0 in range(0, T, piece)]
+    return torch.cat(hidden, dim=1) if return_hidden else None
+
+
+def encode_pass(model, tokens: torch.Tensor, cache, valid: torch.Tensor | None, return_hidden: bool):
+    """One causal pass over all of `tokens` (see `encode`)."""
     cfg = model.config
     B, T = tokens.shape
     assert tokens.dtype == torch.int64, f"tokens must be int64, got {tokens.dtype}"
