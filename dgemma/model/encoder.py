@@ -5,7 +5,9 @@ sliding layers also k > q - window (1024 keys including itself). Padded key slot
 are masked. New tokens continue at positions cache.length .. cache.length+T-1, pad slots included, as the
 reference does (spec §6.6); cache.length may be a [B] tensor (each row continues its own context). The same
 function serves prompt prefill and canvas commits (stage, then commit). A long prompt's attention runs in query
-chunks that skip the keys they cannot see (attention.chunk_queries: the same bits, a fraction of the work).
+chunks that skip the keys they cannot see (attention.chunk_queries: the same bits, a fraction of the work), each
+building only its own block of the mask (EncoderMask); as an option, a long prompt goes in pieces (`encode`'s
+`piece`: one piece's activations at a time).
 """
 
 from __future__ import annotations
