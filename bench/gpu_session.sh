@@ -4,7 +4,8 @@
 #   OUT=$OUT bench/gpu_session.sh 1   # ~7 min: fp8 kernel checks + GPU tests, the sampler's launches, then eager
 #                                     #   bf16 and eager fp8 (batches 1 and 4) on the same warm machine, then where the
 #                                     #   kernel time of an eager bf16 step, commit and 1K prefill goes (step_profile.py),
-#                                     #   then 1K and 4K prefills: chunked / one call / the old math-kernel dispatch
+#                                     #   then 1K and 4K prefills: chunked / one call / pieces of 2K / the old
+#                                     #   math-kernel dispatch, with their peak memory
 #   OUT=$OUT bench/gpu_session.sh 2   # ~7 min: compiled (reduce-overhead) bf16 and fp8, batches 1 and 4
 # Each step writes $OUT/NAME.log and prints its last lines; a failing or timed-out step does not stop the others.
 # Step limits: LIMIT_SCALE=2 doubles them (a slower card). No downloads; weights are random, built on the GPU.
@@ -34,7 +35,7 @@ case "${1:-1}" in
     step eager_bf16 110 "$PY" bench/gpu.py --compile "" --batches 1,4 --no-loop
     step eager_fp8 110 "$PY" bench/gpu.py --compile "" --batches 1,4 --no-loop --quantize fp8
     step profile_bf16 100 "$PY" bench/step_profile.py --steps 4 --prompt 1024
-    step long_prompt 80 "$PY" bench/long_prompt.py --device cuda --lengths 1024,4096 --reps 2
+    step long_prompt 100 "$PY" bench/long_prompt.py --device cuda --lengths 1024,4096 --reps 2 --pieces 2048
     ;;
 2)
     step compiled_bf16 230 "$PY" bench/gpu.py --compile reduce-overhead --batches 1,4 --no-loop --long-prompt 1024
