@@ -98,10 +98,12 @@ def _isatty(stream) -> bool:
         return False
 
 
-def _run_stream(events, args, tokenizer, out=sys.stdout) -> "object":
-    """Print Text events as they arrive (or hand them to the live draft view); return the Done event."""
+def _run_stream(events, args, tokenizer, out=None) -> "object":
+    """Print Text events as they arrive (or hand them to the live draft view) to `out` (default: sys.stdout as it is
+    at the call, so a redirected stdout is honoured); return the Done event."""
     from .engine.stream import Done, Draft, Text
 
+    out = sys.stdout if out is None else out
     view = None
     if args.show_drafts and not args.json:
         from .view import DraftView

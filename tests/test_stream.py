@@ -259,6 +259,25 @@ def test_cli_generate_json(model_dir, capsys):
     assert out["finish_reason"] in ("stop", "length") and out["stats"]["canvases"] == 1
 
 
+def test_cli_streams_its_text_to_stdout_as_it_is_at_the_call(model_dir, capsys):
+    """The streamed answer goes to sys.stdout as it is when the command runs (a caller that redirects stdout after
+    importing dgemma.cli, as pytest's capsys does, gets it); it was bound at import time."""
+    import io
+
+    from dgemma import cli
+
+    options = ["generate", "--model", str(model_dir), "--max-tokens", "6", "--seed", "1", "hi"]
+    assert main(options + ["--json"]) == 0
+    expected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"]
+    sink = io.StringIO()
+    real, cli.sys.stdout = cli.sys.stdout, sink
+    try:
+        assert main(options) == 0
+    finally:
+        cli.sys.stdout = real
+    assert expected and sink.getvalue().rstrip("\n") == expected
+
+
 def test_cli_stats_line_matches_the_run(model_dir, capsys):
     assert main(["generate", "--model", str(model_dir), "--max-tokens", "3", "--seed", "1", "--stats", "hi"]) == 0
     line = capsys.readouterr().err.strip().splitlines()[-1]
