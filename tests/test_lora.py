@@ -310,6 +310,23 @@ def adapter_copy(lora_run, tmp_path, base_model, name="adapter") -> Path:
     return copy_dir
 
 
+def test_an_adapter_whose_files_disagree_names_them(lora_run, tmp_path):
+    """adapter_config.json edited to another rank than adapter.safetensors holds: the error names the file and
+    says the two must come from one run (it told the user to call apply_lora, which a CLI user never does)."""
+    import dgemma
+
+    run, base = lora_run
+    copy_dir = adapter_copy(lora_run, tmp_path, str(base))
+    meta = json.loads((copy_dir / "adapter_config.json").read_text())
+    meta["rank"] *= 2
+    (copy_dir / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError) as info:
+        dgemma.load(copy_dir, quiet=True)
+    message = str(info.value)
+    assert str(copy_dir / "adapter.safetensors") in message and "same dgemma train run" in message, message
+    assert "apply_lora" not in message and f"rank {meta['rank']}" in message
+
+
 def load_message(path) -> str:
     import dgemma
     from dgemma import ConfigError

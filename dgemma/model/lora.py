@@ -277,7 +277,13 @@ def load_adapter(model, directory: str | Path, *, dtype: torch.dtype = torch.flo
     meta = read_adapter_config(directory)
     names = apply_lora(model, meta["rank"], meta["alpha"], tuple(meta["targets"]), meta["dropout"], dtype=dtype,
                        generator=torch.Generator())  # A is overwritten just below: leave the global RNG alone
-    load_lora_state_dict(model, load_file(directory / ADAPTER_FILE))
+    try:
+        load_lora_state_dict(model, load_file(directory / ADAPTER_FILE))
+    except ValueError as e:  # the adapter's own files disagree (edited or mixed up): say which, not "apply_lora"
+        raise ValueError(f"{directory / ADAPTER_FILE} does not hold the adapter its adapter_config.json describes "
+                         f"(rank {meta['rank']}, targets {list(meta['targets'])}) on this base model: "
+                         f"{str(e).split('; apply_lora')[0]}; the two files must come from the same dgemma train "
+                         "run (RUN/adapter or RUN/checkpoints/step-N)") from None
     return names
 
 
