@@ -12,6 +12,7 @@ import dgemma
 from dgemma.bundled import build_random_model
 from dgemma.cli import main
 from dgemma.engine.chat import ChatSession
+from dgemma.engine.presets import PRESETS
 from dgemma.engine.stream import Done, Draft, Text, stream_ids
 
 
@@ -207,6 +208,27 @@ def test_accept_takes_the_clis_text_of_a_rule(engine):
                          (0.9, "accept must be an acceptance rule")):
         with pytest.raises(ValueError, match=message):
             run(engine, accept=bad)
+
+
+def test_an_entropy_bound_beside_an_acceptance_rule_is_refused_not_ignored(engine, model_dir, capsys):
+    """accept= (--accept) replaces the entropy-bound rule: an entropy_bound given beside it was silently unused
+    (`--accept confidence:0.9 --entropy-bound 0.5` ran the confidence rule alone). A preset's bound is only a
+    default, which accept overrides without complaint."""
+    prompt = torch.tensor([[2, 10, 11]])
+    for call in (lambda: run(engine, max_tokens=4, accept="confidence:0.9", entropy_bound=0.5),
+                 lambda: engine.generate(prompt, accept="quota:4", entropy_bound=0.5),
+                 lambda: engine.generate(prompt, accept="quota:4", sampler_config={"entropy_bound": 0.5}),
+                 lambda: engine.infill("def f(", "):", accept="quota:4", entropy_bound=0.5)):
+        with pytest.raises(ValueError, match=r"entropy_bound \(--entropy-bound\) given beside it would be ignored"):
+            call()
+    assert main(["generate", "hi", "--model", str(model_dir), "--max-tokens", "4", "--accept", "entropy:0.2",
+                 "--entropy-bound", "0.4"]) == 2
+    assert "would be ignored: give one of them" in capsys.readouterr().err
+    fast = dgemma.load(model_dir, quiet=True, preset="fast")  # the preset's entropy_bound 0.5: a default
+    done = run(fast, seed=3, max_tokens=8, eos_token_id=[], drafts=False, accept="quota:5")[-1]
+    same = run(engine, seed=3, max_tokens=8, eos_token_id=[], drafts=False, accept="quota:5",
+               max_denoising_steps=PRESETS["fast"].knobs["max_denoising_steps"])[-1]
+    assert done.completion_ids == same.completion_ids  # the rule ran, the preset's bound did not
 
 
 def test_an_unknown_option_lists_the_text_apis_own_options(engine):

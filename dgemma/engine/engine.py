@@ -229,7 +229,8 @@ class Engine:
         top_k, do_sample, ...), which the reference ignores silently, are a TypeError so no setting is lost unseen.
         Returns the ids, or a GenerateOutput (.sequences, .tokens_per_forward) with return_dict or
         return_dict_in_generate True. `accept` swaps the acceptance rule (an AcceptRule of dgemma.sampling, or
-        its text as the CLI's --accept, e.g. 'confidence:0.9'). With generator=None the global torch RNG is used,
+        its text as the CLI's --accept, e.g. 'confidence:0.9'; beside entropy_bound or sampler_config, whose
+        rule it replaces, a ConfigError). With generator=None the global torch RNG is used,
         so after torch.manual_seed(s) the tokens equal the reference's on CPU in fp32; sampling="fast" samples the
         same distributions more cheaply. `plan`
         constrains the canvases (clamped positions, allowed tokens: see dgemma.engine.generate.CanvasPlan).
@@ -252,7 +253,7 @@ class Engine:
             gen = dataclasses.replace(gen, max_length=max_length)
         input_ids = self._check_ids(input_ids, attention_mask)
         gen = fit_max_length(gen, input_ids.shape[1])
-        cfg = step_config(gen, accept, sampling)
+        cfg = step_config(gen, accept, sampling, bound_given=entropy_bound is not _UNSET)
         out: GenerateOutput = generate(self.module, input_ids, gen, cfg, generator=generator,
                                        attention_mask=attention_mask, plan=plan, streamer=streamer)
         if return_dict_in_generate is not None:
