@@ -372,6 +372,18 @@ def test_cli_chat_goes_on_after_a_turn_past_the_context(model_dir, capsys, monke
     assert len(reused) == 2 and reused[1] > 0, err  # both other turns answered; the refused one left no trace
 
 
+def test_cli_chat_ends_on_settings_no_turn_can_use(model_dir, capsys, monkeypatch):
+    """Bad settings end the chat with one error: --entropy-bound inf passed the generation config and failed in the
+    acceptance rule as a per-turn error, repeated for every turn while the chat went on."""
+    import io
+    for flags, message in ((["--entropy-bound", "inf"], "entropy_bound must be a finite number > 0, got inf"),
+                           (["--accept", "quota:4", "--entropy-bound", "0.3"], "would be ignored")):
+        monkeypatch.setattr("sys.stdin", io.StringIO("first question\nsecond question\n"))
+        assert main(["chat", "--model", str(model_dir), "--max-tokens", "5", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count(message) == 1 and "/reset" not in err, err
+
+
 def test_cli_chat_reset_starts_over_once_the_conversation_fills_the_context(model_dir, capsys, monkeypatch):
     """A full conversation refuses every later turn; the refusal names /reset, and /reset starts a fresh one."""
     import io
