@@ -204,7 +204,7 @@ def test_accept_takes_the_clis_text_of_a_rule(engine):
     prompt = torch.tensor([[2, 10, 11]])
     assert torch.equal(engine.generate(prompt, generator=torch.Generator().manual_seed(0), accept="quota:4"),
                        engine.generate(prompt, generator=torch.Generator().manual_seed(0), accept=quota(4)))
-    for bad, message in (("confidence:x", "'x' is not a float"), ("bogus", "unknown acceptance rule"),
+    for bad, message in (("confidence:x", "'x' is not a number"), ("bogus", "unknown acceptance rule"),
                          (0.9, "accept must be an acceptance rule")):
         with pytest.raises(ValueError, match=message):
             run(engine, accept=bad)
