@@ -143,6 +143,22 @@ def test_settle_knobs_are_checked(random_engine):
         random_engine.generation_settings(settle_after=2, settle_entropy=-1)
 
 
+def test_settle_entropy_without_settling_is_refused_not_ignored(random_engine):
+    """settle_entropy alone (settle_after None, the default) was accepted and changed nothing."""
+    ids = torch.tensor([[2, 5, 6, 7]])
+    for call in (lambda: random_engine.generation_settings(settle_entropy=0.5),
+                 lambda: random_engine.generation_settings({"settle_entropy": 0.5}),
+                 lambda: random_engine.generate(ids, settle_entropy=0.5),
+                 lambda: random_engine.generate(ids, settle_after=None, settle_entropy=0.5)):
+        with pytest.raises(ConfigError, match=r"settling is off \(settle_after None\): give settle_after too"):
+            call()
+    random_engine.use_preset("settle")  # the preset turns settling on: its entropy may be tuned alone
+    try:
+        assert random_engine.generation_settings(settle_entropy=0.5).settle_entropy == 0.5
+    finally:
+        random_engine.use_preset("exact")
+
+
 def test_the_settle_preset_turns_it_on_and_plans_run_whole_canvases(random_engine):
     from dgemma.engine.presets import PRESETS
     import jsonschema

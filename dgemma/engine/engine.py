@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import (REFERENCE_INERT, GenerationConfig, ModelConfig, entropy_bound_of, eos_ids, model_file,
-                      passed_settings)
+from ..config import (REFERENCE_INERT, ConfigError, GenerationConfig, ModelConfig, entropy_bound_of, eos_ids,
+                      model_file, passed_settings)
 from ..model import DiffusionGemma, load_module
 from ..quant.modules import swap_for_checkpoint
 from ..text import Tokenizer
@@ -188,11 +188,15 @@ class Engine:
         call_options: the calling API's own options, which an unknown knob's error lists beside the knobs."""
         base = generation_config if isinstance(generation_config, GenerationConfig) else self.generation_config
         values = {k: getattr(base, k) for k in GenerationConfig.__dataclass_fields__}
+        given = set()  # the settings this call sets itself
         if generation_config is not None and not isinstance(generation_config, GenerationConfig):
-            values.update(passed_settings(generation_config))
+            passed = passed_settings(generation_config)
+            given.update(passed)
+            values.update(passed)
         for key, value in knobs.items():
             if value is _UNSET:
                 continue
+            given.add(key)
             if key == "max_length":  # only generate() takes it (below); elsewhere it would be silently unused
                 raise TypeError("max_length is the reference generate()'s total-length cap (prompt included); "
                                 "here cap the new tokens with max_tokens (or max_new_tokens)")
@@ -204,6 +208,10 @@ class Engine:
             if key == "eos_token_id" and value is not None:
                 value = eos_ids(value)
             values[key] = value
+        if "settle_entropy" in given and values["settle_after"] is None:  # it would be silently unused
+            raise ConfigError("settle_entropy is the entropy under which a position settles, and settling is off "
+                              "(settle_after None): give settle_after too (or use the settle preset), or drop "
+                              "settle_entropy")
         return GenerationConfig(**values)
 
     def generate(self, input_ids: torch.Tensor, *, attention_mask=None, generation_config=None, streamer=None,
