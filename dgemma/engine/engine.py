@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 from pathlib import Path
 
@@ -23,13 +24,14 @@ TEMPERATURE_HINT = " (the temperature here is the t_max -> t_min schedule)"  # f
 
 
 def unknown_options_message(names: list[str]) -> str:
-    """Options `Engine.generate` does not take (the reference passes unknown options on to its model)."""
+    """Options `Engine.generate` does not take (the reference passes unknown options on to its model); the message
+    lists the options it does take, from its signature."""
     hint = TEMPERATURE_HINT if "temperature" in names else ""
+    taken = [p for p in inspect.signature(Engine.generate).parameters if p not in ("self", "input_ids", "options")]
     return (f"generate() does not take {', '.join(names)}{hint}: neither a DiffusionGemma sampling knob nor an "
             "option dgemma supports. The reference's generate() silently ignores sampling options it lacks "
-            "(temperature, top_k, do_sample, ...); dgemma refuses them so that no setting is lost unseen. Its knobs: "
-            "max_new_tokens, max_length, max_denoising_steps, entropy_bound (or sampler_config), t_min, t_max, "
-            "stability_threshold, confidence_threshold, eos_token_id, pad_token_id, generation_config, streamer")
+            "(temperature, top_k, do_sample, ...); dgemma refuses them so that no setting is lost unseen. Its "
+            f"options: {', '.join(taken)}")
 
 
 class Engine:
