@@ -263,7 +263,8 @@ def _add_sampling_flags(p) -> None:
     p.add_argument("--t-min", type=float, default=None, help="final temperature of the schedule")
     p.add_argument("--t-max", type=float, default=None, help="first temperature of the schedule")
     p.add_argument("--accept", type=_accept_rule, default=None,
-                   help="acceptance rule: entropy:B (default), confidence:T, quota:K or linear-quota")
+                   help="acceptance rule: entropy:B (default), confidence:T, quota:K or linear-quota (the steps: "
+                        "--steps); it replaces the rule --entropy-bound sets, so not both")
     p.add_argument("--sampling", choices=["fast", "reference"], default="fast",
                    help="fast: one random number per position (default); reference: the reference's random "
                         "stream, token for token")

@@ -421,8 +421,8 @@ class GenerationConfig:
         if not is_int(self.max_denoising_steps) or self.max_denoising_steps < 1:
             raise ConfigError(f"max_denoising_steps must be an integer >= 1, got {self.max_denoising_steps!r}")
         if isinstance(self.entropy_bound, bool) or not isinstance(self.entropy_bound, (int, float)) \
-                or not self.entropy_bound > 0:
-            raise ConfigError(f"entropy_bound must be a number > 0, got {self.entropy_bound!r}")
+                or not 0 < self.entropy_bound < float("inf"):  # the rule's own check (sampling/acceptance.py)
+            raise ConfigError(f"entropy_bound must be a finite number > 0, got {self.entropy_bound!r}")
         check_temperatures(self.t_min, self.t_max)
         if self.stability_threshold is not None and (not is_int(self.stability_threshold)
                                                      or self.stability_threshold < 0):

@@ -148,6 +148,16 @@ def test_ar_knobs_are_a_clear_error(models, knob):
         m.eng.generate(batch3(m), **knob)
 
 
+def test_an_unknown_option_lists_generates_own_options_too(models):
+    """A typo of one of dgemma's own options (settle_after, accept, sampling, ...) was answered with a list of the
+    reference's knobs alone, which lacked the option meant."""
+    m = models("tiny")
+    with pytest.raises(TypeError, match=r"does not take settle_afer\b.*Its options: .*\bsettle_after\b") as e:
+        m.eng.generate(batch3(m), settle_afer=2)
+    for name in ("max_new_tokens", "sampler_config", "accept", "sampling", "generator", "attention_mask", "streamer"):
+        assert f" {name}," in str(e.value) or str(e.value).endswith(f" {name}"), name
+
+
 # --------------------------------------------------------------------------------------------------------------
 # streamer: the same put / put_draft / end calls as the reference's
 # --------------------------------------------------------------------------------------------------------------

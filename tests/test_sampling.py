@@ -125,6 +125,15 @@ def test_a_confidence_threshold_is_a_probability(text, message):
     assert repr(accept_rule("confidence:1")) == "confidence_threshold(1.0)"  # 1: only each row's top position
 
 
+@pytest.mark.parametrize("text, message", [
+    ("quota:1.5", "'1.5' is not a whole number"), ("entropy:x", "'x' is not a number"),
+    ("linear-quota:4", "linear-quota takes no number; its step count is the call's max_denoising_steps (--steps)")])
+def test_a_rule_with_a_bad_number_says_what_it_takes(text, message):
+    """'quota:1.5' said "'1.5' is not a int" and 'linear-quota:4' was an "unknown acceptance rule"."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        S.parse_accept(text)
+
+
 def test_from_generation_config_none_disables_stop():
     assert S.StepConfig.from_generation_config(confidence_threshold=None).stop is None
     assert S.StepConfig.from_generation_config().stop.num_history == 1

@@ -206,6 +206,7 @@ BAD_CHAT = [
     ({"confidence_threshold": 0}, 400, "confidence_threshold"),
     ({"acceptance": "bogus"}, 400, "acceptance"),
     ({"acceptance": "quota:x"}, 400, "acceptance"),
+    ({"acceptance": "confidence:0.9", "entropy_bound": 0.5}, 400, "acceptance"),  # the bound would be unused
     ({"sampling": "exact"}, 400, "sampling"),
     ({"temperature": 5}, 400, "temperature"),
     ({"max_denoise_steps": 3}, 400, "max_denoise_steps"),

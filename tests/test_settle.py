@@ -143,6 +143,22 @@ def test_settle_knobs_are_checked(random_engine):
         random_engine.generation_settings(settle_after=2, settle_entropy=-1)
 
 
+def test_settle_entropy_without_settling_is_refused_not_ignored(random_engine):
+    """settle_entropy alone (settle_after None, the default) was accepted and changed nothing."""
+    ids = torch.tensor([[2, 5, 6, 7]])
+    for call in (lambda: random_engine.generation_settings(settle_entropy=0.5),
+                 lambda: random_engine.generation_settings({"settle_entropy": 0.5}),
+                 lambda: random_engine.generate(ids, settle_entropy=0.5),
+                 lambda: random_engine.generate(ids, settle_after=None, settle_entropy=0.5)):
+        with pytest.raises(ConfigError, match=r"settling is off \(settle_after None\): give settle_after too"):
+            call()
+    random_engine.use_preset("settle")  # the preset turns settling on: its entropy may be tuned alone
+    try:
+        assert random_engine.generation_settings(settle_entropy=0.5).settle_entropy == 0.5
+    finally:
+        random_engine.use_preset("exact")
+
+
 def test_the_settle_preset_turns_it_on_and_plans_run_whole_canvases(random_engine):
     from dgemma.engine.presets import PRESETS
     import jsonschema
@@ -159,3 +175,21 @@ def test_the_settle_preset_turns_it_on_and_plans_run_whole_canvases(random_engin
     finally:
         random_engine.use_preset("exact")
     assert random_engine.generation_config.settle_after is None
+
+
+def test_settling_with_a_compiled_step_says_it_runs_eagerly(random_engine):
+    """--preset settle --compile ran every settling canvas eagerly without a word (the compiled step is shaped for
+    whole canvases), so the compile a user asked for silently did nothing; now a warning says so."""
+    ids = torch.tensor([[2, 5, 6, 7]])
+
+    def run():
+        return random_engine.generate(ids, generator=torch.Generator().manual_seed(0), max_new_tokens=4,
+                                      max_denoising_steps=3, settle_after=1, settle_entropy=1e9)
+    eager = run()
+    random_engine.compile("default")  # installs the compiled step; nothing compiles until it is called
+    try:
+        with pytest.warns(UserWarning, match=r"settled positions .* run the decoder eagerly: the compiled step"):
+            compiled = run()
+    finally:
+        random_engine.compile(None)
+    assert torch.equal(compiled, eager)  # the settling forward is the eager one, the same bits

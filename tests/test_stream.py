@@ -12,6 +12,7 @@ import dgemma
 from dgemma.bundled import build_random_model
 from dgemma.cli import main
 from dgemma.engine.chat import ChatSession
+from dgemma.engine.presets import PRESETS
 from dgemma.engine.stream import Done, Draft, Text, stream_ids
 
 
@@ -203,10 +204,31 @@ def test_accept_takes_the_clis_text_of_a_rule(engine):
     prompt = torch.tensor([[2, 10, 11]])
     assert torch.equal(engine.generate(prompt, generator=torch.Generator().manual_seed(0), accept="quota:4"),
                        engine.generate(prompt, generator=torch.Generator().manual_seed(0), accept=quota(4)))
-    for bad, message in (("confidence:x", "'x' is not a float"), ("bogus", "unknown acceptance rule"),
+    for bad, message in (("confidence:x", "'x' is not a number"), ("bogus", "unknown acceptance rule"),
                          (0.9, "accept must be an acceptance rule")):
         with pytest.raises(ValueError, match=message):
             run(engine, accept=bad)
+
+
+def test_an_entropy_bound_beside_an_acceptance_rule_is_refused_not_ignored(engine, model_dir, capsys):
+    """accept= (--accept) replaces the entropy-bound rule: an entropy_bound given beside it was silently unused
+    (`--accept confidence:0.9 --entropy-bound 0.5` ran the confidence rule alone). A preset's bound is only a
+    default, which accept overrides without complaint."""
+    prompt = torch.tensor([[2, 10, 11]])
+    for call in (lambda: run(engine, max_tokens=4, accept="confidence:0.9", entropy_bound=0.5),
+                 lambda: engine.generate(prompt, accept="quota:4", entropy_bound=0.5),
+                 lambda: engine.generate(prompt, accept="quota:4", sampler_config={"entropy_bound": 0.5}),
+                 lambda: engine.infill("def f(", "):", accept="quota:4", entropy_bound=0.5)):
+        with pytest.raises(ValueError, match=r"entropy_bound \(--entropy-bound\) given beside it would be ignored"):
+            call()
+    assert main(["generate", "hi", "--model", str(model_dir), "--max-tokens", "4", "--accept", "entropy:0.2",
+                 "--entropy-bound", "0.4"]) == 2
+    assert "would be ignored: give one of them" in capsys.readouterr().err
+    fast = dgemma.load(model_dir, quiet=True, preset="fast")  # the preset's entropy_bound 0.5: a default
+    done = run(fast, seed=3, max_tokens=8, eos_token_id=[], drafts=False, accept="quota:5")[-1]
+    same = run(engine, seed=3, max_tokens=8, eos_token_id=[], drafts=False, accept="quota:5",
+               max_denoising_steps=PRESETS["fast"].knobs["max_denoising_steps"])[-1]
+    assert done.completion_ids == same.completion_ids  # the rule ran, the preset's bound did not
 
 
 def test_an_unknown_option_lists_the_text_apis_own_options(engine):
@@ -367,6 +389,18 @@ def test_cli_chat_goes_on_after_a_turn_past_the_context(model_dir, capsys, monke
     assert "dgemma chat: error: prompt of" in err and "exceeds this model's context" in err
     reused = [int(line.split("reused ")[1].split()[0]) for line in err.splitlines() if "reused" in line]
     assert len(reused) == 2 and reused[1] > 0, err  # both other turns answered; the refused one left no trace
+
+
+def test_cli_chat_ends_on_settings_no_turn_can_use(model_dir, capsys, monkeypatch):
+    """Bad settings end the chat with one error: --entropy-bound inf passed the generation config and failed in the
+    acceptance rule as a per-turn error, repeated for every turn while the chat went on."""
+    import io
+    for flags, message in ((["--entropy-bound", "inf"], "entropy_bound must be a finite number > 0, got inf"),
+                           (["--accept", "quota:4", "--entropy-bound", "0.3"], "would be ignored")):
+        monkeypatch.setattr("sys.stdin", io.StringIO("first question\nsecond question\n"))
+        assert main(["chat", "--model", str(model_dir), "--max-tokens", "5", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count(message) == 1 and "/reset" not in err, err
 
 
 def test_cli_chat_reset_starts_over_once_the_conversation_fills_the_context(model_dir, capsys, monkeypatch):

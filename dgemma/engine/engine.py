@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 from pathlib import Path
 
 import torch
 
-from ..config import (REFERENCE_INERT, GenerationConfig, ModelConfig, entropy_bound_of, eos_ids, model_file,
-                      passed_settings)
+from ..config import (REFERENCE_INERT, ConfigError, GenerationConfig, ModelConfig, entropy_bound_of, eos_ids,
+                      model_file, passed_settings)
 from ..model import DiffusionGemma, load_module
 from ..quant.modules import swap_for_checkpoint
 from ..text import Tokenizer
@@ -23,13 +24,14 @@ TEMPERATURE_HINT = " (the temperature here is the t_max -> t_min schedule)"  # f
 
 
 def unknown_options_message(names: list[str]) -> str:
-    """Options `Engine.generate` does not take (the reference passes unknown options on to its model)."""
+    """Options `Engine.generate` does not take (the reference passes unknown options on to its model); the message
+    lists the options it does take, from its signature."""
     hint = TEMPERATURE_HINT if "temperature" in names else ""
+    taken = [p for p in inspect.signature(Engine.generate).parameters if p not in ("self", "input_ids", "options")]
     return (f"generate() does not take {', '.join(names)}{hint}: neither a DiffusionGemma sampling knob nor an "
             "option dgemma supports. The reference's generate() silently ignores sampling options it lacks "
-            "(temperature, top_k, do_sample, ...); dgemma refuses them so that no setting is lost unseen. Its knobs: "
-            "max_new_tokens, max_length, max_denoising_steps, entropy_bound (or sampler_config), t_min, t_max, "
-            "stability_threshold, confidence_threshold, eos_token_id, pad_token_id, generation_config, streamer")
+            "(temperature, top_k, do_sample, ...); dgemma refuses them so that no setting is lost unseen. Its "
+            f"options: {', '.join(taken)}")
 
 
 class Engine:
@@ -188,11 +190,15 @@ class Engine:
         call_options: the calling API's own options, which an unknown knob's error lists beside the knobs."""
         base = generation_config if isinstance(generation_config, GenerationConfig) else self.generation_config
         values = {k: getattr(base, k) for k in GenerationConfig.__dataclass_fields__}
+        given = set()  # the settings this call sets itself
         if generation_config is not None and not isinstance(generation_config, GenerationConfig):
-            values.update(passed_settings(generation_config))
+            passed = passed_settings(generation_config)
+            given.update(passed)
+            values.update(passed)
         for key, value in knobs.items():
             if value is _UNSET:
                 continue
+            given.add(key)
             if key == "max_length":  # only generate() takes it (below); elsewhere it would be silently unused
                 raise TypeError("max_length is the reference generate()'s total-length cap (prompt included); "
                                 "here cap the new tokens with max_tokens (or max_new_tokens)")
@@ -204,6 +210,10 @@ class Engine:
             if key == "eos_token_id" and value is not None:
                 value = eos_ids(value)
             values[key] = value
+        if "settle_entropy" in given and values["settle_after"] is None:  # it would be silently unused
+            raise ConfigError("settle_entropy is the entropy under which a position settles, and settling is off "
+                              "(settle_after None): give settle_after too (or use the settle preset), or drop "
+                              "settle_entropy")
         return GenerationConfig(**values)
 
     def generate(self, input_ids: torch.Tensor, *, attention_mask=None, generation_config=None, streamer=None,
@@ -229,7 +239,8 @@ class Engine:
         top_k, do_sample, ...), which the reference ignores silently, are a TypeError so no setting is lost unseen.
         Returns the ids, or a GenerateOutput (.sequences, .tokens_per_forward) with return_dict or
         return_dict_in_generate True. `accept` swaps the acceptance rule (an AcceptRule of dgemma.sampling, or
-        its text as the CLI's --accept, e.g. 'confidence:0.9'). With generator=None the global torch RNG is used,
+        its text as the CLI's --accept, e.g. 'confidence:0.9'; beside entropy_bound or sampler_config, whose
+        rule it replaces, a ConfigError). With generator=None the global torch RNG is used,
         so after torch.manual_seed(s) the tokens equal the reference's on CPU in fp32; sampling="fast" samples the
         same distributions more cheaply. `plan`
         constrains the canvases (clamped positions, allowed tokens: see dgemma.engine.generate.CanvasPlan).
@@ -252,7 +263,7 @@ class Engine:
             gen = dataclasses.replace(gen, max_length=max_length)
         input_ids = self._check_ids(input_ids, attention_mask)
         gen = fit_max_length(gen, input_ids.shape[1])
-        cfg = step_config(gen, accept, sampling)
+        cfg = step_config(gen, accept, sampling, bound_given=entropy_bound is not _UNSET)
         out: GenerateOutput = generate(self.module, input_ids, gen, cfg, generator=generator,
                                        attention_mask=attention_mask, plan=plan, streamer=streamer)
         if return_dict_in_generate is not None:

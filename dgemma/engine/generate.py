@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import GenerationConfig
+from ..config import ConfigError, GenerationConfig
 from ..sampling import StepConfig, parse_accept, sample_inverse_cdf, sample_reference
 from .cache import KVCache
 from .scheduler import SC_CHUNK, CanvasPlan, Commit, Rows, Step, run_alone  # noqa: F401  (re-exported)
@@ -50,10 +50,23 @@ def seeded_generator(seed: int | None, device=None) -> torch.Generator | None:
         raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1], got {seed!r}") from None
 
 
-def step_config(gen: GenerationConfig, accept=None, sampling: str = "reference") -> StepConfig:
+def check_rule_choice(accept, bound_given: bool) -> None:
+    """An acceptance rule replaces the entropy-bound rule, so an entropy_bound the caller gave beside it would be
+    lost unseen: refused (a preset's or the checkpoint's bound is only a default, which `accept` overrides)."""
+    if accept is not None and bound_given:
+        raise ConfigError("an acceptance rule (accept, --accept, the server's \"acceptance\") replaces the "
+                          "entropy-bound rule, so the entropy_bound (--entropy-bound) given beside it would be "
+                          "ignored: give one of them (the entropy rule with bound B is entropy_bound=B alone, or "
+                          "accept='entropy:B')")
+
+
+def step_config(gen: GenerationConfig, accept=None, sampling: str = "reference", *,
+                bound_given: bool = False) -> StepConfig:
     """GenerationConfig (reference knob names) -> the sampler's StepConfig; `accept` overrides the rule (an
     AcceptRule or its text, 'confidence:0.9' as the CLI's --accept; linear-quota takes gen's step count),
-    `sampling` picks the proposal primitive ("reference" or "fast")."""
+    `sampling` picks the proposal primitive ("reference" or "fast"). bound_given: the caller set entropy_bound
+    itself (refused beside `accept`: `check_rule_choice`)."""
+    check_rule_choice(accept, bound_given)
     if sampling not in SAMPLERS:
         raise ValueError(f"sampling must be one of {sorted(SAMPLERS)}, got {sampling!r}")
     if isinstance(accept, str):

@@ -238,5 +238,6 @@ def open_infill(engine, prefix: str, suffix: str, *, instruction: str | None = N
                          ) from None
     generator = seeded_generator(seed, engine.device)
     input_ids = torch.tensor([ctx] * len(lengths), dtype=torch.long, device=engine.device)
-    rows = Rows(engine.module, input_ids, gen, step_config(gen, accept, sampling), generator=generator, plan=plan)
+    cfg = step_config(gen, accept, sampling, bound_given="entropy_bound" in knobs)
+    rows = Rows(engine.module, input_ids, gen, cfg, generator=generator, plan=plan)
     return InfillRun(engine, rows, plan, lengths, prefix, suffix, started, limit if continuation else None)

@@ -9,7 +9,7 @@ given.
 
 Dynamic int8 matmuls (`--int8-dynamic`, dgemma/quant/dynamic.py) are a separate switch because they change the
 loaded model, not the sampler; presets combine with it. So does `--compile [MODE]` (dgemma/engine/compiled.py: the
-same math, compiled).
+same math, compiled), except `settle`: its forwards over the unsettled positions run eagerly (a warning says so).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ PRESETS = {p.name: p for p in (
     Preset("confident", "the exact sampler with a looser stop: a canvas ends once its argmax held for a step and its "
            "mean entropy is under 0.05 nats (the checkpoint's rule uses 0.005)", {"confidence_threshold": 0.05}),
     Preset("settle", "'confident' plus settled positions: a position whose argmax held for 2 steps with an entropy "
-           "under 0.01 nats is final and no longer computed (dgemma/engine/settle.py)",
+           "under 0.01 nats is final and no longer computed (dgemma/engine/settle.py; eager even with --compile)",
            {"confidence_threshold": 0.05, "settle_after": 2, "settle_entropy": 0.01}),
     Preset("fast", "at most 16 steps per canvas, EntropyBound 0.5 (accepts more positions per step)",
            {"max_denoising_steps": 16, "entropy_bound": 0.5}),

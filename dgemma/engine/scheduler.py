@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Protocol
@@ -44,6 +45,9 @@ from .settle import Settling
 SC_CHUNK = 64  # positions per self-conditioning chunk: smaller re-reads E too often on CPU (measured)
 SKIP_DONE_ROWS = True  # done rows leave the decoder's forward (`Rows.computed_rows`); False only to measure that
 REUSE_LOGITS = True  # step logits go into reused buffers on the CPU (`Rows.logits_buffer`); False only to measure that
+SETTLE_EAGER = ("settled positions (settle_after, the settle preset) run the decoder eagerly: the compiled step "
+                "(--compile, Engine.compile) is shaped for whole canvases, so it does not run here; drop --compile, or "
+                "use another preset (confident is settle without settled positions)")
 
 
 class CanvasPlan(Protocol):
@@ -117,6 +121,8 @@ class Rows:
         if c is None:
             self.state = _start_done(init_state(noise, self.cfg), self._ended())
             if self.gen.settle_after is not None:  # plans clamp positions: their canvases never settle
+                if "denoise" in vars(module):  # (engine/compiled.py installs the compiled step there)
+                    warnings.warn(SETTLE_EAGER, stacklevel=2)
                 self.settling = Settling(module, self.state, self.cfg, self.gen.settle_after, self.gen.settle_entropy)
         else:
             c.check((B, L), V)

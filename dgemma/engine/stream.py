@@ -202,7 +202,8 @@ def open_request(engine, prompt_ids: Sequence[int], *, max_tokens: int | None = 
     generator = seeded_generator(seed, engine.device)
     suffix = torch.tensor([list(prompt_ids)[cached_len:]], dtype=torch.int64, device=engine.device)
     cache = cache if cache is not None else engine.new_cache(1)
-    rows = Rows(engine.module, suffix, gen, step_config(gen, accept, sampling), generator=generator, cache=cache,
+    cfg = step_config(gen, accept, sampling, bound_given="entropy_bound" in knobs)
+    rows = Rows(engine.module, suffix, gen, cfg, generator=generator, cache=cache,
                 plan=plan)  # plan: constrained canvases (engine/structured.py)
     return rows, RowText(tok, len(prompt_ids), gen.max_new_tokens, stop_ids, stop or (), drafts)
 

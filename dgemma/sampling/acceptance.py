@@ -132,8 +132,12 @@ def parse_accept(text: str, num_steps: int | None = None):
         try:
             value = kind(arg) if arg else default
         except ValueError:
-            raise ValueError(f"acceptance rule {text!r}: {arg!r} is not a {kind.__name__}") from None
+            what = "a whole number" if kind is int else "a number"
+            raise ValueError(f"acceptance rule {text!r}: {arg!r} is not {what}") from None
         return make(value)
-    if name == "linear-quota" and not arg:
+    if name == "linear-quota":
+        if arg:
+            raise ValueError(f"acceptance rule {text!r}: linear-quota takes no number; its step count is the "
+                             "call's max_denoising_steps (--steps), so write linear-quota and set the steps")
         return "linear-quota" if num_steps is None else linear_quota(num_steps)
     raise ValueError(f"unknown acceptance rule {text!r}; use entropy:B, confidence:T, quota:K or linear-quota")

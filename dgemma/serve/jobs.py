@@ -7,6 +7,7 @@ import json
 
 from ..argtypes import accept_rule
 from ..config import ConfigError
+from ..engine.generate import check_rule_choice
 from .schemas import TOOL_CHOICES, ApiError, ChatCompletionRequest, CompletionRequest
 from .worker import Job
 
@@ -148,6 +149,7 @@ def _options(engine, req, ids: list[int], max_tokens, default_max_tokens, prompt
         raise ApiError(400, str(e), param=prompt_param, code="context_length_exceeded") from None
     try:
         accept = None if req.acceptance is None else accept_rule(req.acceptance, gen.max_denoising_steps)
+        check_rule_choice(accept, "entropy_bound" in knobs)
     except ValueError as e:
         raise ApiError(400, str(e), param="acceptance", code="invalid_value") from None
     options = {"max_tokens": max_tokens, "stop": req.stop_list() or None, "seed": req.seed,
