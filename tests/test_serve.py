@@ -264,7 +264,10 @@ def test_bad_chat_requests(url):
             assert "out of range" in assert_error(http.post("/v1/chat/completions", content=raw), 400)["message"]
         assert_error(http.post("/v1/chat/completions", json={"model": MODEL}), 400, "messages")
         assert_error(http.post("/v1/chat/completions", content=b" " * (MAX_BODY_BYTES + 1)), 413)
-        assert_error(http.get("/v1/chat/completions"), 405)
+        for method, path, allowed in (("GET", "/v1/chat/completions", "POST"), ("POST", "/v1/models", "GET"),
+                                      ("DELETE", "/v1/completions", "POST")):
+            r = http.request(method, path)
+            assert allowed in assert_error(r, 405)["message"] and r.headers["allow"] == allowed  # RFC 9110: Allow
         assert_error(http.get("/v1/nothing-here"), 404)
         assert_error(http.get("/v1/models/other"), 404, "model")
         for change, param in (({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [10**7]}, "prompt"),

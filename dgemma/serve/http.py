@@ -85,8 +85,12 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, worker=No
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        body = ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type=kind).body()
-        return JSONResponse(body, status_code=e.status_code)
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        allowed = (e.headers or {}).get("Allow")
+        if e.status_code == 405 and allowed:  # the header is required with a 405 (RFC 9110 15.5.6): kept
+            message += f"; this path takes {allowed}"
+        body = ApiError(e.status_code, message, type=kind).body()
+        return JSONResponse(body, status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request, e: Exception):
