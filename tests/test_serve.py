@@ -87,6 +87,18 @@ def test_models_and_health(url, client):
     assert health["status"] == "ok" and health["running"] == 0
 
 
+def test_the_readme_client_example_runs_against_dgemma_serve(model_dir, capsys):
+    """README 'Server': its Python example, as written, against a server named as `dgemma serve` names it."""
+    from pathlib import Path
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = readme.split("## Server", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "127.0.0.1:8000" in example
+    engine = new_engine(model_dir)
+    with running(create_app(engine, model_name=Path(engine.directory).name)) as base:  # cmd_serve's default name
+        exec(example.replace("http://127.0.0.1:8000", base), {})
+    assert capsys.readouterr().out  # the streamed answer was printed
+
+
 def test_streamed_chat_equals_the_non_streamed_answer(client):
     full = chat(client, max_tokens=70, seed=3)
     text, chunks = stream_chat(client, max_tokens=70, seed=3, stream_options={"include_usage": True})
