@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -495,6 +496,49 @@ def test_a_failing_generation_is_reported_not_fatal(model_dir):
             events = sse(r)
         assert events[-1] == "[DONE]" and "boom" in events[-2]["error"]["message"]
         assert httpx.get(base + "/health").status_code == 200
+
+
+class BacklogWorker(ScriptedWorker):
+    """The scripted events at once; `release()` pushes 100 more (while `busy_loop` holds the loop: a backlog)."""
+
+    def submit(self, job):
+        self.ticket = super().submit(job)
+        return self.ticket
+
+    def busy_loop(self, seconds):
+        """Keep the server's event loop busy for a while (as another request's work would)."""
+        self.ticket._loop.call_soon_threadsafe(time.sleep, seconds)
+        time.sleep(0.05)
+
+    def release(self):
+        for _ in range(100):
+            self.ticket.push(Text("x", "tool_call"))  # one chunk each
+
+
+def test_a_stream_whose_client_reset_writes_no_storm_to_the_dead_socket(model_dir, caplog):
+    """A backlog of chunks for a client that is gone: the server notices the lost connection after one failed
+    write, instead of writing on (asyncio logs 'socket.send() raised exception.' for every write after 5)."""
+    import socket
+    import struct
+
+    worker = BacklogWorker([Text("first", "answer")])
+    with running(create_app(new_engine(model_dir), model_name=MODEL, worker=worker)) as base:
+        body = json.dumps({**OK, "stream": True}).encode()
+        sock = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        got = b""
+        while b"first" not in got:
+            got += sock.recv(65536)
+        with caplog.at_level(logging.WARNING, logger="asyncio"):
+            worker.busy_loop(0.3)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset, as a client killed mid-stream sends
+            worker.release()  # meanwhile the rest of the answer arrives
+            time.sleep(0.6)
+        assert httpx.get(base + "/health").status_code == 200
+    storm = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert not storm, f"{len(storm)} writes to a dead connection logged: {storm[:2]}"
 
 
 def test_serve_binds_loopback_by_default():

@@ -201,10 +201,14 @@ async def _cancel_on_disconnect(request: Request, ticket, poll_s: float = 0.05) 
 async def _sse(ticket, watcher, fmt: Format):
     """Server-sent events: data: {chunk}\\n\\n ... data: [DONE]\\n\\n."""
     started, num_texts, pending, delay = time.monotonic(), 0, deque(), 0.0
+    # The loop gets a turn after every chunk (asyncio.sleep(0)). Writing a backlog of queued events in one go, a
+    # client that has gone would be noticed only at its end: every write after the failed one goes to the dead
+    # socket, and asyncio logs each one after the fifth. With the turn the server notices and drops the rest.
     try:
         for chunk in fmt.start():
             yield _data(chunk)
         while True:
+            await asyncio.sleep(0)
             event = await ticket.next(timeout=delay if pending else None)
             if event is None:  # pacing: the next piece of committed text
                 yield _data(fmt.piece(*pending.popleft()))
@@ -222,6 +226,7 @@ async def _sse(ticket, watcher, fmt: Format):
             else:  # Done: flush, finish, usage
                 while pending:
                     yield _data(fmt.piece(*pending.popleft()))
+                    await asyncio.sleep(0)
                 yield _data(fmt.finish(event))
                 if fmt.include_usage:
                     yield _data(fmt.usage_chunk(event))
