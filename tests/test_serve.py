@@ -387,9 +387,13 @@ def test_shutdown_ends_an_open_stream_with_an_error_and_done(model_dir):
 def test_api_key(model_dir):
     with running(create_app(new_engine(model_dir), model_name=MODEL, api_key="s3cret")) as base:
         assert httpx.get(base + "/health").status_code == 200
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Basic s3cret"}, {"Authorization": "Bearer"}):
             assert_error(httpx.get(base + "/v1/models", headers=headers), 401)
             assert_error(httpx.post(base + "/v1/chat/completions", json=OK, headers=headers), 401)
+        for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive (RFC 9110 11.1), the key is not
+            assert httpx.get(base + "/v1/models", headers={"Authorization": f"{scheme} s3cret"}).status_code == 200
+        assert_error(httpx.get(base + "/v1/models", headers={"Authorization": "Bearer S3CRET"}), 401)
         good = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
         assert good.models.list().data[0].id == MODEL
         assert chat(good, max_tokens=2).usage.completion_tokens <= 2

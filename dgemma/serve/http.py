@@ -134,15 +134,16 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, worker=No
 
 
 class BearerAuth:
-    """Every path but PUBLIC_PATHS needs `Authorization: Bearer KEY` (plain ASGI: streaming is untouched)."""
+    """Every path but PUBLIC_PATHS needs `Authorization: Bearer KEY` (plain ASGI: streaming is untouched). The scheme
+    is case-insensitive (RFC 9110 11.1: "bearer KEY" is the same credential); the key is compared exactly."""
 
     def __init__(self, app, key: str):
-        self.app, self.expected = app, f"Bearer {key}".encode()
+        self.app, self.expected = app, key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(given.lstrip(b" "), self.expected):
                 error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                                  type="authentication_error", code="invalid_api_key")
                 response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
