@@ -271,6 +271,19 @@ def test_bad_chat_requests(url):
         tools = [{"type": "function", "function": {"name": "f", "parameters": params}}]
         err = assert_error(http.post("/v1/chat/completions", json={**OK, "tools": tools}), 400)
         assert "nested too deeply" in err["message"]
+        schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+        for fn, said in (({"name": "f", "parameters": json.dumps(schema)}, "tools[0].function.parameters must be"),
+                         ({"name": "f", "parameters": [schema]}, "tools[0].function.parameters must be"),
+                         ({"name": "f", "description": 5}, "tools[0].function.description must be")):
+            tools = [{"type": "function", "function": fn}]  # the template would print these as they are
+            assert said in assert_error(http.post("/v1/chat/completions", json={**OK, "tools": tools}), 400,
+                                        "tools")["message"]
+        tools = [{"type": "web_search", "function": {"name": "f"}}]
+        assert "'function'" in assert_error(http.post("/v1/chat/completions", json={**OK, "tools": tools}), 400,
+                                            "tools")["message"]
+        for tools in ([{"type": "function", "function": {"name": "f", "parameters": schema, "description": None}}],
+                      [{"name": "f", "parameters": schema}]):  # the bare form stays accepted
+            assert http.post("/v1/chat/completions", json={**OK, "tools": tools}).status_code == 200
         for knob in ("entropy_bound", "t_max"):  # 1e999 is JSON, but Python reads it as inf: refused, not run
             raw = json.dumps(OK)[:-1] + f', "{knob}": 1e999}}'
             assert "out of range" in assert_error(http.post("/v1/chat/completions", content=raw), 400)["message"]
