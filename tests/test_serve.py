@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -85,6 +86,17 @@ def test_models_and_health(url, client):
     assert client.models.retrieve(MODEL).id == MODEL
     health = httpx.get(url + "/health").json()
     assert health["status"] == "ok" and health["running"] == 0
+
+
+def test_the_readme_client_example_runs_against_dgemma_serve(model_dir):
+    """README 'Server': its Python example, as written, against a server named as `dgemma serve` names it."""
+    from pathlib import Path
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = readme.split("## Server", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "127.0.0.1:8000" in example
+    engine = new_engine(model_dir)
+    with running(create_app(engine, model_name=Path(engine.directory).name)) as base:  # cmd_serve's default name
+        exec(example.replace("http://127.0.0.1:8000", base), {})  # streams an answer (the random model's may be empty)
 
 
 def test_streamed_chat_equals_the_non_streamed_answer(client):
@@ -260,12 +272,28 @@ def test_bad_chat_requests(url):
         tools = [{"type": "function", "function": {"name": "f", "parameters": params}}]
         err = assert_error(http.post("/v1/chat/completions", json={**OK, "tools": tools}), 400)
         assert "nested too deeply" in err["message"]
+        schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+        for fn, said in (({"name": "f", "parameters": json.dumps(schema)}, "tools[0].function.parameters must be"),
+                         ({"name": "f", "parameters": [schema]}, "tools[0].function.parameters must be"),
+                         ({"name": "f", "description": 5}, "tools[0].function.description must be")):
+            tools = [{"type": "function", "function": fn}]  # the template would print these as they are
+            assert said in assert_error(http.post("/v1/chat/completions", json={**OK, "tools": tools}), 400,
+                                        "tools")["message"]
+        tools = [{"type": "web_search", "function": {"name": "f"}}]
+        assert "'function'" in assert_error(http.post("/v1/chat/completions", json={**OK, "tools": tools}), 400,
+                                            "tools")["message"]
+        for tools in ([{"type": "function", "function": {"name": "f", "parameters": schema, "description": None}}],
+                      [{"name": "f", "parameters": schema}]):  # the bare form stays accepted
+            assert http.post("/v1/chat/completions", json={**OK, "tools": tools}).status_code == 200
         for knob in ("entropy_bound", "t_max"):  # 1e999 is JSON, but Python reads it as inf: refused, not run
             raw = json.dumps(OK)[:-1] + f', "{knob}": 1e999}}'
             assert "out of range" in assert_error(http.post("/v1/chat/completions", content=raw), 400)["message"]
         assert_error(http.post("/v1/chat/completions", json={"model": MODEL}), 400, "messages")
         assert_error(http.post("/v1/chat/completions", content=b" " * (MAX_BODY_BYTES + 1)), 413)
-        assert_error(http.get("/v1/chat/completions"), 405)
+        for method, path, allowed in (("GET", "/v1/chat/completions", "POST"), ("POST", "/v1/models", "GET"),
+                                      ("DELETE", "/v1/completions", "POST")):
+            r = http.request(method, path)
+            assert allowed in assert_error(r, 405)["message"] and r.headers["allow"] == allowed  # RFC 9110: Allow
         assert_error(http.get("/v1/nothing-here"), 404)
         assert_error(http.get("/v1/models/other"), 404, "model")
         for change, param in (({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [10**7]}, "prompt"),
@@ -373,9 +401,13 @@ def test_shutdown_ends_an_open_stream_with_an_error_and_done(model_dir):
 def test_api_key(model_dir):
     with running(create_app(new_engine(model_dir), model_name=MODEL, api_key="s3cret")) as base:
         assert httpx.get(base + "/health").status_code == 200
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Basic s3cret"}, {"Authorization": "Bearer"}):
             assert_error(httpx.get(base + "/v1/models", headers=headers), 401)
             assert_error(httpx.post(base + "/v1/chat/completions", json=OK, headers=headers), 401)
+        for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive (RFC 9110 11.1), the key is not
+            assert httpx.get(base + "/v1/models", headers={"Authorization": f"{scheme} s3cret"}).status_code == 200
+        assert_error(httpx.get(base + "/v1/models", headers={"Authorization": "Bearer S3CRET"}), 401)
         good = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
         assert good.models.list().data[0].id == MODEL
         assert chat(good, max_tokens=2).usage.completion_tokens <= 2
@@ -482,6 +514,49 @@ def test_a_failing_generation_is_reported_not_fatal(model_dir):
             events = sse(r)
         assert events[-1] == "[DONE]" and "boom" in events[-2]["error"]["message"]
         assert httpx.get(base + "/health").status_code == 200
+
+
+class BacklogWorker(ScriptedWorker):
+    """The scripted events at once; `release()` pushes 100 more (while `busy_loop` holds the loop: a backlog)."""
+
+    def submit(self, job):
+        self.ticket = super().submit(job)
+        return self.ticket
+
+    def busy_loop(self, seconds):
+        """Keep the server's event loop busy for a while (as another request's work would)."""
+        self.ticket._loop.call_soon_threadsafe(time.sleep, seconds)
+        time.sleep(0.05)
+
+    def release(self):
+        for _ in range(100):
+            self.ticket.push(Text("x", "tool_call"))  # one chunk each
+
+
+def test_a_stream_whose_client_reset_writes_no_storm_to_the_dead_socket(model_dir, caplog):
+    """A backlog of chunks for a client that is gone: the server notices the lost connection after one failed
+    write, instead of writing on (asyncio logs 'socket.send() raised exception.' for every write after 5)."""
+    import socket
+    import struct
+
+    worker = BacklogWorker([Text("first", "answer")])
+    with running(create_app(new_engine(model_dir), model_name=MODEL, worker=worker)) as base:
+        body = json.dumps({**OK, "stream": True}).encode()
+        sock = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        got = b""
+        while b"first" not in got:
+            got += sock.recv(65536)
+        with caplog.at_level(logging.WARNING, logger="asyncio"):
+            worker.busy_loop(0.3)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset, as a client killed mid-stream sends
+            worker.release()  # meanwhile the rest of the answer arrives
+            time.sleep(0.6)
+        assert httpx.get(base + "/health").status_code == 200
+    storm = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert not storm, f"{len(storm)} writes to a dead connection logged: {storm[:2]}"
 
 
 def test_serve_binds_loopback_by_default():

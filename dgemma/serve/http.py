@@ -85,8 +85,12 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, worker=No
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        body = ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type=kind).body()
-        return JSONResponse(body, status_code=e.status_code)
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        allowed = (e.headers or {}).get("Allow")
+        if e.status_code == 405 and allowed:  # the header is required with a 405 (RFC 9110 15.5.6): kept
+            message += f"; this path takes {allowed}"
+        body = ApiError(e.status_code, message, type=kind).body()
+        return JSONResponse(body, status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request, e: Exception):
@@ -130,15 +134,16 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, worker=No
 
 
 class BearerAuth:
-    """Every path but PUBLIC_PATHS needs `Authorization: Bearer KEY` (plain ASGI: streaming is untouched)."""
+    """Every path but PUBLIC_PATHS needs `Authorization: Bearer KEY` (plain ASGI: streaming is untouched). The scheme
+    is case-insensitive (RFC 9110 11.1: "bearer KEY" is the same credential); the key is compared exactly."""
 
     def __init__(self, app, key: str):
-        self.app, self.expected = app, f"Bearer {key}".encode()
+        self.app, self.expected = app, key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(given.lstrip(b" "), self.expected):
                 error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                                  type="authentication_error", code="invalid_api_key")
                 response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
@@ -197,10 +202,14 @@ async def _cancel_on_disconnect(request: Request, ticket, poll_s: float = 0.05) 
 async def _sse(ticket, watcher, fmt: Format):
     """Server-sent events: data: {chunk}\\n\\n ... data: [DONE]\\n\\n."""
     started, num_texts, pending, delay = time.monotonic(), 0, deque(), 0.0
+    # The loop gets a turn after every chunk (asyncio.sleep(0)). Writing a backlog of queued events in one go, a
+    # client that has gone would be noticed only at its end: every write after the failed one goes to the dead
+    # socket, and asyncio logs each one after the fifth. With the turn the server notices and drops the rest.
     try:
         for chunk in fmt.start():
             yield _data(chunk)
         while True:
+            await asyncio.sleep(0)
             event = await ticket.next(timeout=delay if pending else None)
             if event is None:  # pacing: the next piece of committed text
                 yield _data(fmt.piece(*pending.popleft()))
@@ -218,6 +227,7 @@ async def _sse(ticket, watcher, fmt: Format):
             else:  # Done: flush, finish, usage
                 while pending:
                     yield _data(fmt.piece(*pending.popleft()))
+                    await asyncio.sleep(0)
                 yield _data(fmt.finish(event))
                 if fmt.include_usage:
                     yield _data(fmt.usage_chunk(event))

@@ -36,6 +36,7 @@ def chat_job(engine, req: ChatCompletionRequest, default_max_tokens) -> Job:
     if req.logprobs or req.top_logprobs:
         raise _unsupported("logprobs", "logprobs")
     _check_tool_choice(req.tool_choice)
+    _check_tools(req.tools)
     if None not in (req.max_tokens, req.max_completion_tokens) and req.max_tokens != req.max_completion_tokens:
         raise ApiError(400, "max_tokens and max_completion_tokens differ; give one", param="max_completion_tokens")
     flags = {v for v in (req.enable_thinking, req.chat_template_kwargs and req.chat_template_kwargs.enable_thinking)
@@ -74,6 +75,24 @@ def _check_tool_choice(choice) -> None:
                        code="unsupported")
     raise ApiError(400, f"invalid value for 'tool_choice': expected {TOOL_CHOICES} (got {json.dumps(choice)[:80]})",
                    param="tool_choice", code="invalid_value")
+
+
+def _check_tools(tools) -> None:
+    """The fields the chat template renders must have OpenAI's types: the template prints any value, so a schema
+    sent as a JSON string (parameters=json.dumps(schema)) would reach the model as one quoted string."""
+    for i, tool in enumerate(tools or []):
+        if not isinstance(tool, dict):
+            continue  # the chat format names it (text/chat.py normalize_tools)
+        if tool.get("type", "function") != "function":
+            raise ApiError(400, f"tools[{i}].type is {json.dumps(tool['type'])[:40]}: only 'function' tools are "
+                                "supported", param="tools", code="invalid_value")
+        fn = tool.get("function", tool)
+        for name, kind, what in (("parameters", dict, "a JSON schema object"), ("description", str, "a string")):
+            value = fn.get(name) if isinstance(fn, dict) else None
+            if value is not None and not isinstance(value, kind):
+                where = f"tools[{i}].function.{name}" if "function" in tool else f"tools[{i}].{name}"
+                raise ApiError(400, f"{where} must be {what}, got {type(value).__name__} "
+                                    f"{json.dumps(value)[:60]}", param="tools", code="invalid_value")
 
 
 def _structured(engine, job: Job, response_format: dict, max_tokens) -> None:
