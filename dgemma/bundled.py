@@ -46,13 +46,14 @@ def default_model_path(*, quiet: bool = False) -> Path:
     return target
 
 
-def build_random_model(target: Path, *, seed: int = 0) -> Path:
-    """Write a tiny random DiffusionGemma model with a trained placeholder tokenizer into `target`."""
+def build_random_model(target: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny random DiffusionGemma model with a trained placeholder tokenizer into `target` (a path)."""
     from .config import ModelConfig
     from .model import DiffusionGemma
     from .model.saving import init_weights, save_checkpoint
     from .text import save_tokenizer_files, train_tokenizer
 
+    target = Path(target)
     tmp = target.with_name(target.name + ".partial")
     tokenizer = train_tokenizer([_CORPUS] * 4, vocab_size=640)
     vocab = max(640, tokenizer.get_vocab_size())

@@ -525,3 +525,13 @@ def test_stop_ids_outside_the_vocabulary_are_a_warning_at_load(tmp_path, capsys)
     assert engine.generation_config.eos_token_id == (1, 5000)  # loaded as the reference loads it
     dgemma.load(model, quiet=True)
     assert capsys.readouterr().err == ""
+
+
+def test_build_random_model_takes_a_string_path(tmp_path):
+    """bundled.build_random_model(str) (the helper tests and users call to make a throwaway model) crashed on
+    `str.with_name`; it takes a str or a Path and returns the directory, which loads."""
+    import dgemma
+    from dgemma.bundled import build_random_model
+
+    made = build_random_model(str(tmp_path / "m"))
+    assert made == tmp_path / "m" and dgemma.load(made, quiet=True).config.canvas_length == 64
