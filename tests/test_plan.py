@@ -39,14 +39,28 @@ def test_weight_bytes_equal_what_a_loaded_model_holds(quant, dtype):
     assert sum(weight_bytes(cfg, quant, 32, dtype).values()) == tensor_bytes(module)
 
 
+def held_bytes(cache) -> int:
+    """Memory the cache's tensors keep alive: their storages, which a slice of a larger tensor shares whole."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in cache.keys + cache.values if t is not None}
+    return sum(storages.values())
+
+
 @pytest.mark.parametrize("context", [3, 7, 8, 40])  # window 8: sliding layers keep window-1 = 7 entries
-def test_kv_cache_bytes_equal_the_cache_after_encoding(context):
+@pytest.mark.parametrize("piece", [None, 5])
+def test_kv_cache_bytes_equal_the_cache_after_encoding(context, piece):
+    """What the cache holds, not only what it shows: a sliding layer's kept entries were a slice of the pass's K/V,
+    keeping a whole prompt's alive (a 40-token prompt held 40 entries per sliding layer, not 7)."""
     cfg = ModelConfig.from_dict(make_config())
     module = DiffusionGemma(cfg).eval()
+    module.prefill_chunk = piece
     cache = KVCache(cfg, 1)
+    tokens = torch.randint(3, 500, (1, context + 3))
     with torch.no_grad():
-        module.encode(torch.randint(3, 500, (1, context)), cache)
-    assert kv_cache_bytes(cfg, context, 4) == cache.nbytes()
+        module.encode(tokens[:, :context], cache)
+        assert kv_cache_bytes(cfg, context, 4) == cache.nbytes() == held_bytes(cache)
+        module.encode(tokens[:, context:], cache)  # a commit after the prompt
+    assert kv_cache_bytes(cfg, context + 3, 4) == cache.nbytes() == held_bytes(cache)
 
 
 MEASURE = textwrap.dedent("""
