@@ -219,7 +219,9 @@ def make_plan(cfg: ModelConfig, *, quant: str | None = None, group_size: int | N
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     prompt = context - cfg.canvas_length if prompt is None else prompt
     if not 0 <= prompt <= context - cfg.canvas_length:
-        raise ValueError(f"prompt {prompt} must leave room for a canvas in the context of {context}")
+        raise ValueError(f"a {prompt:,}-token prompt leaves no room for a {cfg.canvas_length}-token canvas in a "
+                         f"context of {context:,}: give --prompt at most {context - cfg.canvas_length:,}, or a "
+                         f"--context of at least {prompt + cfg.canvas_length:,}")
     itemsize = dtype.itemsize
     # a prompt prefilled in pieces of `prefill_chunk` tokens (encoder.encode): full pieces, then what is left; the
     # last full piece (the most tokens) or the last piece (the most context) peaks

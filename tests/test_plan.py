@@ -222,6 +222,7 @@ def test_plan_grows_with_context_and_concurrency():
     (["--context", "300000"], "max_position_embeddings"),  # the engine refuses a context past the model's positions
     (["--quant", "int8", "--group-size", "32"], "int4 only"),  # was accepted and reported as "group_size": 32
     (["--group-size", "32"], "int4 only"),  # no --quant: planned unquantized, the group size silently dropped
+    (["--context", "4096", "--prompt", "4000"], "give --prompt at most 3,840, or a --context of at least 4,256"),
     (["--budget", "0"], "positive"),
     (["--budget", "24", "--budget", "-1"], "positive"),
 ])
