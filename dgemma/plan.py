@@ -10,15 +10,22 @@ Components (bytes), each computed from what dgemma's code allocates:
   product in the weight dtype when that is not fp32 = 2 to 2.5 fp32 [L, V] buffers (`sampler_bytes`); the lean
   sampler step works in place with one shared chunk: 18 MiB on a CPU, 160 MiB on a GPU (sampling/lean.py
   `work_bytes`; `--device`).
-* activation_peak: the largest non-vocabulary working set: max of (a) the prompt prefill, one encoder pass
-  over `prompt` tokens (mixture of experts: the routed copies of the tokens, the experts' outputs, their
-  concatenation and two fp32 weighted copies, K per token; attention: the keys and values concatenated to
-  the cache and expanded to every query head; the causal masks) and (b) a denoising step of all canvases.
+* activation_peak: the largest non-vocabulary working set: max of (a) the prompt prefill, an encoder pass over
+  `prompt` tokens, or with `prefill_chunk` its largest piece (encoder.encode's pieces, the last full one or the
+  last one), and (b) a denoising step of all canvases. A pass holds the residual stream plus the larger of its
+  mixture of experts (the routed copies of the tokens, the experts' outputs, their concatenation and two fp32
+  weighted copies, K per token) and its attention (the keys and values concatenated to the cache, repeated per
+  query head where attention.attend does so; the encoder's mask as attention.chunk_queries splits it: one chunk's
+  block and SDPA's copy of it per call, or a short pass's whole [T, S] masks, held for the pass); a layer runs
+  one, then the other.
 total = weights + concurrency * kv + max(prefill activations, the step's peak), since a prefill and a canvas's
 step never overlap; the step's peak is the largest of C * sampler (at the head), C * 2 [L, V] + the sampler's
 chunk (in the step), C * 1 [L, V] + the step's layer activations (in the layers), for C concurrent canvases
-batched in one forward. Checked against a measured peak on small configs in tests/test_plan.py (within 15%).
+batched in one forward. Checked against a measured peak on small configs in tests/test_plan.py (within 15%): the
+whole plan where the vocabulary buffers dominate, the prefill in one pass and in pieces where it dominates.
 Assumed: an attention kernel that does not materialise the [T, S] score matrix (CUDA SDPA; the CPU flash kernel).
+Assumed too: one request's prompt is prefilled at a time (B prompts encoded together, a batch of B in one
+`generate` call or equal-length requests the scheduler groups, take B times the prefill's activations).
 """
 
 from __future__ import annotations
@@ -144,20 +151,54 @@ def sampler_bytes(cfg: ModelConfig, itemsize: int = 4) -> int:
     return 2 * unit + (unit * itemsize // 4 if itemsize < 4 else 0)
 
 
-def pass_activation_bytes(cfg: ModelConfig, tokens: int, context: int, itemsize: int, causal: bool) -> int:
-    """Working set of one pass over `tokens` new tokens against `context` cached ones (no vocab terms)."""
-    D, K, H = cfg.hidden_size, cfg.top_k_experts, cfg.num_attention_heads
-    moe = tokens * K * D * (3 * itemsize + 8) + tokens * cfg.num_experts * 4 * 2  # copies + fp32 weighted, router
+def attention_bytes(cfg: ModelConfig, tokens: int, context: int, itemsize: int, causal: bool,
+                    device: str) -> tuple[int, int]:
+    """(held for the whole pass, working set of one layer's attention at its largest layer kind) beyond the residual
+    stream. The working set: the keys and values
+    concatenated to the cache, the query heads (q, rotated q, output), the K/V heads repeated per query head where
+    attention.attend does so (CUDA, unless the flash kernel takes the call), and, for a causal (encoder) pass, its
+    mask: split as attention.chunk_queries splits it (asked here on the meta device, so the same rule decides), a
+    long pass builds one chunk's bool block per call and SDPA copies it to the query dtype, plus the chunks' outputs
+    before their concatenation; a pass it leaves whole holds one bool [T, S] mask per layer kind for the whole pass
+    (the held bytes), and SDPA copies it in each call."""
+    from .model.attention import ChunkedMask, chunk_queries
+    from .model.encoder import EncoderMask
+
+    H = cfg.num_attention_heads
+    held, worst = 0, 0
+    for sliding in sorted({cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)}):
+        i = next(i for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i) == sliding)
+        kept = min(context, cfg.sliding_window - 1) if sliding else context
+        dh, hk, keys = cfg.head_dim_of(i), cfg.num_kv_heads_of(i), kept + tokens
+        extra = 0
+        if causal:
+            mask = chunk_queries(EncoderMask(kept, tokens, context, cfg.sliding_window if sliding else None, None,
+                                             "meta"))
+            if isinstance(mask, ChunkedMask):
+                rows, keys = max(((q1 - q0), (k1 - k0)) for q0, q1, k0, k1 in mask.chunks)
+                extra = rows * keys * (1 + itemsize) + tokens * H * dh * itemsize
+            else:
+                held += tokens * keys
+                extra = tokens * keys * itemsize
+        flash = not causal and itemsize == 2 and dh <= 256  # attention.flash_takes_gqa: no repeated heads
+        repeated = 2 * keys * H * dh * itemsize if device == "cuda" and H != hk and not flash else 0
+        worst = max(worst, 2 * (kept + tokens) * hk * dh * itemsize + repeated + 3 * tokens * H * dh * itemsize
+                    + extra)
+    return held, worst
+
+
+def pass_activation_bytes(cfg: ModelConfig, tokens: int, context: int, itemsize: int, causal: bool,
+                          device: str = "cuda") -> int:
+    """Working set of one pass over `tokens` new tokens against `context` cached ones (no vocab terms): the residual
+    stream, plus the larger of the mixture of experts (the routed copies of the tokens, K per token, the experts'
+    outputs and two fp32 weighted copies; the router's fp32 scores) and the attention (`attention_bytes`): a layer
+    runs one, then the other, and each frees its working set before the next begins; plus the masks a short encoder
+    pass holds throughout."""
+    D, K = cfg.hidden_size, cfg.top_k_experts
+    moe = tokens * K * D * (3 * itemsize + 8) + tokens * cfg.num_experts * 4 * 2
     stream = tokens * D * (3 * itemsize + 2 * 4)  # residual, normed input, layer output; fp32 norm temporaries
-    attn = 0
-    for i in range(cfg.num_hidden_layers):
-        seen = (min(context, cfg.sliding_window - 1) if cfg.is_sliding(i) else context) + tokens
-        dh, hk = cfg.head_dim_of(i), cfg.num_kv_heads_of(i)
-        kv = 2 * seen * dh * itemsize * (hk + (H if H != hk else 0))  # concatenated K/V + per-head expansion
-        q = 3 * tokens * H * dh * itemsize  # q, rotated q, attention output
-        attn = max(attn, kv + q)
-    mask = 2 * tokens * (context + tokens) if causal else 0  # one bool mask per layer kind
-    return moe + stream + attn + mask
+    held, attention = attention_bytes(cfg, tokens, context, itemsize, causal, device)
+    return held + max(stream + moe, 2 * tokens * D * itemsize + attention)  # residual + normed input in attention
 
 
 def make_plan(cfg: ModelConfig, *, quant: str | None = None, group_size: int | None = None,
@@ -178,15 +219,22 @@ def make_plan(cfg: ModelConfig, *, quant: str | None = None, group_size: int | N
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     prompt = context - cfg.canvas_length if prompt is None else prompt
     if not 0 <= prompt <= context - cfg.canvas_length:
-        raise ValueError(f"prompt {prompt} must leave room for a canvas in the context of {context}")
+        raise ValueError(f"a {prompt:,}-token prompt leaves no room for a {cfg.canvas_length}-token canvas in a "
+                         f"context of {context:,}: give --prompt at most {context - cfg.canvas_length:,}, or a "
+                         f"--context of at least {prompt + cfg.canvas_length:,}")
     itemsize = dtype.itemsize
-    # a prompt prefilled in pieces of `prefill_chunk` tokens peaks at its last piece (the most context)
-    piece = max(1, min(prompt, prefill_chunk or prompt))
+    # a prompt prefilled in pieces of `prefill_chunk` tokens (encoder.encode): full pieces, then what is left; the
+    # last full piece (the most tokens) or the last piece (the most context) peaks
+    piece = min(prompt, prefill_chunk or prompt)
+    passes = {(prompt - (prompt - 1) // piece * piece, (prompt - 1) // piece * piece)} if prompt else set()
+    if prompt > piece:
+        passes.add((piece, ((prompt - 1) // piece - 1) * piece))
+    prefill = max((pass_activation_bytes(cfg, t, c, itemsize, True, device) for t, c in passes), default=0)
     return Plan(cfg, quant, group_size, dtype, context, prompt, prefill_chunk, concurrency,
                 weight_bytes(cfg, quant, group_size, dtype, scale_dtype), kv_cache_bytes(cfg, context, itemsize),
                 sampler_bytes(cfg, itemsize),
-                pass_activation_bytes(cfg, piece, max(prompt - piece, 0), itemsize, causal=True),
-                pass_activation_bytes(cfg, concurrency * cfg.canvas_length, context, itemsize, causal=False), device,
+                prefill,
+                pass_activation_bytes(cfg, concurrency * cfg.canvas_length, context, itemsize, False, device), device,
                 scale_dtype)
 
 

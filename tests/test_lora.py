@@ -427,6 +427,20 @@ def test_cli_commands_take_an_adapter_directory(lora_run, tmp_path, capsys):
         assert f"{gone} is a LoRA adapter on the base model {tmp_path / 'moved-away'}" in capsys.readouterr().err
 
 
+def test_quantizing_an_adapter_never_deletes_a_directory_beside_dst(lora_run, tmp_path, capsys):
+    """The adapter's merged model is written to DST.merged while it converts; a DST.merged that was already there (the
+    user's) was deleted without a word. Now: refused, kept, nothing written."""
+    from dgemma.cli import main
+
+    run, _ = lora_run
+    mine = tmp_path / "q.merged"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main(["quantize", str(run / "adapter"), str(tmp_path / "q"), "--scheme", "int8"]) == 2
+    assert f"{mine} already exists" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "mine" and not (tmp_path / "q").exists()
+
+
 def test_a_lora_run_on_an_adapter_trains_on_its_merged_model(lora_run, tmp_path):
     """dgemma train --model RUN/adapter: the base is the merged model, the tokenizer the base's; the new adapter
     records the first as its base and loads through both."""

@@ -16,6 +16,11 @@ import torch
 from ..config import ModelConfig
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it where it is a slice of a larger tensor (whose memory it would keep alive)."""
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+
 class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int):
         self.config = config
@@ -34,13 +39,22 @@ class KVCache:
         return k, self.values[layer], valid
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append the K/V of new tokens [B,Hk,T,D]; sliding layers drop what no later query can see."""
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        if self.config.is_sliding(layer):
+        """Append the K/V of new tokens [B,Hk,T,D]; sliding layers drop what no later query can see.
+
+        A sliding layer stores its last window-1 entries in a tensor of their own: a slice of the pass's K/V would
+        keep all of it alive (a whole prompt's, after a one-pass prefill), and `nbytes` would not show it."""
+        old_k, old_v = self.keys[layer], self.values[layer]
+        sliding = self.config.is_sliding(layer)
+        if sliding:
             keep = self.config.sliding_window - 1
             k, v = k[:, :, -keep:], v[:, :, -keep:]
+            if old_k is not None:  # only the entries still inside the window, so the concatenation is all kept
+                first = max(old_k.shape[2] + k.shape[2] - keep, 0)
+                old_k, old_v = old_k[:, :, first:], old_v[:, :, first:]
+        if old_k is not None:
+            k, v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
+        elif sliding:
+            k, v = _own(k), _own(v)
         self.keys[layer], self.values[layer] = k, v
 
     def extend(self, num_new: int, valid: torch.Tensor | None) -> None:

@@ -109,7 +109,9 @@ def _merged_model(adapter: Path, dst: Path) -> Path:
     from ..model.saving import save_checkpoint
 
     merged = dst.with_name(dst.name + ".merged")
-    shutil.rmtree(merged, ignore_errors=True)
+    if merged.exists():  # never someone else's directory to delete (it is removed once the conversion is done)
+        raise QuantError(f"{merged} already exists; the adapter's merged model is written there while {dst.name} is "
+                         "converted: move it away or give another DST")
     save_checkpoint(load_module(adapter, quiet=True), merged)
     generation, tokenizer = model_file(adapter, "generation_config.json"), model_file(adapter, "tokenizer.json")
     for src in [generation] + ([tokenizer.parent / name for name in TOKENIZER_FILES] if tokenizer else []):
