@@ -24,8 +24,8 @@ chunk (in the step), C * 1 [L, V] + the step's layer activations (in the layers)
 batched in one forward. Checked against a measured peak on small configs in tests/test_plan.py (within 15%): the
 whole plan where the vocabulary buffers dominate, the prefill in one pass and in pieces where it dominates.
 Assumed: an attention kernel that does not materialise the [T, S] score matrix (CUDA SDPA; the CPU flash kernel).
-Assumed too: one request's prompt is prefilled at a time (B prompts encoded together, a batch of B in one
-`generate` call or equal-length requests the scheduler groups, take B times the prefill's activations).
+Assumed too: one request's prompt is prefilled at a time unless `prefill_rows` (--prefill-rows) says how many are
+encoded together (a batch of B in one `generate` call, or equal-length requests the scheduler groups).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class Plan:
     step_activations: int
     device: str  # where it runs: sets the sampler step's shared work buffer (sampling/lean.py)
     scale_dtype: torch.dtype | None = None  # a quantized checkpoint's recorded scale dtype (else the scheme's rule)
+    prefill_rows: int = 1  # prompts prefilled together in one pass (a generate() call with that many prompts)
 
     @property
     def weight_bytes(self) -> int:
@@ -96,7 +97,7 @@ class Plan:
     def as_dict(self) -> dict:
         return {"quant": self.quant or "none", "group_size": self.group_size,
                 "dtype": str(self.dtype).removeprefix("torch."), "context": self.context, "prompt": self.prompt,
-                "prefill_chunk": self.prefill_chunk, "device": self.device,
+                "prefill_chunk": self.prefill_chunk, "prefill_rows": self.prefill_rows, "device": self.device,
                 "concurrency": self.concurrency, "weights_bytes": self.weight_bytes,
                 "weights_by_component": self.weights, "kv_cache_per_request_bytes": self.kv_cache_per_request,
                 "sampler_per_canvas_bytes": self.sampler_per_canvas,
@@ -188,23 +189,24 @@ def attention_bytes(cfg: ModelConfig, tokens: int, context: int, itemsize: int, 
 
 
 def pass_activation_bytes(cfg: ModelConfig, tokens: int, context: int, itemsize: int, causal: bool,
-                          device: str = "cuda") -> int:
+                          device: str = "cuda", rows: int = 1) -> int:
     """Working set of one pass over `tokens` new tokens against `context` cached ones (no vocab terms): the residual
     stream, plus the larger of the mixture of experts (the routed copies of the tokens, K per token, the experts'
     outputs and two fp32 weighted copies; the router's fp32 scores) and the attention (`attention_bytes`): a layer
     runs one, then the other, and each frees its working set before the next begins; plus the masks a short encoder
-    pass holds throughout."""
-    D, K = cfg.hidden_size, cfg.top_k_experts
-    moe = tokens * K * D * (3 * itemsize + 8) + tokens * cfg.num_experts * 4 * 2
-    stream = tokens * D * (3 * itemsize + 2 * 4)  # residual, normed input, layer output; fp32 norm temporaries
+    pass holds throughout. `rows` sequences of `tokens` each in one pass (a batch of prompts) take `rows` times the
+    per-token and per-row terms; the mask is one for all of them (no padding)."""
+    D, K, n = cfg.hidden_size, cfg.top_k_experts, rows * tokens
+    moe = n * K * D * (3 * itemsize + 8) + n * cfg.num_experts * 4 * 2
+    stream = n * D * (3 * itemsize + 2 * 4)  # residual, normed input, layer output; fp32 norm temporaries
     held, attention = attention_bytes(cfg, tokens, context, itemsize, causal, device)
-    return held + max(stream + moe, 2 * tokens * D * itemsize + attention)  # residual + normed input in attention
+    return held + max(stream + moe, 2 * n * D * itemsize + rows * attention)  # residual + normed input in attention
 
 
 def make_plan(cfg: ModelConfig, *, quant: str | None = None, group_size: int | None = None,
               dtype: torch.dtype = torch.bfloat16, context: int | None = None, concurrency: int = 1,
               prompt: int | None = None, prefill_chunk: int | None = None, device: str = "cuda",
-              scale_dtype: torch.dtype | None = None) -> Plan:
+              scale_dtype: torch.dtype | None = None, prefill_rows: int = 1) -> Plan:
     if quant == "int4":
         group_size = group_size or DEFAULT_GROUP_SIZE
     else:
@@ -217,6 +219,8 @@ def make_plan(cfg: ModelConfig, *, quant: str | None = None, group_size: int | N
                          "(max_position_embeddings); the engine refuses longer requests")
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if prefill_rows < 1:
+        raise ValueError(f"prefill_rows must be >= 1, got {prefill_rows}")
     prompt = context - cfg.canvas_length if prompt is None else prompt
     if not 0 <= prompt <= context - cfg.canvas_length:
         raise ValueError(f"a {prompt:,}-token prompt leaves no room for a {cfg.canvas_length}-token canvas in a "
@@ -229,19 +233,21 @@ def make_plan(cfg: ModelConfig, *, quant: str | None = None, group_size: int | N
     passes = {(prompt - (prompt - 1) // piece * piece, (prompt - 1) // piece * piece)} if prompt else set()
     if prompt > piece:
         passes.add((piece, ((prompt - 1) // piece - 1) * piece))
-    prefill = max((pass_activation_bytes(cfg, t, c, itemsize, True, device) for t, c in passes), default=0)
+    prefill = max((pass_activation_bytes(cfg, t, c, itemsize, True, device, prefill_rows) for t, c in passes),
+                  default=0)
     return Plan(cfg, quant, group_size, dtype, context, prompt, prefill_chunk, concurrency,
                 weight_bytes(cfg, quant, group_size, dtype, scale_dtype), kv_cache_bytes(cfg, context, itemsize),
                 sampler_bytes(cfg, itemsize),
                 prefill,
                 pass_activation_bytes(cfg, concurrency * cfg.canvas_length, context, itemsize, False, device), device,
-                scale_dtype)
+                scale_dtype, prefill_rows)
 
 
 def plan_with(plan: Plan, concurrency: int) -> Plan:
     return make_plan(plan.config, quant=plan.quant, group_size=plan.group_size, dtype=plan.dtype,
                      context=plan.context, concurrency=concurrency, prompt=plan.prompt,
-                     prefill_chunk=plan.prefill_chunk, device=plan.device, scale_dtype=plan.scale_dtype)
+                     prefill_chunk=plan.prefill_chunk, device=plan.device, scale_dtype=plan.scale_dtype,
+                     prefill_rows=plan.prefill_rows)
 
 
 def table_unit(largest: int) -> tuple[str, int, str, int]:
@@ -255,8 +261,10 @@ def table_unit(largest: int) -> tuple[str, int, str, int]:
 
 def render(plan: Plan, budgets_gib=(18, 24, 80)) -> list[str]:
     c = plan.concurrency
-    prefill = f"prefill, {plan.prompt:,}-token prompt " + (f"in {plan.prefill_chunk:,}-token pieces"
-                                                             if plan.prefill_chunk else "in one pass")
+    prompts = f"{plan.prefill_rows} {plan.prompt:,}-token prompts together" if plan.prefill_rows > 1 else \
+        f"{plan.prompt:,}-token prompt"
+    prefill = f"prefill, {prompts} " + (f"in {plan.prefill_chunk:,}-token pieces" if plan.prefill_chunk
+                                         else "in one pass")
     rows = [(f"weights: {plan.quant or 'not quantized'}" + (f", group {plan.group_size}" if plan.group_size else "")
              + f", rest {str(plan.dtype).removeprefix('torch.')}", plan.weight_bytes)]
     rows += [(f"  {name}", n) for name, n in plan.weights.items()]
@@ -298,6 +306,9 @@ def add_plan_parser(subparsers) -> None:
                    help="plan a prompt prefilled in pieces of N tokens (generate, chat and serve take "
                         "the same --prefill-chunk N; default: one pass)")
     p.add_argument("--concurrency", type=positive_int, default=1, help="canvases denoised at once (default 1)")
+    p.add_argument("--prefill-rows", type=positive_int, default=1, metavar="N",
+                   help="prompts prefilled together in one pass: a generate() call with N prompts, or N equal-length "
+                        "requests that the server's scheduler groups (default 1: one prompt at a time)")
     p.add_argument("--budget", type=float, action="append", default=None, metavar="GB",
                    help="memory budgets to check, in GiB (repeatable; default 18, 24, 80)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
@@ -340,7 +351,7 @@ def cmd_plan(args) -> int:
                          "have one scale per output channel); drop it or add --quant int4")
     plan = make_plan(cfg, quant=quant, group_size=group_size, dtype=dtype, context=args.context,
                      concurrency=args.concurrency, prompt=args.prompt, prefill_chunk=args.prefill_chunk,
-                     device=args.device, scale_dtype=scale_dtype)
+                     device=args.device, scale_dtype=scale_dtype, prefill_rows=args.prefill_rows)
     budgets = args.budget or [18, 24, 80]
     if not all(math.isfinite(gb) and gb > 0 for gb in budgets):
         raise ValueError(f"--budget takes a positive number of GiB, got {args.budget}")

@@ -107,3 +107,27 @@ def test_int8_head_blocks_give_the_product_of_one_call_and_cap_as_tanh_does(monk
     monkeypatch.setattr(dynamic, "HEAD_COLUMNS", vocab)
     single = dynamic._Head(weight, None)
     assert len(single.blocks) == 1 and torch.equal(single(normed), product)
+
+
+def test_a_bf16_head_writes_its_fp32_logits_into_out_without_a_second_buffer():
+    """With bf16 weights the head's product is bf16; its fp32 copy goes straight into the caller's `out` (the
+    engine's reused logits buffer), so a call allocates only the bf16 product: one fp32 [L, V] buffer less per
+    canvas (256 MiB at V = 262,144), with the bits of the plain call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from conftest import make_config
+    from dgemma.config import ModelConfig
+    from dgemma.model import DiffusionGemma
+
+    module = DiffusionGemma(ModelConfig.from_dict(make_config({"text_config": {"vocab_size": 4096}})))
+    module = module.to(torch.bfloat16).eval()
+    torch.nn.init.normal_(module.embed_tokens.weight, std=4.0)
+    normed = torch.randn(1, 16, module.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    normed = normed.to(torch.bfloat16)
+    out = torch.empty(1, 16, module.config.vocab_size)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        got = module.head(normed, out=out)
+    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0 and e.cpu_parent is None)
+    assert got is out and allocated < 0.75 * out.numel() * 4, allocated  # the bf16 product: half of `out`
+    with torch.no_grad():
+        assert torch.equal(out, module.head(normed))

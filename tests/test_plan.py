@@ -106,7 +106,7 @@ MEASURE = textwrap.dedent("""
     Path("/proc/self/clear_refs").write_text("5")
     run()
     plan = make_plan(cfg, quant=quant, group_size=32, dtype=dtype, context=prompt + 256, concurrency=batch,
-                     prompt=prompt, device="cpu")
+                     prompt=prompt, device="cpu", prefill_rows=batch)  # canvas_loop prefills the batch in one pass
     print(json.dumps({"measured": rss("VmHWM") - base, "planned": plan.total_bytes - plan.weight_bytes,
                       "weights_rss": weights, "weights_planned": plan.weight_bytes}))
 """)
@@ -216,6 +216,12 @@ def test_plan_grows_with_context_and_concurrency():
     two = make_plan(cfg, quant="int8", context=2048, concurrency=2)
     assert two.total_bytes - small.total_bytes >= small.kv_cache_per_request  # each request adds its cache
     assert two.total_bytes >= two.weight_bytes + 2 * (two.kv_cache_per_request + two.sampler_per_canvas)
+    # prompts prefilled together (a generate() batch) multiply the per-token prefill terms, not the masks
+    together = make_plan(cfg, quant="int8", context=2048, prefill_rows=4)
+    assert 3.5 * small.prefill_activations < together.prefill_activations <= 4 * small.prefill_activations
+    assert together.as_dict()["prefill_rows"] == 4
+    with pytest.raises(ValueError, match="prefill_rows must be >= 1"):
+        make_plan(cfg, prefill_rows=0)
 
 
 @pytest.mark.parametrize("flags,match", [

@@ -141,6 +141,8 @@ class DiffusionGemma(nn.Module):
             product = torch.matmul(normed, w.t(), out=out)
         else:
             product = normed @ w.t()
+            if out is not None:  # a bf16 product's fp32 copy goes straight into `out` (the values .float() gives),
+                product = out.copy_(product)  # so no second fp32 [.., V] buffer: 256 MiB a canvas at V = 262,144
         inplace = not (torch.is_grad_enabled() and product.requires_grad)
         logits = softcap(product, self.config.final_logit_softcapping, inplace=inplace)
         return logits if out is None or logits is out else out.copy_(logits)
