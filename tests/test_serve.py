@@ -174,6 +174,71 @@ def test_draft_frames_are_an_extension_standard_clients_ignore(url, client):
     assert all(e["choices"][0]["delta"] == {} for e in events[:-1] if "dgemma_draft" in e)
 
 
+class ScriptedTicket:
+    """A ticket over a timeline [(arrival_s, event)] on a clock the test owns: next(timeout) moves the clock to the
+    next event's arrival and returns it, or, when that is later than the timeout, moves it by the timeout and returns
+    None (as Ticket.next). No wall-clock time passes, so the pacing is checked exactly."""
+
+    def __init__(self, timeline):
+        self.now, self.timeline = 0.0, list(timeline)
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def next(self, timeout=None):
+        arrival, event = self.timeline[0]
+        if timeout is not None and arrival > self.now + timeout:
+            self.now += timeout
+            return None
+        self.now = max(self.now, arrival)
+        return self.timeline.pop(0)[1]
+
+    def cancel(self):
+        pass
+
+
+def test_committed_text_keeps_its_pace_while_drafts_of_the_next_canvas_arrive(monkeypatch):
+    """Each piece of committed text is due MAX_PIECE_DELAY_S after the one before it. The wait for the next event was
+    a timeout restarted by every event, so with draft steps closer together than that (few words per canvas, many
+    steps) the first piece went out and the rest waited for Done, a canvas later. Now the wait ends at a deadline,
+    whatever drafts arrive in between; drafts and text keep their order of arrival otherwise."""
+    from types import SimpleNamespace
+
+    from dgemma.engine.stream import Draft
+    from dgemma.serve import http
+    from dgemma.serve.formats import ChatFormat
+
+    text = "one two three four five six"
+    first = [(0.1 * step, Draft(0, step, "x", [7], [0.5])) for step in range(1, 9)]  # the canvas that commits `text`
+    drafts = [Draft(1, step, "x", [7], [0.5]) for step in range(1, 41)]  # the next canvas, a step per 15 ms
+    timeline = [*first, (1.0, Text(text)), *((1.0 + 0.015 * k, d) for k, d in enumerate(drafts, 1)),
+                (1.7, Done("stop", ParsedOutput(None, text), 3, 6, [5] * 6, [8, 40], 0.5, 1.7))]
+    ticket = ScriptedTicket(timeline)
+    monkeypatch.setattr(http, "time", SimpleNamespace(monotonic=ticket.monotonic))  # the stream's clock only
+    fmt = ChatFormat(MODEL, True, SimpleNamespace(decode=lambda ids, skip_special=False: "x"))
+
+    async def sent():
+        return [(ticket.now, json.loads(c[len("data: "):])) async for c in http._sse(ticket, ticket, fmt)
+                if c != "data: [DONE]\n\n"]
+
+    chunks = asyncio.run(sent())
+    content = [(t, c["choices"][0]["delta"]["content"]) for t, c in chunks[1:]
+               if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert "".join(p for _, p in content) == text and len(content) == 6
+    delay = http.MAX_PIECE_DELAY_S  # 0.8 s per commit so far spread over 5 pieces: the cap
+    for i, (t, _) in enumerate(content):  # paced, not flushed at once, and never late
+        assert 1.0 + i * delay - 1e-9 <= t <= 1.0 + i * delay + 1e-9, (i, t, content)
+    frames = [(c["dgemma_draft"]["canvas"], c["dgemma_draft"]["step"]) for _, c in chunks if "dgemma_draft" in c]
+    assert frames == [(0, s) for s in range(1, 9)] + [(1, s) for s in range(1, 41)]
+    for t, c in chunks:  # a draft goes out when it arrives
+        if "dgemma_draft" in c and c["dgemma_draft"]["canvas"] == 1:
+            assert t == pytest.approx(1.0 + 0.015 * c["dgemma_draft"]["step"])
+    kinds = ["draft" if "dgemma_draft" in c else "text" if c["choices"] and c["choices"][0]["delta"].get("content")
+             else "other" for _, c in chunks]
+    assert kinds[:10] == ["other"] + ["draft"] * 8 + ["text"]  # role; the committing canvas's drafts; its text
+    assert chunks[-2][1]["choices"][0]["finish_reason"] == "stop" and chunks[-1][1]["usage"]["total_tokens"] == 9
+
+
 def test_diffusion_knobs_and_ignored_openai_fields(url):
     with httpx.Client(base_url=url, timeout=30) as http:
         for extra in ({"acceptance": "linear-quota"}, {"acceptance": "confidence:0.5"}, {"acceptance": "quota:16"},

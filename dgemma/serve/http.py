@@ -3,12 +3,17 @@
 A thin adapter: requests are checked (schemas.py) and turned into engine.stream options, a worker runs them
 (worker.py), and the events are written back as OpenAI JSON or server-sent events. Decisions:
 - Committed text is streamed as soon as a canvas commits, in word-sized deltas paced over about one canvas
-  time so it reads like a token stream; pacing never delays the end (the rest is flushed on Done).
+  time so it reads like a token stream: each delta is due at most MAX_PIECE_DELAY_S after the one before it (a
+  deadline: draft chunks arriving in between do not push it back); pacing never delays the end (the rest is
+  flushed on Done).
 - Thinking goes to `reasoning_content` (message or delta), separate from `content`. Tool calls are returned in
   `tool_calls` (arguments converted to JSON where they parse, else the raw text); /v1/completions keeps them
   in the text with their <|tool_call> markers. finish_reason is "stop", "length" or "tool_calls".
 - With "dgemma_drafts": true a stream also carries draft chunks: empty `choices[0].delta` plus
-  "dgemma_draft": {"canvas", "step", "text", "tokens", "confidence"}; standard clients ignore them.
+  "dgemma_draft": {"canvas", "step", "text", "tokens", "confidence"}; standard clients ignore them. Order: a
+  canvas's text deltas come after all of its draft chunks (its commit releases them), while the next canvas's
+  drafts may arrive between them (each names its canvas). A draft shows only the canvas being denoised; the
+  committed text so far is always the concatenation of the deltas sent.
 - The final chunk (and a non-streamed response) carries "dgemma": steps per canvas, tokens per forward, tok/s.
 - A client that disconnects cancels its request within one denoising step and frees its slot.
 - `/` is the chat page (static/index.html): it streams from /v1/chat/completions with drafts on. Like /health
@@ -201,18 +206,24 @@ async def _cancel_on_disconnect(request: Request, ticket, poll_s: float = 0.05) 
 
 async def _sse(ticket, watcher, fmt: Format):
     """Server-sent events: data: {chunk}\\n\\n ... data: [DONE]\\n\\n."""
-    started, num_texts, pending, delay = time.monotonic(), 0, deque(), 0.0
+    started, num_texts, pending, delay, due = time.monotonic(), 0, deque(), 0.0, 0.0
     # The loop gets a turn after every chunk (asyncio.sleep(0)). Writing a backlog of queued events in one go, a
     # client that has gone would be noticed only at its end: every write after the failed one goes to the dead
     # socket, and asyncio logs each one after the fifth. With the turn the server notices and drops the rest.
+    # Pacing: the next pending piece is due at a deadline (`due`), not after a wait that each event restarts: drafts
+    # of the next canvas, a step apart, would otherwise hold the committed text back until Done.
     try:
         for chunk in fmt.start():
             yield _data(chunk)
         while True:
             await asyncio.sleep(0)
-            event = await ticket.next(timeout=delay if pending else None)
-            if event is None:  # pacing: the next piece of committed text
+            left = due - time.monotonic()
+            if pending and left <= 0:  # pacing: the next piece of committed text
                 yield _data(fmt.piece(*pending.popleft()))
+                due = time.monotonic() + delay
+                continue
+            event = await ticket.next(timeout=left if pending else None)
+            if event is None:  # the deadline came first: the piece goes out at the top of the loop
                 continue
             if isinstance(event, Draft):
                 yield _data(fmt.draft(event))
@@ -224,6 +235,7 @@ async def _sse(ticket, watcher, fmt: Format):
                     yield _data(fmt.piece(*pending.popleft()))
                 per_commit = (time.monotonic() - started) / num_texts  # expected time until the next commit
                 delay = min(MAX_PIECE_DELAY_S, 0.8 * per_commit / max(1, len(pending)))
+                due = time.monotonic() + delay
             else:  # Done: flush, finish, usage
                 while pending:
                     yield _data(fmt.piece(*pending.popleft()))
