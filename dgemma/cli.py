@@ -16,6 +16,15 @@ def _fmt_count(n: int) -> str:
     return f"{n:,} ({n / 1e9:.2f}B)" if n >= 1e8 else f"{n:,} ({n / 1e6:.2f}M)"
 
 
+def _stored_quantization(directory: Path) -> dict | None:
+    """The `dgemma quantize` record of a checkpoint (scheme, group size, scale dtype), None for full precision."""
+    from .model.checkpoint import list_tensors
+    from .quant.modules import read_metadata
+
+    record = read_metadata(list_tensors(directory)[1])
+    return None if record is None else {**record, "scale_dtype": str(record["scale_dtype"]).removeprefix("torch.")}
+
+
 def cmd_inspect(args) -> int:
     from .config import ModelConfig, is_adapter
     from .model.summary import census, describe, describe_adapter, stored_bytes
@@ -26,8 +35,10 @@ def cmd_inspect(args) -> int:
     weights = Path(adapter["model"]) if adapter else path  # the merged model's weights are its base model's
     counts = census(cfg)
     stored = stored_bytes(weights) if weights.is_dir() else None
+    quant = _stored_quantization(weights) if weights.is_dir() else None
     if args.json:
         print(json.dumps({"config": str(path), "total_parameters": counts["total"],
+                          "quantization": quant,
                           "active_parameters_per_token": counts["active_per_token"],
                           "by_component": counts["by_component"],
                           "layer_scalar_buffers": counts["layer_scalar_buffers"], "stored_bytes_by_dtype": stored,
@@ -52,6 +63,10 @@ def cmd_inspect(args) -> int:
     for name, n in sorted(counts["by_component"].items(), key=lambda kv: -kv[1]):
         print(f"    {name:<22}{n:>16,}")
     print(f"  buffers           {counts['layer_scalar_buffers']:,} layer scalars (decoder and encoder; not parameters)")
+    if quant is not None:
+        group = f", group {quant['group_size']}" if quant["group_size"] else ""
+        print(f"  quantized         {quant['scheme']}{group}, scales in {quant['scale_dtype']} (dgemma quantize; the "
+              "routers, norms and embedding stay in float)")
     if stored is not None:
         for dtype, nbytes in sorted(stored.items()):
             print(f"  stored {dtype:<10} {nbytes / 2**30:10.3f} GiB")

@@ -45,6 +45,14 @@ def test_sharded_checkpoint_converts_shard_by_shard(reference_checkpoint, tmp_pa
     assert (dst / "config.json").read_text() == (src / "config.json").read_text()
     assert main(["plan", "--model", str(dst), "--context", "64", "--json"]) == 0  # plan reads the scheme back
     assert json.loads(capsys.readouterr().out)["quant"] == "int4"
+    # inspect names the scheme (it listed U8 storage alone); a full-precision checkpoint has none
+    assert main(["inspect", str(dst), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantization"] == {"scheme": "int4", "group_size": 32,
+                                                                    "scale_dtype": "float32"}
+    assert main(["inspect", str(dst)]) == 0
+    assert "quantized         int4, group 32, scales in float32" in capsys.readouterr().out
+    assert main(["inspect", str(src), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantization"] is None
 
 
 def test_cli_fp8_checkpoint_layout(reference_checkpoint, tmp_path, capsys):
