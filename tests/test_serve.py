@@ -409,6 +409,19 @@ def test_disconnect_cancels_and_limits_give_429(model_dir):
         assert time.monotonic() - started < 5.0
 
 
+@pytest.mark.parametrize("scheduling", ["serial", "batched"])
+def test_a_stopping_server_answers_503_not_busy(model_dir, scheduling):
+    """Once the worker is stopping it admits nothing: a 503 saying so, not the 429 'busy' (whose Retry-After invites
+    the client to retry a server that will not answer)."""
+    app = create_app(new_engine(model_dir), model_name=MODEL, scheduling=scheduling)
+    with running(app) as base:
+        app.state.worker.stop()
+        r = httpx.post(base + "/v1/chat/completions", json={"model": MODEL, "messages": HI, "max_tokens": 4})
+        assert r.status_code == 503 and "Retry-After" not in r.headers, (r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["code"] == "shutting_down" and "shutting down" in error["message"]
+
+
 def test_the_worker_interleaves_admitted_requests(model_dir):
     """A short request admitted beside a long one finishes first: running requests take turns step by step."""
     engine = new_engine(model_dir)

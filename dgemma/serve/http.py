@@ -41,7 +41,7 @@ from ..engine.stream import Done, Draft, Text
 from .formats import ChatFormat, CompletionFormat, Format, package_version
 from .jobs import chat_job, completion_job
 from .schemas import MAX_BODY_BYTES, ApiError, ChatCompletionRequest, CompletionRequest, parse_body
-from .worker import Cancelled, Job, Overloaded, SerialWorker
+from .worker import Cancelled, Job, Overloaded, SerialWorker, ShuttingDown
 
 WORKERS = {"batched": "BatchedWorker", "serial": "SerialWorker"}  # --scheduling: shared forwards, or turns
 
@@ -181,6 +181,8 @@ async def _respond(request: Request, worker, job: Job, stream: bool, fmt: Format
         ticket = worker.submit(job)
     except Overloaded as e:
         raise ApiError(429, str(e), type="rate_limit_error", code="server_busy") from None
+    except ShuttingDown as e:  # not busy: retrying here cannot help, so no 429 and no Retry-After
+        raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
     watcher = asyncio.create_task(_cancel_on_disconnect(request, ticket))
     if stream:
         return StreamingResponse(_sse(ticket, watcher, fmt), media_type="text/event-stream",

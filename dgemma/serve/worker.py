@@ -34,6 +34,10 @@ class Overloaded(Exception):
     """No running slot and no queue place left (HTTP 429)."""
 
 
+class ShuttingDown(Exception):
+    """The worker is stopping and admits nothing more (HTTP 503: another try will not be answered here)."""
+
+
 class Cancelled(Exception):
     """The ticket was cancelled (its client went away)."""
 
@@ -174,7 +178,8 @@ class Worker:
         ticket = Ticket(asyncio.get_running_loop(), self._cancel)
         with self._cond:
             if self._stopping:
-                raise Overloaded("the server is shutting down")
+                raise ShuttingDown("the server is shutting down; send the request to another instance or after "
+                                   "it restarts")
             if len(self._running) + len(self._waiting) >= self.max_concurrency + self.max_queue:
                 raise Overloaded(self._busy())
             self._waiting.append((ticket, job))
