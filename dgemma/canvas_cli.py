@@ -22,7 +22,10 @@ def _read(path: str, what: str) -> str:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}: "
+                         f"{e.reason}); give a text file, or convert it first, e.g. iconv -f LATIN1 -t UTF-8") from None
+    except OSError as e:
         raise ValueError(f"could not read {what} {path}: {e}") from None
 
 
