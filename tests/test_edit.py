@@ -146,3 +146,18 @@ def test_cli_edit_in_place_never_leaves_the_file_half_written(random_model_dir, 
     assert p.returncode == 2 and "File too large" in p.stderr, p.stderr
     assert f.read_bytes() == original.encode()
     assert [x.name for x in tmp_path.iterdir()] == ["t.txt"]
+
+
+def test_every_raced_span_length_sees_the_text_after_it(random_engine):
+    """A span of exactly one canvas (64 tokens) raced its own length as a row whose middle filled the canvas: the
+    text after it fell into the next canvas, unseen, and the row had no junction to score (-inf, never chosen)."""
+    tok, L = random_engine.tokenizer, random_engine.config.canvas_length
+    old = " ".join(["x"] * 200)
+    old = tok.decode(tok.encode(old, add_bos=False)[:L])
+    assert len(tok.encode(old, add_bos=False)) == L
+    text = "before\n" + old + "\nafter the span\n"
+    r = random_engine.edit(text, 7, 7 + len(old), num_candidates=3, max_denoising_steps=1, seed=0)
+    assert len(r.infill.candidates) == 3 and all(score > float("-inf") for _, score in r.infill.candidates)
+    assert all(m % L and L - m % L >= 4 for m, _ in r.infill.candidates)
+    assert r.text.startswith("before\n") and r.text.endswith("\nafter the span\n")
+    assert edit_lengths(64, 3, 64, 5) == [48, 60, 96]
