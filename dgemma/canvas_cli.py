@@ -6,7 +6,10 @@ cli.py passes in its model-loading helpers, so the commands share --model/--devi
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from .argtypes import positive_int
@@ -19,8 +22,34 @@ def _read(path: str, what: str) -> str:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}: "
+                         f"{e.reason}); give a text file, or convert it first, e.g. iconv -f LATIN1 -t UTF-8") from None
+    except OSError as e:
         raise ValueError(f"could not read {what} {path}: {e}") from None
+
+
+def write_in_place(path: str, text: str) -> None:
+    """Replace the file's content with `text` (UTF-8, line endings as they are) so that a failure (a full disk, a
+    size limit, Ctrl-C) never leaves it half written: the text goes to a new file beside it, with its permissions,
+    and only a complete one is renamed over it (through a symlink, onto the file the link names)."""
+    target = os.path.realpath(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path} in place: no new file can be made beside it in "
+                               f"{os.path.dirname(target)} ({e.strerror}); drop --in-place and redirect stdout"
+                      ) from None
+    try:
+        with open(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.copymode(target, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _lines(text: str) -> tuple[int, int]:
@@ -102,7 +131,7 @@ def cmd_edit(args, load_engine) -> int:
         options["span_tokens"] = args.span_tokens
     r = engine.edit(text, start, end, **options)
     if args.in_place:
-        Path(args.file).write_text(r.text, encoding="utf-8", newline="")
+        write_in_place(args.file, r.text)
     if args.json:
         print(json.dumps({"old": r.old_span, "new": r.new_span, "start": r.start, "end": r.end,
                           "span_tokens": r.infill.middle_tokens, "candidates": r.infill.candidates}))
@@ -146,6 +175,8 @@ def add_canvas_parsers(sub, add_model_flags, load_engine) -> None:
     p.add_argument("--strength", type=float, default=0.5,
                    help="fraction of the old span's tokens renoised at the start (1.0 = write afresh; default 0.5)")
     p.add_argument("--span-tokens", type=positive_int, default=None, help="exact new span length in tokens")
-    p.add_argument("--in-place", action="store_true", help="write the result back to FILE instead of stdout")
+    p.add_argument("--in-place", action="store_true",
+                   help="write the result back to FILE instead of stdout (a new file renamed over it: never half "
+                        "written)")
     _add_flags(p, add_model_flags)
     p.set_defaults(func=lambda args: cmd_edit(args, load_engine))

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +125,39 @@ def test_cli_edit_keeps_crlf_bytes_and_in_place_with_json_writes(random_model_di
     assert main(["edit", str(f), "--lines", "2", "--in-place", "--json", *flags]) == 0
     r = json.loads(capsys.readouterr().out)
     assert f.read_bytes() == ("one\r\n" + r["new"] + "\r\nthree\r\n").encode()
+
+
+def test_cli_edit_in_place_never_leaves_the_file_half_written(random_model_dir, tmp_path):
+    """A write that fails part way (here a file-size limit, as a full disk would) leaves the original file as it
+    was, and no temporary file: --in-place used to truncate the file first and then write into it."""
+    f = tmp_path / "t.txt"
+    original = ("line %02d of a text that is long enough\r\n" * 20) % tuple(range(20))
+    f.write_bytes(original.encode())
+
+    def limit():  # in the child: writes past 256 bytes fail with EFBIG instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256, resource.RLIM_INFINITY))
+
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
+    p = subprocess.run([sys.executable, "-m", "dgemma", "edit", str(f), "--lines", "2", "--in-place", "--model",
+                        str(random_model_dir), "--steps", "1", "--candidates", "1"],
+                       capture_output=True, text=True, env=env, preexec_fn=limit, timeout=120)
+    assert p.returncode == 2 and "File too large" in p.stderr, p.stderr
+    assert f.read_bytes() == original.encode()
+    assert [x.name for x in tmp_path.iterdir()] == ["t.txt"]
+
+
+def test_every_raced_span_length_sees_the_text_after_it(random_engine):
+    """A span of exactly one canvas (64 tokens) raced its own length as a row whose middle filled the canvas: the
+    text after it fell into the next canvas, unseen, and the row had no junction to score (-inf, never chosen)."""
+    tok, L = random_engine.tokenizer, random_engine.config.canvas_length
+    old = " ".join(["x"] * 200)
+    old = tok.decode(tok.encode(old, add_bos=False)[:L])
+    assert len(tok.encode(old, add_bos=False)) == L
+    text = "before\n" + old + "\nafter the span\n"
+    r = random_engine.edit(text, 7, 7 + len(old), num_candidates=3, max_denoising_steps=1, seed=0)
+    assert len(r.infill.candidates) == 3 and all(score > float("-inf") for _, score in r.infill.candidates)
+    assert all(m % L and L - m % L >= 4 for m, _ in r.infill.candidates)
+    assert r.text.startswith("before\n") and r.text.endswith("\nafter the span\n")
+    assert edit_lengths(64, 3, 64, 5) == [48, 60, 96]

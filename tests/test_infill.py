@@ -144,6 +144,10 @@ def test_cli_infill(random_model_dir, tmp_path, capsys):
     assert main(["infill", "--model", str(random_model_dir), "--prefix-file", str(tmp_path / "missing"),
                  "--suffix-file", str(tmp_path / "b.py")]) == 2
     assert "missing" in capsys.readouterr().err
+    (tmp_path / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
+    assert main(["infill", "--model", str(random_model_dir), "--prefix-file", str(tmp_path / "latin1.py"),
+                 "--suffix-file", str(tmp_path / "b.py")]) == 2  # said only "'utf-8' codec can't decode byte ..."
+    assert "latin1.py is not UTF-8 text (byte 0xe9 at offset 3" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # an exact length and a longest one: refused before anything loads
         main(["infill", "--prefix-file", str(tmp_path / "a.py"), "--suffix-file", str(tmp_path / "b.py"),
               "--middle-tokens", "3", "--max-middle-tokens", "8"])

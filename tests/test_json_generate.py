@@ -186,3 +186,18 @@ def test_cli_flags_a_json_output_would_ignore_are_refused_before_loading(tmp_pat
     assert main(["generate", "--model", str(tmp_path / "no-model"), *flags, "A city"]) == 2
     err = capsys.readouterr().err
     assert message in err and "does not exist" not in err, err  # refused before the model is looked for
+
+
+def test_special_token_text_in_keys_and_literals_is_plain_text(random_engine):
+    """A key, enum value or const holding a special token's string ("<eos>") is spelled with ordinary tokens: as
+    the special id it ended the answer mid-key (the output was '{"', not JSON) or vanished from the decoded text."""
+    tok = random_engine.tokenizer
+    assert tok.encode("<eos>", add_bos=False) == [tok.eos_id]  # the tokenizer does read it as the special token
+    schema = {"type": "object", "required": ["<eos>", "k"], "properties": {
+        "<eos>": {"type": "integer"}, "k": {"enum": ["<pad>", "a<bos>b"]}, "c": {"const": "x<eos>"}}}
+    for seed in range(3):
+        r = random_engine.generate_json("Give JSON", schema=schema, seed=seed, **FAST)
+        jsonschema.validate(r.value, schema)
+        assert "<eos>" in r.value and r.value["k"] in ("<pad>", "a<bos>b")
+    ids = tok.encode_literal("a<eos><bos>b<eos>")
+    assert tok.added_id_set.isdisjoint(ids) and tok.decode(ids, skip_special=False) == "a<eos><bos>b<eos>"

@@ -8,8 +8,9 @@ it, with two differences:
     carries what it made of it into the later steps;
   * with an instruction, the encoder context is a chat turn holding the instruction and the old span, and the
     answer starts with the text before the span (the model rewrites the span in place, mid-answer).
-Candidate lengths centre on the old span's length (the same junction scoring picks one); a span that ends the text
-has no junction to score and keeps its length. Text outside the span is returned byte-identical: the result is
+Candidate lengths centre on the old span's length (the same junction scoring picks one; a length that would fill
+its last canvas, leaving the text after it unseen, is made a little shorter, as for an infill); a span that ends
+the text has no junction to score and keeps its length. Text outside the span is returned byte-identical: the result is
 before + new span + after, as strings.
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .generate import seeded_generator
-from .infill import InfillResult, check_count, infill
+from .infill import InfillResult, check_count, infill, visible_length
 
 LINE = re.compile(r"[^\r\n]*(?:\r\n|\n|\r)|[^\r\n]+\Z")
 
@@ -53,10 +54,14 @@ def line_span(text: str, first: int, last: int) -> tuple[int, int]:
     return start, end
 
 
-def edit_lengths(old: int, num_candidates: int) -> list[int]:
-    """Candidate span lengths around the old one: the old length first, then shorter and longer."""
+def edit_lengths(old: int, num_candidates: int, canvas_length: int | None = None, num_suffix: int = 0) -> list[int]:
+    """Candidate span lengths around the old one: the old length first, then shorter and longer; with the canvas
+    length, each one that would fill its last canvas (the suffix unseen, the row unscored) a little shorter."""
     factors = [1.0, 0.75, 1.5, 0.5, 2.0, 1.25][:num_candidates]
-    return sorted({max(1, round(old * f)) for f in factors})
+    lengths = [max(1, round(old * f)) for f in factors]
+    if canvas_length is not None:
+        lengths = [visible_length(m, canvas_length, num_suffix) for m in lengths]
+    return sorted(set(lengths))
 
 
 def edit(engine, text: str, start: int, end: int, *, instruction: str | None = None, strength: float = 0.5,
@@ -91,7 +96,8 @@ def edit(engine, text: str, start: int, end: int, *, instruction: str | None = N
     elif not after:  # no text after the span, no junction to score: lengths would all tie (and the shortest win),
         lengths = max(1, len(old_ids))  # so the span keeps its length
     else:
-        lengths = edit_lengths(max(1, len(old_ids)), num_candidates)
+        num_suffix = len(tok.encode(after, add_bos=False))
+        lengths = edit_lengths(max(1, len(old_ids)), num_candidates, engine.config.canvas_length, num_suffix)
     result = infill(engine, before, after, instruction=prompt, seed=seed, seeds_from=seeds, middle_tokens=lengths,
                     **options)
     return EditResult(before + result.middle + after, old, result.middle, start, end, result)

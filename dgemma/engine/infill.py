@@ -74,14 +74,18 @@ def candidate_lengths(canvas_length: int, num_suffix: int, *, max_middle: int, n
     """Up to `num_candidates` lengths spread over [1, max_middle], each leaving the junction visible."""
     if max_middle < 1 or num_candidates < 1:
         raise ValueError(f"max_middle_tokens and num_candidates must be >= 1, got {max_middle}, {num_candidates}")
+    lengths = [round(max_middle * (i + 1) / num_candidates) for i in range(num_candidates)]
+    return sorted({visible_length(m, canvas_length, num_suffix) for m in lengths})
+
+
+def visible_length(m: int, canvas_length: int, num_suffix: int) -> int:
+    """The longest length <= m (>= 1) whose last canvas keeps the junction in sight: a middle that fills its last
+    canvas would leave the suffix to the next one, unseen by the middle and with nothing to score the row by."""
     need = min(MIN_VISIBLE, num_suffix + 1)
-    out = []
-    for i in range(num_candidates):
-        m = max(1, round(max_middle * (i + 1) / num_candidates))
-        while m > 1 and (m % canvas_length == 0 or canvas_length - m % canvas_length < need):
-            m -= 1  # the suffix would start in the next canvas, out of the middle's sight
-        out.append(m)
-    return sorted(set(out))
+    m = max(1, m)
+    while m > 1 and (m % canvas_length == 0 or canvas_length - m % canvas_length < need):
+        m -= 1
+    return m
 
 
 class InfillPlan:

@@ -116,7 +116,7 @@ class _Builder:
         self._class_index: dict = {}
 
     def encode(self, text: str) -> list[int]:
-        ids = self.tok.encode(text, add_bos=False)
+        ids = self.tok.encode_literal(text)
         if self.v.text(ids) != text:
             raise ValueError(f"the tokenizer does not round-trip {text!r}; cannot lay it out")
         return ids
@@ -160,7 +160,7 @@ class _Builder:
         out = []
         for value in values:
             text = literal(value)
-            ids = self.tok.encode(text, add_bos=False)
+            ids = self.tok.encode_literal(text)
             if self.v.text(ids) != text:
                 raise ValueError(f"the tokenizer does not round-trip the literal {text!r}")
             out.append(ids)

@@ -171,6 +171,26 @@ class Tokenizer:
             ids.insert(0, bos)
         return ids
 
+    def encode_literal(self, text: str) -> list[int]:
+        """Ids of `text` as plain characters (no `<bos>`): where it holds an added token's string (a JSON key
+        "<eos>"), that string is spelled with ordinary tokens, never with the added id, which would mean something
+        else to the model (an `<eos>` ends the answer there). Decodes back to `text`."""
+        ids = self.encode(text, add_bos=False)
+        if self.added_id_set.isdisjoint(ids):
+            return ids
+        contents = sorted({t.content for t in self.backend.get_added_tokens_decoder().values() if t.content},
+                          key=len, reverse=True)
+        out, at = [], 0
+        for m in re.finditer("|".join(map(re.escape, contents)), text):  # each one character by character
+            out += self.encode(text[at: m.start()], add_bos=False) if m.start() > at else []
+            for ch in m.group():
+                out += self.encode(ch, add_bos=False)
+            at = m.end()
+        out += self.encode(text[at:], add_bos=False) if at < len(text) else []
+        if not self.added_id_set.isdisjoint(out):
+            raise ValueError(f"cannot spell {text!r} without special tokens in this vocabulary")
+        return out
+
     def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
         """Text of `ids`; `skip_special` drops special tokens. To split an output into thinking, answer and tool
         calls, parse its ids (`parse_output`): in text, a marker cannot be told from its characters."""
