@@ -130,6 +130,22 @@ def test_bad_input_is_refused(random_engine):
         random_engine.infill("a", "b", max_middle_tokens=random_engine.config.max_position_embeddings)
 
 
+def test_an_explicit_length_that_hides_the_suffix_is_warned_about(random_engine):
+    """middle_tokens = a whole canvas puts the suffix in the next canvas, where the middle never sees it: the
+    caller's length is kept (the result has it) but a warning says so and names a length that keeps it in sight;
+    a length that leaves room warns nothing."""
+    import warnings
+
+    L = random_engine.config.canvas_length
+    options = dict(max_denoising_steps=2, seed=0)
+    with pytest.warns(UserWarning, match=rf"middle_tokens {L}: .*{L} -> {L - 4} would keep the suffix in sight"):
+        r = random_engine.infill("def f(x):\n", "\n    return y\n", middle_tokens=L, **options)
+    assert r.middle_tokens == L
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        random_engine.infill("def f(x):\n", "\n    return y\n", middle_tokens=L - 4, **options)
+
+
 def test_cli_infill(random_model_dir, tmp_path, capsys):
     (tmp_path / "a.py").write_text("def main():\n    ")
     (tmp_path / "b.py").write_text("\n    return 0\n")

@@ -33,6 +33,7 @@ Free middle positions may hold any ordinary token but no special token (so no st
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -218,6 +219,14 @@ def open_infill(engine, prefix: str, suffix: str, *, instruction: str | None = N
         lengths = [middle_tokens] if not isinstance(middle_tokens, (list, tuple)) else list(middle_tokens)
         if not lengths or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in lengths):
             raise ValueError(f"middle_tokens must be an int >= 1 or a list of them, got {middle_tokens!r}")
+        blind = [m for m in lengths if suffix_ids and visible_length(m, L, len(suffix_ids)) != m]
+        if blind:  # the caller's own lengths are kept, but what they cost is said
+            warnings.warn(f"middle_tokens {', '.join(map(str, blind))}: a middle of that length leaves fewer than "
+                          f"{min(MIN_VISIBLE, len(suffix_ids) + 1)} positions of its last {L}-token canvas to the "
+                          "suffix, so the middle sees little or none of it (the rest falls in the next canvas) and the "
+                          "length is scored on little or nothing; "
+                          + ", ".join(f"{m} -> {visible_length(m, L, len(suffix_ids))}" for m in blind)
+                          + " would keep the suffix in sight", stacklevel=3)
     elif not suffix_ids:  # continue the prefix: one row whose canvases are all free, a stop id may end it
         limit = max_middle_tokens if max_middle_tokens is not None else L
         lengths = [-(-limit // L) * L]
