@@ -130,25 +130,46 @@ def test_chat_reuses_the_cache_and_it_matches_a_fresh_encode(engine):
         torch.testing.assert_close(session.cache.values[i], fresh.values[i], atol=1e-4, rtol=1e-4)
 
 
-def test_chat_turn_after_a_cancelled_turn_is_computed_on_a_consistent_cache(engine):
+def cancel_at_first_text(session, monkeypatch):
+    turn = session.send("A question left unanswered", seed=1, max_tokens=200, eos_token_id=[])
+    next(e for e in turn if isinstance(e, Text))
+    turn.close()
+
+
+def fail_inside_the_encoder(session, monkeypatch):
+    from dgemma.engine.cache import KVCache
+    write = KVCache.write
+
+    def interrupted(cache, layer, k, v):  # layers 0 and 1 written, the length not yet advanced
+        write(cache, layer, k, v)
+        if layer == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(KVCache, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        list(session.send("A question left unanswered", seed=1, max_tokens=30, eos_token_id=[]))
+    monkeypatch.setattr(KVCache, "write", write)
+
+
+@pytest.mark.parametrize("stop_turn", [cancel_at_first_text, fail_inside_the_encoder])
+def test_chat_turn_after_a_stopped_turn_is_computed_on_a_consistent_cache(engine, monkeypatch, stop_turn):
     """A caller that stops iterating a turn leaves the session as before that turn; the cache that turn grew
-    (its prompt, its canvases) was reused by the next turn at the wrong positions: silently different tokens."""
+    (its prompt, its canvases) was reused by the next turn at the wrong positions: silently different tokens.
+    A turn stopped inside an encoder pass (Ctrl-C, an out-of-memory error) had written some layers' K/V but not
+    advanced the cache's length, and the next turn reused that cache too. Oracle: the prompt encoded afresh."""
     def session_after_first_turn():
         s = ChatSession(engine, system="Be brief.")
         list(s.send("First question", seed=0, max_tokens=100, eos_token_id=[]))
         return s
-    cancelled = session_after_first_turn()
-    before = list(cancelled.ids)
-    turn = cancelled.send("A question left unanswered", seed=1, max_tokens=200, eos_token_id=[])
-    next(e for e in turn if isinstance(e, Text))
-    turn.close()
-    assert cancelled.ids == before  # the cancelled turn left no trace in the history
-    third = list(cancelled.send("Third question", seed=2, max_tokens=30, eos_token_id=[]))[-1]
+    stopped = session_after_first_turn()
+    before = list(stopped.ids)
+    stop_turn(stopped, monkeypatch)
+    assert stopped.ids == before  # the stopped turn left no trace in the history
+    third = list(stopped.send("Third question", seed=2, max_tokens=30, eos_token_id=[]))[-1]
     fresh = session_after_first_turn()
     fresh.cache = None  # the same conversation, its prompt encoded from scratch as the rebuilt cache is
     assert list(fresh.send("Third question", seed=2, max_tokens=30, eos_token_id=[]))[-1].completion_ids == \
         third.completion_ids
-    assert cancelled.cache.length == len(cancelled.cached_ids) and cancelled.ids == fresh.ids
+    assert stopped.cache.length == len(stopped.cached_ids) and stopped.ids == fresh.ids
 
 
 def test_chat_opens_with_one_system_turn_and_follows_changes_to_it(engine):
