@@ -186,10 +186,30 @@ def cmd_generate(args) -> int:
     return 0
 
 
-CHAT_COMMANDS = "type a message, then Enter; /reset (or /clear) starts a new conversation, /exit (or Ctrl-D) ends"
+CHAT_COMMANDS = ("type a message, then Enter (a line ending in \\ goes on to the next line); /reset (or /clear) "
+                 "starts a new conversation, /help shows this, /exit (or Ctrl-D) ends; Ctrl-C stops an answer")
+CHAT_EXIT, CHAT_RESET, CHAT_HELP = ("/exit", "/quit"), ("/reset", "/clear"), ("/help",)
+
+
+def _read_message(stdin, interactive: bool) -> str | None:
+    """One chat message from stdin: a line, or several while each ends in a backslash (dropped, the line break
+    kept); None at the end of the input."""
+    lines: list[str] = []
+    while True:
+        if interactive:
+            print("> " if not lines else "  ", end="", flush=True)
+        line = stdin.readline()
+        if not line:  # Ctrl-D or the end of piped input: a message left open is still sent
+            return "\n".join(lines) if lines else None
+        line = line.rstrip("\r\n")
+        if not line.endswith("\\"):
+            return "\n".join(lines + [line])
+        lines.append(line[:-1])
 
 
 def cmd_chat(args) -> int:
+    import re
+
     from .config import ConfigError
     from .engine.chat import ChatSession
 
@@ -201,20 +221,31 @@ def cmd_chat(args) -> int:
         print(f"dgemma chat: {CHAT_COMMANDS}", file=sys.stderr)
     refused = False  # a turn the model could not take (e.g. past its context): reported, the chat goes on
     while True:
-        if interactive:
-            print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() in ("/exit", "/quit"):
+        message = _read_message(sys.stdin, interactive)
+        command = None if message is None else message.strip()
+        if message is None or command in CHAT_EXIT:
             return 2 if refused else 0
-        if not line.strip():
+        if not command:
             continue
-        if line.strip() in ("/reset", "/clear"):
+        if command in CHAT_RESET:
             session.reset()
             print("dgemma chat: new conversation (history and cache cleared)", file=sys.stderr)
             continue
+        if command in CHAT_HELP:
+            print(f"dgemma chat: {CHAT_COMMANDS}", file=sys.stderr)
+            continue
+        if re.match(r"/[A-Za-z]+(\s|$)", message):  # a command mistyped: never sent to the model as a message
+            word = message.split()[0]
+            wrong = f"{word} takes nothing after it" if word in CHAT_EXIT + CHAT_RESET + CHAT_HELP \
+                else f"{word!r} is not a command here"
+            print(f"dgemma chat: error: {wrong} (the commands: {', '.join(CHAT_RESET + CHAT_HELP + CHAT_EXIT)}, "
+                  "each alone on its line); to send a message that starts with '/', begin it with a space",
+                  file=sys.stderr)
+            refused = True
+            continue
+        turn = session.send(message, drafts=args.show_drafts, **options)
         try:
-            done = _run_stream(session.send(line.rstrip("\n"), drafts=args.show_drafts, **options), args,
-                               engine.tokenizer)
+            done = _run_stream(turn, args, engine.tokenizer)
         except ConfigError:  # bad settings fail every turn alike: end the command
             raise
         except ValueError as e:  # raised before the turn changed the session
@@ -222,6 +253,15 @@ def cmd_chat(args) -> int:
                 if session.ids else ""
             print(f"dgemma chat: error: {e}{history}", file=sys.stderr)
             refused = True
+            continue
+        except KeyboardInterrupt:  # Ctrl-C mid-answer: on a terminal the chat goes on without that turn
+            if not interactive:  # piped input would go on unattended: stop as generate does
+                raise
+            turn.close()
+            print(file=sys.stdout, flush=True)
+            kept = f"keeps the {len(session.ids)} tokens of the turns before" if session.ids else "is still empty"
+            print(f"dgemma chat: answer stopped; this turn is left out of the history, which {kept} (/exit or "
+                  "Ctrl-D ends the chat)", file=sys.stderr)
             continue
         print()
         if args.stats:

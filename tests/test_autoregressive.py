@@ -151,6 +151,16 @@ def test_bad_arguments(model):
         generate_autoregressive(model, torch.zeros(1, 0, dtype=torch.int64), max_new_tokens=2)
 
 
+def test_top_k_or_top_p_at_temperature_0_is_refused_not_ignored(model):
+    """top_k / top_p without a temperature decoded greedily, the filters silently unused."""
+    ids = prompts(1, 3)
+    for kwargs in ({"top_k": 3}, {"top_p": 0.9}):
+        with pytest.raises(ValueError, match="at temperature 0 decoding is greedy.*give a temperature > 0"):
+            generate_autoregressive(model, ids, max_new_tokens=2, **kwargs)
+    assert generate_autoregressive(model, ids, max_new_tokens=2, temperature=1.0, top_k=3,
+                                   generator=torch.Generator().manual_seed(0)).shape == (1, 5)
+
+
 def test_autoregressive_head_matches_the_reference_encoder_head(reference_checkpoint):
     """Oracle: the reference's AR head is lm_head(encoder_last_hidden_state) soft-capped; ours must equal it
     (one final norm, not two), and greedy decoding must pick its argmax."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -24,6 +25,11 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(model_dir):
     return dgemma.load(model_dir, quiet=True)
+
+
+class Terminal(io.StringIO):  # stdin as a terminal gives it
+    def isatty(self):
+        return True
 
 
 def run(engine, prompt="Hello there", **options):
@@ -130,25 +136,46 @@ def test_chat_reuses_the_cache_and_it_matches_a_fresh_encode(engine):
         torch.testing.assert_close(session.cache.values[i], fresh.values[i], atol=1e-4, rtol=1e-4)
 
 
-def test_chat_turn_after_a_cancelled_turn_is_computed_on_a_consistent_cache(engine):
+def cancel_at_first_text(session, monkeypatch):
+    turn = session.send("A question left unanswered", seed=1, max_tokens=200, eos_token_id=[])
+    next(e for e in turn if isinstance(e, Text))
+    turn.close()
+
+
+def fail_inside_the_encoder(session, monkeypatch):
+    from dgemma.engine.cache import KVCache
+    write = KVCache.write
+
+    def interrupted(cache, layer, k, v):  # layers 0 and 1 written, the length not yet advanced
+        write(cache, layer, k, v)
+        if layer == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(KVCache, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        list(session.send("A question left unanswered", seed=1, max_tokens=30, eos_token_id=[]))
+    monkeypatch.setattr(KVCache, "write", write)
+
+
+@pytest.mark.parametrize("stop_turn", [cancel_at_first_text, fail_inside_the_encoder])
+def test_chat_turn_after_a_stopped_turn_is_computed_on_a_consistent_cache(engine, monkeypatch, stop_turn):
     """A caller that stops iterating a turn leaves the session as before that turn; the cache that turn grew
-    (its prompt, its canvases) was reused by the next turn at the wrong positions: silently different tokens."""
+    (its prompt, its canvases) was reused by the next turn at the wrong positions: silently different tokens.
+    A turn stopped inside an encoder pass (Ctrl-C, an out-of-memory error) had written some layers' K/V but not
+    advanced the cache's length, and the next turn reused that cache too. Oracle: the prompt encoded afresh."""
     def session_after_first_turn():
         s = ChatSession(engine, system="Be brief.")
         list(s.send("First question", seed=0, max_tokens=100, eos_token_id=[]))
         return s
-    cancelled = session_after_first_turn()
-    before = list(cancelled.ids)
-    turn = cancelled.send("A question left unanswered", seed=1, max_tokens=200, eos_token_id=[])
-    next(e for e in turn if isinstance(e, Text))
-    turn.close()
-    assert cancelled.ids == before  # the cancelled turn left no trace in the history
-    third = list(cancelled.send("Third question", seed=2, max_tokens=30, eos_token_id=[]))[-1]
+    stopped = session_after_first_turn()
+    before = list(stopped.ids)
+    stop_turn(stopped, monkeypatch)
+    assert stopped.ids == before  # the stopped turn left no trace in the history
+    third = list(stopped.send("Third question", seed=2, max_tokens=30, eos_token_id=[]))[-1]
     fresh = session_after_first_turn()
     fresh.cache = None  # the same conversation, its prompt encoded from scratch as the rebuilt cache is
     assert list(fresh.send("Third question", seed=2, max_tokens=30, eos_token_id=[]))[-1].completion_ids == \
         third.completion_ids
-    assert cancelled.cache.length == len(cancelled.cached_ids) and cancelled.ids == fresh.ids
+    assert stopped.cache.length == len(stopped.cached_ids) and stopped.ids == fresh.ids
 
 
 def test_chat_opens_with_one_system_turn_and_follows_changes_to_it(engine):
@@ -284,7 +311,6 @@ def test_cli_generate_json(model_dir, capsys):
 def test_cli_streams_its_text_to_stdout_as_it_is_at_the_call(model_dir, capsys):
     """The streamed answer goes to sys.stdout as it is when the command runs (a caller that redirects stdout after
     importing dgemma.cli, as pytest's capsys does, gets it); it was bound at import time."""
-    import io
 
     from dgemma import cli
 
@@ -373,7 +399,6 @@ def test_cli_inspect_26b(capsys):
 
 
 def test_cli_chat_two_turns_reuses_the_cache(model_dir, capsys, monkeypatch):
-    import io
     monkeypatch.setattr("sys.stdin", io.StringIO("first question\nsecond question\n/quit\n"))
     assert main(["chat", "--model", str(model_dir), "--max-tokens", "70", "--seed", "0", "--stats"]) == 0
     err = capsys.readouterr().err
@@ -382,7 +407,6 @@ def test_cli_chat_two_turns_reuses_the_cache(model_dir, capsys, monkeypatch):
 
 
 def test_cli_chat_goes_on_after_a_turn_past_the_context(model_dir, capsys, monkeypatch):
-    import io
     monkeypatch.setattr("sys.stdin", io.StringIO("first question\n" + "word " * 9000 + "\nsecond question\n"))
     assert main(["chat", "--model", str(model_dir), "--max-tokens", "5", "--seed", "0", "--stats"]) == 2
     err = capsys.readouterr().err
@@ -394,7 +418,6 @@ def test_cli_chat_goes_on_after_a_turn_past_the_context(model_dir, capsys, monke
 def test_cli_chat_ends_on_settings_no_turn_can_use(model_dir, capsys, monkeypatch):
     """Bad settings end the chat with one error: --entropy-bound inf passed the generation config and failed in the
     acceptance rule as a per-turn error, repeated for every turn while the chat went on."""
-    import io
     for flags, message in ((["--entropy-bound", "inf"], "entropy_bound must be a finite number > 0, got inf"),
                            (["--accept", "quota:4", "--entropy-bound", "0.3"], "would be ignored")):
         monkeypatch.setattr("sys.stdin", io.StringIO("first question\nsecond question\n"))
@@ -405,7 +428,6 @@ def test_cli_chat_ends_on_settings_no_turn_can_use(model_dir, capsys, monkeypatc
 
 def test_cli_chat_reset_starts_over_once_the_conversation_fills_the_context(model_dir, capsys, monkeypatch):
     """A full conversation refuses every later turn; the refusal names /reset, and /reset starts a fresh one."""
-    import io
     long = "word " * 2500  # ~5,000 tokens: one fits the 8192 positions, two do not
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{long}\n{long}\n/reset\n{long}\n"))
     assert main(["chat", "--model", str(model_dir), "--max-tokens", "5", "--seed", "0", "--stats"]) == 2
@@ -421,12 +443,62 @@ def test_cli_chat_reset_starts_over_once_the_conversation_fills_the_context(mode
     assert session.ids == [] and session.cache is None and session._opening_and_turn("Hi") == first  # system prompt kept
 
 
-def test_cli_chat_stats_line_is_the_generate_summary(model_dir, capsys, monkeypatch):
-    import io
+def record_turns(monkeypatch, stop_turn=None):
+    """Spy on the chat command's turns: (message, history ids before it) per ChatSession.send call; stop_turn(i)
+    true makes turn i raise KeyboardInterrupt after its first Text event, as Ctrl-C would."""
+    turns = []
+    send = ChatSession.send
 
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
+    def spied(self, text, **options):
+        turns.append((text, list(self.ids)))
+        for event in send(self, text, **options):
+            yield event
+            if isinstance(event, Text) and stop_turn is not None and stop_turn(len(turns) - 1):
+                raise KeyboardInterrupt
+    monkeypatch.setattr(ChatSession, "send", spied)
+    return turns
+
+
+def test_cli_chat_ctrl_c_stops_the_answer_and_the_chat_goes_on(model_dir, capsys, monkeypatch):
+    """Ctrl-C mid-answer ended the whole chat (status 130), its conversation lost; on a terminal it now stops that
+    answer, says so, and the next message continues the conversation as it was before the stopped turn."""
+    turns = record_turns(monkeypatch, stop_turn=lambda i: i == 1)
+    monkeypatch.setattr("sys.stdin", Terminal("first\nsecond\nthird\n"))
+    flags = ["--model", str(model_dir), "--max-tokens", "70", "--seed", "0", "--stats"]
+    assert main(["chat", *flags]) == 0
+    err = capsys.readouterr().err
+    assert "answer stopped; this turn is left out of the history" in err and "Traceback" not in err, err
+    assert [text for text, _ in turns] == ["first", "second", "third"]
+    assert turns[2][1] == turns[1][1] != []  # the third turn follows the first as if the second never was
+    assert err.count("reused ") == 2, err  # the first and third turns answered
+    turns.clear()
+    monkeypatch.setattr("sys.stdin", io.StringIO("first\nsecond\nthird\n"))
+    assert main(["chat", *flags]) == 130  # piped: nobody to type the next message, so Ctrl-C ends the command
+    assert len(turns) == 2
+
+
+def test_cli_chat_commands_are_never_sent_as_messages(model_dir, capsys, monkeypatch):
+    """/help and a mistyped command (/rest, /reset now) were sent to the model as messages."""
+    turns = record_turns(monkeypatch)
+    monkeypatch.setattr("sys.stdin", Terminal("/help\n/rest\n/reset now\n /etc is a path\n/etc/hosts?\n"))
+    assert main(["chat", "--model", str(model_dir), "--max-tokens", "3", "--seed", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("/reset (or /clear) starts a new conversation") == 2, err  # the banner, then /help
+    assert "'/rest' is not a command here" in err and "/reset takes nothing after it" in err, err
+    assert "begin it with a space" in err
+    assert [text for text, _ in turns] == [" /etc is a path", "/etc/hosts?"]
+
+
+def test_cli_chat_a_line_ending_in_a_backslash_goes_on(model_dir, capsys, monkeypatch):
+    """Each line was a message of its own: a pasted or typed multi-line message became several turns."""
+    turns = record_turns(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.StringIO("def f(x):\\\n    return x\nnext\nopen at the end\\"))
+    assert main(["chat", "--model", str(model_dir), "--max-tokens", "3", "--seed", "0"]) == 0
+    assert [text for text, _ in turns] == ["def f(x):\n    return x", "next", "open at the end"]
+
+
+def test_cli_chat_stats_line_is_the_generate_summary(model_dir, capsys, monkeypatch):
+
     monkeypatch.setattr("sys.stdin", Terminal("Hi\n"))
     assert main(["chat", "--model", str(model_dir), "--max-tokens", "1", "--seed", "0", "--stats"]) == 0
     err = capsys.readouterr().err
@@ -436,7 +508,6 @@ def test_cli_chat_stats_line_is_the_generate_summary(model_dir, capsys, monkeypa
 
 
 def test_cli_generate_reads_stdin(model_dir, capsys, monkeypatch):
-    import io
     monkeypatch.setattr("sys.stdin", io.StringIO("a prompt from stdin"))
     assert main(["generate", "--model", str(model_dir), "--json", "--max-tokens", "3", "--seed", "1"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["usage"]["completion_tokens"] <= 3
@@ -444,9 +515,6 @@ def test_cli_generate_reads_stdin(model_dir, capsys, monkeypatch):
     assert main(["generate", "--model", str(model_dir)]) == 2
     assert "empty prompt" in capsys.readouterr().err
 
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
     monkeypatch.setattr("sys.stdin", Terminal(""))
     assert main(["generate", "--model", str(model_dir)]) == 2
     assert "no PROMPT given; type it, then Ctrl-D" in capsys.readouterr().err
@@ -520,7 +588,6 @@ def test_a_tokenizer_bigger_than_the_model_is_a_clear_error(model_dir, tmp_path)
 def test_draft_view_ends_on_the_answer_alone(engine):
     """--show-drafts: a last canvas that commits no text (it starts at a stop id) left its draft, <eos> pieces and
     all, in the view's final frame under the answer (seen in the README's first command)."""
-    import io
     from types import SimpleNamespace
 
     from rich.console import Console
@@ -542,7 +609,6 @@ def test_draft_view_ends_on_the_answer_alone(engine):
 def test_draft_view_piped_prints_the_answer_as_is(engine, capsys, monkeypatch):
     """--show-drafts with stdout piped or redirected: the output was the live view's last frame, the answer
     re-wrapped at 80 columns ($COLUMNS) with spaces and newlines added; it must be the plain printer's bytes."""
-    import io
     from types import SimpleNamespace
 
     from dgemma.cli import _run_stream
@@ -562,7 +628,6 @@ def test_draft_view_piped_prints_the_answer_as_is(engine, capsys, monkeypatch):
 
 def test_draft_view_shows_thinking_only_with_show_thinking(engine, capsys):
     """--think --show-drafts without --show-thinking left the committed thinking text on screen."""
-    import io
     from types import SimpleNamespace
 
     from dgemma.cli import _run_stream
@@ -579,9 +644,6 @@ def test_draft_view_shows_thinking_only_with_show_thinking(engine, capsys):
         assert "the answer" in out and ("secret thoughts" in out) == show_thinking, out
         assert "\x1b" not in out  # piped: no terminal escapes around the thinking text
 
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
     printed = Terminal()  # on a terminal the thinking text is dimmed
     _run_stream(iter(events), SimpleNamespace(show_drafts=False, json=False, show_thinking=True), engine.tokenizer,
                 out=printed)

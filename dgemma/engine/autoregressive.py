@@ -40,7 +40,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 def pick_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
               generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B,V] fp32 -> next ids [B] int64; temperature 0 = argmax (top_k/top_p then do nothing)."""
+    """logits [B,V] fp32 -> next ids [B] int64; temperature 0 = argmax (top_k/top_p then do nothing; the decoding
+    functions refuse them there)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
@@ -59,6 +60,10 @@ def _check(module, input_ids, max_new_tokens, temperature, top_k, top_p, attenti
         raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if temperature == 0 and (top_k is not None or top_p is not None):  # greedy: they would be silently unused
+        raise ValueError(f"top_k / top_p (got {top_k!r} / {top_p!r}) filter the distribution that is sampled; at "
+                         "temperature 0 decoding is greedy (argmax) and samples nothing: give a temperature > 0 or "
+                         "drop them")
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
                          f"{tuple(input_ids.shape)}")

@@ -11,7 +11,7 @@ The conversation opens with <bos> and the system turn (the system prompt, and th
 format); later turns are rendered as the chat template writes a user turn after earlier ones, so the system turn
 appears once. Changing `system` or `enable_thinking` between turns rewrites that opening (the next turn then
 encodes the conversation afresh). A turn that does not reach its Done event (an error, or a caller that stops
-iterating) leaves the conversation as it was before that turn.
+iterating, Ctrl-C) leaves the conversation as it was before that turn, and its cache is rebuilt.
 """
 
 from __future__ import annotations
@@ -66,15 +66,20 @@ class ChatSession:
             history = opening + history[len(self.opening):]
         prompt = history + turn if history else opening + turn
         n = len(self.cached_ids)
-        # a turn that did not finish may have grown the cache past what cached_ids records: rebuild it then
         if self.cache is None or self.cache.length != n or prompt[:n] != self.cached_ids:
             self.cache, self.cached_ids, n = self.engine.new_cache(1), [], 0
         self.reused_tokens = n
-        done = None
-        for event in stream_ids(self.engine, prompt, cache=self.cache, cached_len=n, **options):
-            if isinstance(event, Done):
-                done = event
-            yield event
+        done, held = None, list(self.cache.keys)  # each write replaces a layer's tensor
+        try:
+            for event in stream_ids(self.engine, prompt, cache=self.cache, cached_len=n, **options):
+                if isinstance(event, Done):
+                    done = event
+                yield event
+        finally:
+            # a turn stopped after it wrote the cache (even inside an encoder pass, which writes layer by layer and
+            # then the length) leaves a cache that is not what cached_ids records: rebuild it; a refused one keeps it
+            if done is None and (self.cache.length != n or any(a is not b for a, b in zip(held, self.cache.keys))):
+                self.cache, self.cached_ids = None, []
         turn_end = self.tok.special.turn_end
         answer = done.completion_ids
         if answer[-1:] == [self.tok.special.eos] and turn_end is not None:  # never in the cache: the last canvas
