@@ -106,6 +106,13 @@ def _engine_options(args) -> dict:
     return options
 
 
+def _warn_thinking_off(args) -> None:
+    """--show-thinking without --think: the chat template closes the thought channel, so nothing would show."""
+    if args.show_thinking and not args.think:
+        warnings.warn("--show-thinking shows the model's thinking, which the chat template switches off without "
+                      "--think; add --think", stacklevel=2)
+
+
 def _isatty(stream) -> bool:
     try:
         return stream.isatty()
@@ -162,6 +169,8 @@ def cmd_generate(args) -> int:
             raise ValueError(f"{flag} cannot be combined with {output} ({why}); drop one")
     if args.show_drafts and args.json:
         raise ValueError("--show-drafts draws on stdout, which --json keeps for the JSON object; drop one")
+    if not args.raw:
+        _warn_thinking_off(args)
     from .canvas_cli import json_format, run_json
 
     fmt = json_format(args)
@@ -213,6 +222,7 @@ def cmd_chat(args) -> int:
     from .config import ConfigError
     from .engine.chat import ChatSession
 
+    _warn_thinking_off(args)
     engine = _load_engine(args)
     session = ChatSession(engine, system=args.system, enable_thinking=args.think)
     options = _engine_options(args)

@@ -326,6 +326,17 @@ def test_cli_streams_its_text_to_stdout_as_it_is_at_the_call(model_dir, capsys):
     assert expected and sink.getvalue().rstrip("\n") == expected
 
 
+def test_cli_show_thinking_without_think_warns(model_dir, capsys):
+    """--show-thinking alone showed nothing, silently (the template switches thinking off without --think)."""
+    base = ["generate", "--model", str(model_dir), "--max-tokens", "4", "--seed", "1"]
+    assert main(base + ["--show-thinking", "hi"]) == 0
+    assert "warning: --show-thinking shows the model's thinking" in capsys.readouterr().err
+    assert main(base + ["--show-thinking", "--think", "hi"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(base + ["--show-thinking", "--raw", "hi"]) == 0  # a raw prompt has no template to switch it off
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_cli_stats_line_matches_the_run(model_dir, capsys):
     assert main(["generate", "--model", str(model_dir), "--max-tokens", "3", "--seed", "1", "--stats", "hi"]) == 0
     line = capsys.readouterr().err.strip().splitlines()[-1]
