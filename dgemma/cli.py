@@ -305,7 +305,8 @@ def cmd_serve(args) -> int:
 
 
 def _add_model_flags(p) -> None:
-    p.add_argument("--model", help="model directory (Hugging Face layout); default: the bundled model")
+    p.add_argument("--model", help="model directory (Hugging Face layout) or a LoRA adapter directory that "
+                                    "`dgemma train --mode lora` wrote; default: the bundled model")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: as stored; if mixed, the one holding most bytes)")
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma: load, inspect and generate.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="architecture summary and parameter counts, without loading weights")
-    p.add_argument("path", help="model directory or config.json")
+    p.add_argument("path", help="model directory, LoRA adapter directory or config.json")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=cmd_inspect)
 

@@ -429,3 +429,81 @@ def test_long_prompt_bench_times_both_variants_and_restores_chunking(tmp_path, c
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"] == "long_prompt"
     with pytest.raises(SystemExit, match="past the config's 2048 positions"):
         long_prompt.main(["--config", str(config), "--lengths", "4096", "--reps", "1"])
+
+
+ROOT = BENCH.parent
+DOCS = [ROOT / "README.md", BENCH / "README.md", ROOT / "docs" / "performance-history.md",
+        *sorted((ROOT / "dgemma" / "models").glob("*/README.md"))]
+
+
+def _doc_lines(path: Path):
+    """(line number, text) of a document, a shell command continued with a trailing backslash joined into one."""
+    number, held = 0, ""
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        number = number if held else n
+        if line.endswith("\\"):
+            held += line[:-1] + " "
+            continue
+        yield number, held + line
+        held = ""
+
+
+def _command_options(parser, prefix=()) -> dict[str, set[str]]:
+    """'generate', 'sudoku eval', ... -> the option strings that command's --help lists."""
+    import argparse
+    found = {" ".join(prefix): {s for a in parser._actions for s in a.option_strings}} if prefix else {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.update(_command_options(sub, prefix + (name,)))
+    return found
+
+
+def test_readme_flags_are_in_each_commands_help():
+    """Every `dgemma CMD --flag` and `python bench/X.py --flag` the README, bench/README.md, the performance history
+    and the model cards write names an option that command has, with that spelling."""
+    import re
+
+    from dgemma.cli import build_parser
+    commands = _command_options(build_parser())
+    shared = (BENCH / "_canvas.py").read_text() + (BENCH / "_common.py").read_text()
+    wrong = []
+    for doc in DOCS:
+        for n, line in _doc_lines(doc):
+            for m in re.finditer(r"\bdgemma ((?:sudoku )?[a-z]+)([^`|#\n]*)", line):
+                for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", m.group(2)):
+                    if m.group(1) in commands and flag not in commands[m.group(1)]:
+                        wrong.append(f"{doc.relative_to(ROOT)}:{n}: dgemma {m.group(1)} has no {flag}")
+            for m in re.finditer(r"\b((?:bench|recipes)/\w+)\.(?:py|sh)\b([^`|#\n]*)", line):
+                script = ROOT / (m.group(1) + (".py" if (ROOT / (m.group(1) + ".py")).exists() else ".sh"))
+                source = script.read_text() + shared + (BENCH / "gpu.py").read_text() * script.name.startswith("gpu")
+                for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", m.group(2)):
+                    if f'"{flag}"' not in source:
+                        wrong.append(f"{doc.relative_to(ROOT)}:{n}: {script.name} has no {flag}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_readme_file_paths_exist():
+    """Every repository path the documents name (file map rows, tests, recipes, bench scripts) exists."""
+    import re
+    missing = []
+    for doc in DOCS:
+        for n, line in _doc_lines(doc):
+            for path in re.findall(r"(?<![\w/.-])((?:dgemma|bench|tests|recipes|docs)/[\w./-]*\w/?)", line):
+                if not (ROOT / path).exists():
+                    missing.append(f"{doc.relative_to(ROOT)}:{n}: {path}")
+    assert not missing, "\n".join(missing)
+
+
+def test_readme_python_example_runs_as_written(random_model_dir, capsys):
+    """README 'Use': its Python example, with the model path and device swapped for a tiny CPU model, runs as written
+    (it used an `input_ids` it never made)."""
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("## Use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert example.count('"path/to/diffusiongemma-26B-A4B-it"') == 1 and example.count('device="cuda"') == 1
+    example = example.replace('"path/to/diffusiongemma-26B-A4B-it"', repr(str(random_model_dir)))
+    example = example.replace('device="cuda"', 'device="cpu"').replace("max_new_tokens=512", "max_new_tokens=8")
+    scope = {}
+    exec(compile(example, "README.md 'Use'", "exec"), scope)
+    assert scope["ids"].shape[0] == 1 and scope["ids"].shape[1] > scope["input_ids"].shape[1]
+    assert capsys.readouterr().out  # done.output.answer and its stats were printed
