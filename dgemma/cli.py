@@ -258,10 +258,8 @@ def cmd_chat(args) -> int:
             done = _run_stream(turn, args, engine.tokenizer)
         except ConfigError:  # bad settings fail every turn alike: end the command
             raise
-        except ValueError as e:  # raised before the turn changed the session
-            history = f"; /reset starts a new conversation (this one holds {len(session.ids)} tokens)" \
-                if session.ids else ""
-            print(f"dgemma chat: error: {e}{history}", file=sys.stderr)
+        except ValueError as e:  # raised before the turn changed the session (a full conversation says /reset)
+            print(f"dgemma chat: error: {e}", file=sys.stderr)
             refused = True
             continue
         except KeyboardInterrupt:  # Ctrl-C mid-answer: on a terminal the chat goes on without that turn

@@ -443,7 +443,7 @@ def test_cli_chat_reset_starts_over_once_the_conversation_fills_the_context(mode
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{long}\n{long}\n/reset\n{long}\n"))
     assert main(["chat", "--model", str(model_dir), "--max-tokens", "5", "--seed", "0", "--stats"]) == 2
     err = capsys.readouterr().err
-    assert "exceeds this model's context" in err and "/reset starts a new conversation" in err, err
+    assert "exceeds this model's context" in err and "already holds" in err and "/reset in dgemma chat" in err, err
     assert "new conversation (history and cache cleared)" in err
     reused = [int(line.split("reused ")[1].split()[0]) for line in err.splitlines() if "reused" in line]
     assert reused == [0, 0], err  # the first turn, then the turn after /reset: nothing cached to reuse
@@ -452,6 +452,24 @@ def test_cli_chat_reset_starts_over_once_the_conversation_fills_the_context(mode
     list(session.send("Hi", seed=0, max_tokens=5))
     session.reset()
     assert session.ids == [] and session.cache is None and session._opening_and_turn("Hi") == first  # system prompt kept
+
+
+def test_a_full_conversation_says_so_and_names_reset(model_dir):
+    """ChatSession: a turn refused because the conversation outgrew the context says how much of the prompt is
+    history and that reset() starts over (it read 'prompt of N tokens ... shorten the prompt', N being the whole
+    conversation); a first message too long alone gets the plain message. Both are ContextError, a ValueError."""
+    from dgemma.engine.generate import ContextError
+
+    session = ChatSession(dgemma.load(model_dir, quiet=True))
+    long = "word " * 2500  # ~5,000 tokens: one fits the 8192 positions, two do not
+    list(session.send(long, seed=0, max_tokens=5, max_denoising_steps=2))
+    held = len(session.ids)
+    with pytest.raises(ContextError, match=rf"already holds {held} of those tokens .*reset\(\) starts a new one"):
+        list(session.send(long, seed=0, max_tokens=5))
+    session.reset()
+    with pytest.raises(ValueError) as info:
+        list(session.send("word " * 9000, seed=0, max_tokens=5))
+    assert isinstance(info.value, ContextError) and "already holds" not in str(info.value)
 
 
 def record_turns(monkeypatch, stop_turn=None):

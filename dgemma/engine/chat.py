@@ -16,6 +16,7 @@ iterating, Ctrl-C) leaves the conversation as it was before that turn, and its c
 
 from __future__ import annotations
 
+from .generate import ContextError
 from .stream import Done, stream_ids
 
 
@@ -75,6 +76,11 @@ class ChatSession:
                 if isinstance(event, Done):
                     done = event
                 yield event
+        except ContextError as e:  # refused before anything ran: the conversation is what grew, so say so
+            if not history:
+                raise
+            raise ContextError(f"{e}; this conversation already holds {len(history)} of those tokens before the "
+                               "new message: reset() starts a new one (/reset in dgemma chat)") from None
         finally:
             # a turn stopped after it wrote the cache (even inside an encoder pass, which writes layer by layer and
             # then the length) leaves a cache that is not what cached_ids records: rebuild it; a refused one keeps it

@@ -15,7 +15,7 @@ from ..model import DiffusionGemma, load_module
 from ..quant.modules import swap_for_checkpoint
 from ..text import Tokenizer
 from .cache import KVCache
-from .generate import GenerateOutput, fit_max_length, generate, step_config
+from .generate import ContextError, GenerateOutput, fit_max_length, generate, step_config
 
 _UNSET = object()
 
@@ -60,12 +60,12 @@ class Engine:
         """Refuse requests the model cannot position: prompt + whole canvases must fit max_position_embeddings."""
         L, context = self.config.canvas_length, self.config.max_position_embeddings
         if prompt_len > context - L:  # not even one canvas fits
-            raise ValueError(f"prompt of {prompt_len} tokens leaves no room for a canvas: it exceeds this model's "
+            raise ContextError(f"prompt of {prompt_len} tokens leaves no room for a canvas: it exceeds this model's "
                              f"context of {context} less one {L}-token canvas (at most {context - L} prompt tokens); "
                              "shorten the prompt")
         needed = prompt_len + -(-max_new_tokens // L) * L
         if needed > self.config.max_position_embeddings:
-            raise ValueError(f"prompt of {prompt_len} tokens plus {max_new_tokens} new tokens (rounded up to whole "
+            raise ContextError(f"prompt of {prompt_len} tokens plus {max_new_tokens} new tokens (rounded up to whole "
                              f"{L}-token canvases: {needed} positions) exceeds this model's context of "
                              f"{self.config.max_position_embeddings}; shorten the prompt or lower max_tokens")
 

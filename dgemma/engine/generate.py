@@ -103,6 +103,11 @@ class GenerateOutput:
     cache: KVCache
 
 
+class ContextError(ValueError):
+    """A request that the model's positions cannot hold (Engine.check_context): the prompt, or the prompt and its
+    canvases, past max_position_embeddings."""
+
+
 def fit_max_length(gen: GenerationConfig, prompt_len: int) -> GenerationConfig:
     """The reference's `max_length` (total length, prompt and its padding included; spec §6.4, §9.4) as the
     max_new_tokens the loop runs: with max_new_tokens at the reference's default 256, max_length decides
