@@ -173,6 +173,8 @@ def test_a_value_longer_than_a_canvas_names_what_to_lower(vocab):
     ({"type": "strin"}, "type must be one of"),
     ({"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/A"}}}, "recursive"),
     ({"$ref": "http://x/y"}, "local references"),
+    ({"type": "object", "properties": {"child": {"$ref": "#"}}}, "recursive reference '#'"),  # was "only local"
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
     ({"type": "integer", "minimum": 3, "maximum": 2}, "bounds"),
     ({"type": "array", "items": [{"type": "string"}]}, "tuple-form"),
     ({"type": "string", "minLength": 4, "maxLength": 2}, "maxLength"),
@@ -184,6 +186,12 @@ def test_a_value_longer_than_a_canvas_names_what_to_lower(vocab):
 def test_unsupported_or_contradictory_schemas_are_refused(schema, match):
     with pytest.raises(SchemaError, match=match):
         normalise(schema)
+
+
+def test_unique_items_false_is_the_default_and_accepted():
+    """uniqueItems: false constrains nothing (it is the default), so it is taken like its absence, not refused."""
+    schema = {"type": "array", "items": {"type": "integer"}, "maxItems": 3}
+    assert normalise({**schema, "uniqueItems": False}) == normalise(schema)
 
 
 @pytest.mark.parametrize("keep", [True, False])

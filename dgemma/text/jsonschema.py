@@ -4,7 +4,8 @@ Supported: type (one or a list), properties, required, additionalProperties, ite
 const, anyOf / oneOf, minimum, maximum, exclusiveMinimum, exclusiveMaximum (numbers), minLength, maxLength,
 local $ref into $defs / definitions (not recursive), and the annotations (title, description, default, examples,
 format, $schema, $id, $comment, ...), which are ignored. Anything else (pattern, multipleOf, prefixItems,
-uniqueItems, ...) is refused by name, never silently dropped: a document could not be valid by construction then.
+uniqueItems, ...) is refused by name, never silently dropped: a document could not be valid by construction then
+(uniqueItems: false, the default, constrains nothing and is taken as absent).
 
 Node kinds (plain dicts, consumed by json_layout.py):
     {"kind": "object", "props": [(key, node), ...], "required": {key, ...}}
@@ -71,6 +72,9 @@ class Normaliser:
         self.root = root
 
     def resolve(self, ref: str, where: str, seen: tuple[str, ...]) -> dict:
+        if ref == "#":  # the whole schema, from inside itself
+            raise SchemaError(f"{where}: recursive reference '#' (the whole schema) is not supported (the layout is "
+                              "finite)")
         if not isinstance(ref, str) or not ref.startswith("#/"):
             raise SchemaError(f"{where}: only local references like '#/$defs/Name' are supported, got {ref!r}")
         if ref in seen:
@@ -90,6 +94,8 @@ class Normaliser:
             schema = {"type": ["string", "number", "boolean", "null"]}  # any value: a scalar the model picks
         if not isinstance(schema, dict):
             raise SchemaError(f"{where}: a schema must be an object, got {schema!r}")
+        if schema.get("uniqueItems") is False:  # the default: it constrains nothing, so there is nothing to refuse
+            schema = {k: v for k, v in schema.items() if k != "uniqueItems"}
         unknown = set(schema) - HANDLED - ANNOTATIONS
         if unknown:
             raise SchemaError(f"{where}: unsupported schema keyword(s) {sorted(unknown)}; supported: "
