@@ -16,17 +16,18 @@ def _fmt_count(n: int) -> str:
     return f"{n:,} ({n / 1e9:.2f}B)" if n >= 1e8 else f"{n:,} ({n / 1e6:.2f}M)"
 
 
-def _stored_quantization(directory: Path) -> dict | None:
-    """The `dgemma quantize` record of a checkpoint (scheme, group size, scale dtype), None for full precision."""
-    from .model.checkpoint import list_tensors
+def _stored_quantization(metadata: dict) -> dict | None:
+    """The `dgemma quantize` record in a checkpoint's metadata (scheme, group size, scale dtype), None for full
+    precision."""
     from .quant.modules import read_metadata
 
-    record = read_metadata(list_tensors(directory)[1])
+    record = read_metadata(metadata)
     return None if record is None else {**record, "scale_dtype": str(record["scale_dtype"]).removeprefix("torch.")}
 
 
 def cmd_inspect(args) -> int:
     from .config import ModelConfig, is_adapter
+    from .model.checkpoint import list_tensors
     from .model.summary import census, describe, describe_adapter, stored_bytes
 
     path = Path(args.path)
@@ -34,8 +35,10 @@ def cmd_inspect(args) -> int:
     adapter = describe_adapter(path) if is_adapter(path) else None
     weights = Path(adapter["model"]) if adapter else path  # the merged model's weights are its base model's
     counts = census(cfg)
-    stored = stored_bytes(weights) if weights.is_dir() else None
-    quant = _stored_quantization(weights) if weights.is_dir() else None
+    stored = quant = None
+    if weights.is_dir():  # the headers once: bytes per dtype and the quantization record
+        infos, metadata = list_tensors(weights)
+        stored, quant = stored_bytes(infos), _stored_quantization(metadata)
     if args.json:
         print(json.dumps({"config": str(path), "total_parameters": counts["total"],
                           "quantization": quant,

@@ -19,7 +19,7 @@ import torch
 
 from ..config import ModelConfig, adapter_base, model_chain, read_adapter_config
 from .blocks import DiffusionGemma
-from .checkpoint import DTYPE_NAMES, list_tensors, read_header
+from .checkpoint import DTYPE_NAMES, read_header
 
 
 def census(cfg: ModelConfig) -> dict:
@@ -47,9 +47,9 @@ def census(cfg: ModelConfig) -> dict:
             "layer_scalar_buffers": sum(b.numel() for name, b in module.named_buffers() if "layer_scalar" in name)}
 
 
-def stored_bytes(directory: Path) -> dict[str, int]:
-    """Bytes per stored dtype, from safetensors headers only (nothing is read beyond them)."""
-    infos, _ = list_tensors(directory)
+def stored_bytes(infos: dict) -> dict[str, int]:
+    """Bytes per stored dtype of tensors described by safetensors headers (checkpoint.list_tensors / read_header:
+    nothing is read beyond them)."""
     out = Counter()
     for info in infos.values():
         out[DTYPE_NAMES[info.dtype]] += info.end - info.begin
@@ -79,9 +79,6 @@ def describe_adapter(directory: Path) -> dict:
 
     meta = read_adapter_config(directory)
     infos, _ = read_header(directory / ADAPTER_FILE)
-    stored = Counter()
-    for info in infos.values():
-        stored[DTYPE_NAMES[info.dtype]] += info.end - info.begin
     return {"base_model": str(adapter_base(directory)), "model": str(model_chain(directory)[-1]),
             "rank": meta["rank"], "alpha": meta["alpha"], "targets": list(meta["targets"]), "dropout": meta["dropout"],
-            "parameters": sum(math.prod(info.shape) for info in infos.values()), "stored_bytes_by_dtype": dict(stored)}
+            "parameters": sum(math.prod(info.shape) for info in infos.values()), "stored_bytes_by_dtype": stored_bytes(infos)}
