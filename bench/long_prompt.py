@@ -30,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -70,16 +71,30 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def prefill(engine, ids: torch.Tensor, variant: str, piece: int | None = None):
-    """(wall seconds, peak memory bytes above its start, final hidden state, cache) of one prefill of `ids` in
-    `variant`; the cache is made before the meter starts, so the peak is the pass's own temporaries."""
+@contextmanager
+def variant_settings(variant: str, engine=None, piece: int | None = None):
+    """The switches of `variant` for the code inside `with` (query chunks; CUDA's K/V head repeat; the engine's
+    prefill pieces), each put back as it was afterwards."""
     from dgemma.model import attention
 
     chunk, repeat = attention.QUERY_CHUNK, attention.REPEAT_HEADS_ON_CUDA
-    attention.REPEAT_HEADS_ON_CUDA = variant != "gqa-math"
+    pieces = engine.prefill_chunk if engine is not None else None
     attention.QUERY_CHUNK = chunk if variant in ("chunked", "pieces") else None
-    engine.prefill_chunk = piece if variant == "pieces" else None
+    attention.REPEAT_HEADS_ON_CUDA = variant != "gqa-math"
+    if engine is not None:
+        engine.prefill_chunk = piece if variant == "pieces" else None
     try:
+        yield
+    finally:
+        attention.QUERY_CHUNK, attention.REPEAT_HEADS_ON_CUDA = chunk, repeat
+        if engine is not None:
+            engine.prefill_chunk = pieces
+
+
+def prefill(engine, ids: torch.Tensor, variant: str, piece: int | None = None):
+    """(wall seconds, peak memory bytes above its start, final hidden state, cache) of one prefill of `ids` in
+    `variant`; the cache is made before the meter starts, so the peak is the pass's own temporaries."""
+    with variant_settings(variant, engine, piece):
         cache = engine.new_cache(1)
         sync(engine.device)
         with PeakMemory(engine.device) as meter:
@@ -88,9 +103,6 @@ def prefill(engine, ids: torch.Tensor, variant: str, piece: int | None = None):
             sync(engine.device)
             wall = time.perf_counter() - start
         return wall, meter.peak, hidden, cache
-    finally:
-        attention.QUERY_CHUNK, attention.REPEAT_HEADS_ON_CUDA = chunk, repeat
-        engine.prefill_chunk = None
 
 
 def attention_peak(T: int, window: int | None, variant: str, dtype, device) -> float:
@@ -102,14 +114,9 @@ def attention_peak(T: int, window: int | None, variant: str, dtype, device) -> f
     g = torch.Generator(device).manual_seed(T)
     q = torch.randn(1, 2, T, 32, generator=g, device=device, dtype=dtype)
     k = torch.randn(1, 1, T, 32, generator=g, device=device, dtype=dtype)
-    chunk = attention.QUERY_CHUNK
-    attention.QUERY_CHUNK = chunk if variant == "chunked" else None
-    try:
-        with PeakMemory(device) as meter:
-            attention.attend(q, k, k, attention.chunk_queries(EncoderMask(0, T, 0, window, None, device)))
-            sync(device)
-    finally:
-        attention.QUERY_CHUNK = chunk
+    with variant_settings(variant), PeakMemory(device) as meter:
+        attention.attend(q, k, k, attention.chunk_queries(EncoderMask(0, T, 0, window, None, device)))
+        sync(device)
     return round(meter.peak / 2**20, 1)
 
 
