@@ -162,7 +162,7 @@ def attention_bytes(cfg: ModelConfig, tokens: int, context: int, itemsize: int, 
     long pass builds one chunk's bool block per call and SDPA copies it to the query dtype, plus the chunks' outputs
     before their concatenation; a pass it leaves whole holds one bool [T, S] mask per layer kind for the whole pass
     (the held bytes), and SDPA copies it in each call."""
-    from .model.attention import ChunkedMask, chunk_queries
+    from .model.attention import ChunkedMask, chunk_queries, flash_takes
     from .model.encoder import EncoderMask
 
     H = cfg.num_attention_heads
@@ -181,7 +181,7 @@ def attention_bytes(cfg: ModelConfig, tokens: int, context: int, itemsize: int, 
             else:
                 held += tokens * keys
                 extra = tokens * keys * itemsize
-        flash = not causal and itemsize == 2 and dh <= 256  # attention.flash_takes_gqa: no repeated heads
+        flash = flash_takes(itemsize == 2, dh, masked=causal)  # attention.attend repeats no heads then
         repeated = 2 * keys * H * dh * itemsize if device == "cuda" and H != hk and not flash else 0
         worst = max(worst, 2 * (kept + tokens) * hk * dh * itemsize + repeated + 3 * tokens * H * dh * itemsize
                     + extra)

@@ -141,7 +141,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def flash_takes_gqa(q: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether CUDA's flash kernel takes this grouped-query call (else SDPA's math kernel would run it)."""
-    return mask is None and q.dtype in (torch.bfloat16, torch.float16) and max(q.shape[-1], v.shape[-1]) <= 256
+    return flash_takes(q.dtype in (torch.bfloat16, torch.float16), max(q.shape[-1], v.shape[-1]), mask is not None)
+
+
+def flash_takes(half: bool, head_dim: int, masked: bool) -> bool:
+    """The rule of `flash_takes_gqa` from sizes alone (dgemma plan uses it): 16-bit, heads up to 256, no mask."""
+    return half and head_dim <= 256 and not masked
 
 
 def repeat_heads(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
